@@ -1,0 +1,81 @@
+"""Exceptions that reach a user, each with its sysexits exit code."""
+
+from __future__ import annotations
+
+EX_OK = 0
+EX_USAGE = 2
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class DispatcherError(Exception):
+    """Base of every error meant for a user: one line of text and an exit code."""
+
+    exit_code = EX_SOFTWARE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(DispatcherError):
+    """The configuration file or an environment override is invalid."""
+
+    exit_code = EX_CONFIG
+
+
+class BadRequest(DispatcherError):
+    """A submission names an unknown task, lacks a param, or carries bad data."""
+
+    exit_code = EX_DATAERR
+
+
+class KeyConflict(BadRequest):
+    """An idempotency key was reused with another task or other params."""
+
+    def __init__(self, key: str, existing_id: int) -> None:
+        super().__init__(
+            f"idempotency key {key!r} already belongs to dispatch {existing_id} "
+            "with a different task or params"
+        )
+        self.key = key
+        self.existing_id = existing_id
+
+
+class NotFound(DispatcherError):
+    """No dispatch has the given id."""
+
+    exit_code = EX_DATAERR
+
+
+class PlanError(DispatcherError):
+    """A planner produced no usable plan."""
+
+    exit_code = EX_DATAERR
+
+
+class StoreBusy(DispatcherError):
+    """The database stayed locked past the retry budget."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class StoreError(DispatcherError):
+    """The database cannot be opened, read or written."""
+
+    exit_code = EX_CANTCREAT
+
+
+class Unavailable(DispatcherError):
+    """A service the command needs (a live daemon, the instance lock) is unavailable."""
+
+    exit_code = EX_UNAVAILABLE

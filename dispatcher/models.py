@@ -1,0 +1,201 @@
+"""Records that cross layers: frozen dataclasses and status enums, no dict soup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class DispatchStatus(StrEnum):
+    QUEUED = "queued"
+    PLANNING = "planning"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_DISPATCH_STATUSES
+
+
+FINAL_DISPATCH_STATUSES = frozenset(
+    {DispatchStatus.SUCCEEDED, DispatchStatus.FAILED, DispatchStatus.CANCELLED}
+)
+
+
+class AttemptStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+PLAN_STEP_INDEX = -1
+"""`attempts.step_index` of an external planner's attempt (it runs before step 0)."""
+
+PLAN_STEP_NAME = "(plan)"
+PLANNER_RUNNER = "planner"
+
+SHUTDOWN_INTERRUPTION = "interrupted by daemon shutdown"
+"""`attempts.error` of an attempt stopped by a graceful shutdown (not a crash)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a plan, with its params already filled in."""
+
+    name: str
+    runner: str
+    args: tuple[str, ...] = ()
+    timeout: float = 3600.0
+    retries: int = 0
+    backoff: float = 1.0
+    backoff_max: float = 300.0
+    call: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "runner": self.runner,
+            "args": list(self.args),
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "backoff": self.backoff,
+            "backoff_max": self.backoff_max,
+        }
+        if self.call is not None:
+            data["call"] = self.call
+        if self.kwargs:
+            data["kwargs"] = self.kwargs
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Step:
+        return cls(
+            name=data["name"],
+            runner=data["runner"],
+            args=tuple(data.get("args", ())),
+            timeout=float(data.get("timeout", 3600.0)),
+            retries=int(data.get("retries", 0)),
+            backoff=float(data.get("backoff", 1.0)),
+            backoff_max=float(data.get("backoff_max", 300.0)),
+            call=data.get("call"),
+            kwargs=dict(data.get("kwargs", {})),
+        )
+
+
+def fingerprint(task: str, params: dict[str, Any]) -> str:
+    """A stable digest of task + params: the identity an idempotency key is bound to."""
+    canonical = json.dumps([task, params], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NewDispatch:
+    """A validated submission, ready for `Store.check_and_reserve`."""
+
+    task: str
+    params: dict[str, Any]
+    key: str | None = None
+    priority: int = 0
+    gate_key: str | None = None
+    """Name of the per-task gate this dispatch needs (`task:NAME` or `task:NAME:VALUE`)."""
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.task, self.params)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What `check_and_reserve` answers: the dispatch and whether it was created now."""
+
+    id: int
+    status: DispatchStatus
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    id: int
+    task: str
+    params: dict[str, Any]
+    key: str | None
+    fingerprint: str
+    priority: int
+    status: DispatchStatus
+    plan: tuple[Step, ...] | None
+    current_step: int
+    gate_key: str | None
+    not_before: datetime | None
+    cancel_requested: bool
+    error: str | None
+    instance_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    id: int
+    dispatch_id: int
+    step_index: int
+    step: str
+    runner: str
+    attempt: int
+    status: AttemptStatus
+    started_at: datetime
+    ended_at: datetime | None
+    exit_code: int | None
+    error: str | None
+    output: str | None
+    instance_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRow:
+    """One row of `gates`: a slot held (released_at None) or given back."""
+
+    id: int
+    gate: str
+    holder: str
+    instance_id: str | None
+    acquired_at: datetime
+    released_at: datetime | None
+    recovered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: str
+    hostname: str
+    pid: int
+    version: str
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What start-up recovery found left behind by a previous instance."""
+
+    slots_released: int
+    attempts_interrupted: int
+    dispatches_requeued: int
+
+
+@dataclass(frozen=True, slots=True)
+class GateRowCounts:
+    held: int
+    released: int

@@ -1,0 +1,158 @@
+-- Named statements of the SQLite store. Each block starts with `-- name: NAME`.
+-- Parameters are named (:now) and bound by the driver; no value is ever formatted in.
+-- A list parameter (:ids, :blocked_gates) is one JSON array expanded with json_each.
+
+-- name: migrations_create_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    applied_at TEXT NOT NULL
+);
+
+-- name: migrations_current
+SELECT COALESCE(MAX(version), 0) AS version FROM schema_migrations;
+
+-- name: migrations_record
+INSERT INTO schema_migrations (version, applied_at) VALUES (:version, :now);
+
+-- name: insert_dispatch
+-- NULL keys never conflict, so a keyless submission always inserts.
+INSERT INTO dispatches (task, params, key, fingerprint, priority, status, gate_key,
+                        created_at, updated_at)
+VALUES (:task, :params, :key, :fingerprint, :priority, 'queued', :gate_key, :now, :now)
+ON CONFLICT (key) DO NOTHING
+RETURNING id, status;
+
+-- name: dispatch_by_key
+SELECT id, status, fingerprint FROM dispatches WHERE key = :key;
+
+-- name: claim_next
+-- One statement, so the pick and the update are atomic: a write statement takes the
+-- write lock before it reads, and two claimers can never take the same row.
+UPDATE dispatches
+SET status = CASE WHEN plan IS NULL THEN 'planning' ELSE 'running' END,
+    instance_id = :instance_id,
+    started_at = COALESCE(started_at, :now),
+    updated_at = :now
+WHERE id = (
+    SELECT id FROM dispatches
+    WHERE status = 'queued'
+      AND (not_before IS NULL OR not_before <= :now)
+      AND (gate_key IS NULL
+           OR gate_key NOT IN (SELECT value FROM json_each(:blocked_gates)))
+    ORDER BY priority DESC, id
+    LIMIT 1
+)
+RETURNING *;
+
+-- name: save_plan
+UPDATE dispatches
+SET plan = :plan, status = 'running', current_step = 0, updated_at = :now
+WHERE id = :id;
+
+-- name: advance
+UPDATE dispatches SET current_step = :next_step, updated_at = :now WHERE id = :id;
+
+-- name: requeue
+UPDATE dispatches
+SET status = 'queued', instance_id = NULL, not_before = :not_before, updated_at = :now
+WHERE id = :id AND status IN ('planning', 'running');
+
+-- name: finish_dispatch
+UPDATE dispatches
+SET status = :status, error = :error, finished_at = :now, updated_at = :now
+WHERE id = :id AND status NOT IN ('succeeded', 'failed', 'cancelled');
+
+-- name: request_cancel
+-- The right-hand sides see the row as it was before this update.
+UPDATE dispatches
+SET status = CASE status WHEN 'queued' THEN 'cancelled' ELSE status END,
+    finished_at = CASE status WHEN 'queued' THEN :now ELSE finished_at END,
+    error = CASE status WHEN 'queued' THEN :error ELSE error END,
+    cancel_requested = CASE WHEN status IN ('planning', 'running') THEN 1
+                            ELSE cancel_requested END,
+    updated_at = :now
+WHERE id = :id AND status IN ('queued', 'planning', 'running')
+RETURNING *;
+
+-- name: cancel_requests
+SELECT id FROM dispatches
+WHERE cancel_requested = 1 AND id IN (SELECT value FROM json_each(:ids))
+ORDER BY id;
+
+-- name: get_dispatch
+SELECT * FROM dispatches WHERE id = :id;
+
+-- name: list_dispatches
+SELECT * FROM dispatches ORDER BY id DESC LIMIT :limit;
+
+-- name: list_dispatches_by_status
+SELECT * FROM dispatches WHERE status = :status ORDER BY id DESC LIMIT :limit;
+
+-- name: count_by_status
+SELECT status, COUNT(*) AS n FROM dispatches GROUP BY status;
+
+-- name: start_attempt
+INSERT INTO attempts (dispatch_id, step_index, step, runner, attempt, status, started_at,
+                      instance_id)
+VALUES (:dispatch_id, :step_index, :step, :runner, :attempt, 'running', :now, :instance_id)
+RETURNING id;
+
+-- name: finish_attempt
+UPDATE attempts
+SET status = :status, ended_at = :now, exit_code = :exit_code, error = :error,
+    output = :output
+WHERE id = :id AND status = 'running';
+
+-- name: step_attempts
+SELECT * FROM attempts
+WHERE dispatch_id = :dispatch_id AND step_index = :step_index
+ORDER BY id;
+
+-- name: list_attempts
+SELECT * FROM attempts WHERE dispatch_id = :dispatch_id ORDER BY id;
+
+-- name: open_slot
+INSERT INTO gates (gate, holder, instance_id, acquired_at)
+VALUES (:gate, :holder, :instance_id, :now)
+RETURNING id;
+
+-- name: close_slot
+-- Release exactly once: only an unreleased row matches, so a late second call is a no-op.
+UPDATE gates SET released_at = :now WHERE id = :id AND released_at IS NULL RETURNING id;
+
+-- name: held_slots
+SELECT * FROM gates WHERE released_at IS NULL ORDER BY id;
+
+-- name: gate_row_counts
+SELECT (SELECT COUNT(*) FROM gates WHERE released_at IS NULL) AS held,
+       (SELECT COUNT(*) FROM gates WHERE released_at IS NOT NULL) AS released;
+
+-- name: recover_slots
+UPDATE gates SET released_at = :now, recovered = 1
+WHERE released_at IS NULL AND instance_id IS NOT :instance_id
+RETURNING id;
+
+-- name: recover_attempts
+UPDATE attempts SET status = 'interrupted', ended_at = :now
+WHERE status = 'running' AND instance_id IS NOT :instance_id
+RETURNING id;
+
+-- name: recover_dispatches
+UPDATE dispatches SET status = 'queued', instance_id = NULL, updated_at = :now
+WHERE status IN ('planning', 'running') AND instance_id IS NOT :instance_id
+RETURNING id;
+
+-- name: register_instance
+INSERT INTO instances (id, hostname, pid, version, started_at, heartbeat_at, stopped_at)
+VALUES (:id, :hostname, :pid, :version, :started_at, :heartbeat_at, :stopped_at);
+
+-- name: heartbeat
+UPDATE instances SET heartbeat_at = :now WHERE id = :id;
+
+-- name: stop_instance
+UPDATE instances SET stopped_at = :now WHERE id = :id AND stopped_at IS NULL;
+
+-- name: live_instances
+SELECT * FROM instances
+WHERE stopped_at IS NULL AND heartbeat_at >= :since
+ORDER BY started_at, id;

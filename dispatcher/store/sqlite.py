@@ -1,0 +1,621 @@
+"""The SQLite store: the `Store` protocol on one aiosqlite connection.
+
+Every statement runs under one `asyncio.Lock`, so coroutines sharing the connection
+never interleave inside each other's transactions. A read-modify-write takes the
+write lock up front (`BEGIN IMMEDIATE`): in WAL mode a deferred transaction that
+upgrades from read to write fails with SQLITE_BUSY_SNAPSHOT, which no busy timeout
+can wait out. Other processes (the CLI beside the daemon) are serialized by SQLite's
+own lock and `busy_timeout`. Driver errors become `StoreBusy` / `StoreError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
+from dispatcher.models import (
+    Attempt,
+    AttemptStatus,
+    Dispatch,
+    DispatchStatus,
+    GateRowCounts,
+    Instance,
+    NewDispatch,
+    RecoveryReport,
+    Reservation,
+    SlotRow,
+    Step,
+)
+from dispatcher.store.sql import query
+
+Params = Mapping[str, Any]
+
+CANCELLED_BEFORE_START = "cancelled before it started"
+
+# -- timestamps ----------------------------------------------------------------------------
+
+
+def to_db_time(value: datetime) -> str:
+    """`2026-11-29T02:35:45.123456Z`: fixed width, so text order is time order."""
+    if value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value!r}: the store takes timezone-aware times")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def from_db_time(text: str) -> datetime:
+    """The aware UTC datetime that `to_db_time` wrote."""
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _db_time_or_none(value: datetime | None) -> str | None:
+    return None if value is None else to_db_time(value)
+
+
+def _time_or_none(text: str | None) -> datetime | None:
+    return None if text is None else from_db_time(text)
+
+
+# -- driver errors -------------------------------------------------------------------------
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite gave up waiting for a lock held by another connection."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _BUSY_CODES  # extended codes keep the primary in the low byte
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+@contextmanager
+def wrap_exceptions(path: Path, doing: str = "use") -> Iterator[None]:
+    """Turn `sqlite3` errors into `StoreBusy` (lock contention) or `StoreError`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if is_busy(exc):
+            raise StoreBusy(f"database {path} is busy: {exc}; try again") from exc
+        raise StoreError(f"cannot {doing} database {path}: {exc}") from exc
+
+
+# -- migrations ----------------------------------------------------------------------------
+
+_MIGRATION_NAME = re.compile(r"^(?P<version>\d+)_\w+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered file of `store/migrations/`."""
+
+    version: int
+    name: str
+    sql: str
+
+    def statements(self) -> list[str]:
+        """The file split into complete statements (comments kept, blanks dropped)."""
+        return split_statements(self.sql)
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a SQL script on statement ends, as SQLite's own tokenizer sees them."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not _only_comments(buffer):
+        raise ValueError(f"incomplete SQL statement at the end: {buffer.strip()[:60]!r}")
+    return statements
+
+
+def _only_comments(text: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
+
+
+def load_migrations() -> tuple[Migration, ...]:
+    """Every migration shipped with the package, in version order."""
+    folder = resources.files("dispatcher.store").joinpath("migrations")
+    found: dict[int, Migration] = {}
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            continue
+        version = int(match["version"])
+        if version in found:
+            raise StoreError(f"two migrations share version {version}: {entry.name}")
+        found[version] = Migration(version, entry.name, entry.read_text(encoding="utf-8"))
+    return tuple(found[version] for version in sorted(found))
+
+
+# -- rows to records -------------------------------------------------------------------------
+
+
+def _plan_from_json(text: str | None) -> tuple[Step, ...] | None:
+    if text is None:
+        return None
+    return tuple(Step.from_json(step) for step in json.loads(text))
+
+
+def dispatch_from_row(row: sqlite3.Row) -> Dispatch:
+    """A `dispatches` row as a record."""
+    return Dispatch(
+        id=row["id"],
+        task=row["task"],
+        params=json.loads(row["params"]),
+        key=row["key"],
+        fingerprint=row["fingerprint"],
+        priority=row["priority"],
+        status=DispatchStatus(row["status"]),
+        plan=_plan_from_json(row["plan"]),
+        current_step=row["current_step"],
+        gate_key=row["gate_key"],
+        not_before=_time_or_none(row["not_before"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        error=row["error"],
+        instance_id=row["instance_id"],
+        created_at=from_db_time(row["created_at"]),
+        updated_at=from_db_time(row["updated_at"]),
+        started_at=_time_or_none(row["started_at"]),
+        finished_at=_time_or_none(row["finished_at"]),
+    )
+
+
+def attempt_from_row(row: sqlite3.Row) -> Attempt:
+    """An `attempts` row as a record."""
+    return Attempt(
+        id=row["id"],
+        dispatch_id=row["dispatch_id"],
+        step_index=row["step_index"],
+        step=row["step"],
+        runner=row["runner"],
+        attempt=row["attempt"],
+        status=AttemptStatus(row["status"]),
+        started_at=from_db_time(row["started_at"]),
+        ended_at=_time_or_none(row["ended_at"]),
+        exit_code=row["exit_code"],
+        error=row["error"],
+        output=row["output"],
+        instance_id=row["instance_id"],
+    )
+
+
+def slot_from_row(row: sqlite3.Row) -> SlotRow:
+    """A `gates` row as a record."""
+    return SlotRow(
+        id=row["id"],
+        gate=row["gate"],
+        holder=row["holder"],
+        instance_id=row["instance_id"],
+        acquired_at=from_db_time(row["acquired_at"]),
+        released_at=_time_or_none(row["released_at"]),
+        recovered=bool(row["recovered"]),
+    )
+
+
+def instance_from_row(row: sqlite3.Row) -> Instance:
+    """An `instances` row as a record."""
+    return Instance(
+        id=row["id"],
+        hostname=row["hostname"],
+        pid=row["pid"],
+        version=row["version"],
+        started_at=from_db_time(row["started_at"]),
+        heartbeat_at=from_db_time(row["heartbeat_at"]),
+        stopped_at=_time_or_none(row["stopped_at"]),
+    )
+
+
+def _json_list(values: Iterable[object]) -> str:
+    """A list parameter, bound as one JSON array and expanded in SQL with `json_each`."""
+    return json.dumps(list(values))
+
+
+def _new_dispatch_params(new: NewDispatch, now: datetime) -> dict[str, Any]:
+    return {
+        "task": new.task,
+        "params": json.dumps(new.params, separators=(",", ":")),
+        "key": new.key,
+        "fingerprint": new.fingerprint,
+        "priority": new.priority,
+        "gate_key": new.gate_key,
+        "now": to_db_time(now),
+    }
+
+
+def _ensure_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StoreError(
+            f"cannot open database {path}: cannot create folder {path.parent}: {reason}"
+        ) from exc
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class SQLiteStore:
+    """The `Store` on a SQLite file in WAL mode. Create it with `await SQLiteStore.open()`."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db: aiosqlite.Connection | None = connection
+        self._path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
+        """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward."""
+        path = Path(path)
+        _ensure_parent(path)
+        with wrap_exceptions(path, "open"):
+            # sqlite3's `timeout` is SQLite's busy timeout; PRAGMA could not bind it.
+            connection = await aiosqlite.connect(
+                path, isolation_level=None, timeout=busy_timeout_ms / 1000
+            )
+        connection.row_factory = sqlite3.Row
+        store = cls(connection, path)
+        try:
+            await store._configure()
+            await store._migrate()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
+        async with self._lock:
+            db, self._db = self._db, None
+            if db is not None:
+                await db.close()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError(f"database {self._path}: the store is closed")
+        return self._db
+
+    async def _configure(self) -> None:
+        async with self._lock:
+            db = self._connection()
+            with self._wrap("open"):
+                await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                await db.execute_fetchall("PRAGMA synchronous = NORMAL")
+                await db.execute_fetchall("PRAGMA foreign_keys = ON")
+
+    @contextmanager
+    def _wrap(self, doing: str = "use") -> Iterator[None]:
+        with wrap_exceptions(self._path, doing):
+            yield
+
+    async def _run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
+        """One named statement on its own (autocommit): atomic by itself."""
+        async with self._lock:
+            db = self._connection()
+            with self._wrap():
+                return list(await db.execute_fetchall(query(name), params or {}))
+
+    @asynccontextmanager
+    async def _transaction(self, doing: str = "use") -> AsyncIterator[_Tx]:
+        """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception (even cancel)."""
+        async with self._lock:
+            db = self._connection()
+            with self._wrap(doing):
+                try:
+                    # Inside the try: a cancelled BEGIN still runs on the worker thread.
+                    await db.execute_fetchall("BEGIN IMMEDIATE")
+                    yield _Tx(db)
+                except BaseException:
+                    await db.rollback()
+                    raise
+                await db.commit()
+
+    async def _migrate(self) -> None:
+        migrations = load_migrations()
+        known = migrations[-1].version if migrations else 0
+        async with self._transaction("migrate") as tx:
+            await tx.run("migrations_create_table")
+            current: int = (await tx.run("migrations_current"))[0]["version"]
+            if current > known:
+                raise StoreError(
+                    f"database schema version {current} is newer than this dispatcher "
+                    f"supports ({known})"
+                )
+            for migration in migrations:
+                if migration.version > current:
+                    await tx.apply(migration)
+
+    # -- submission -------------------------------------------------------------------
+
+    async def check_and_reserve(self, new: NewDispatch, now: datetime) -> Reservation:
+        """Create a `queued` dispatch, or answer the one already holding `new.key`."""
+        async with self._transaction() as tx:
+            return await tx.reserve(new, now)
+
+    async def reserve_many(
+        self, news: Sequence[NewDispatch], now: datetime
+    ) -> list[Reservation | Exception]:
+        """Reserve each in one transaction; a `KeyConflict` is answered in its place."""
+        if not news:
+            return []
+        answers: list[Reservation | Exception] = []
+        async with self._transaction() as tx:
+            for new in news:
+                try:
+                    answers.append(await tx.reserve(new, now))
+                except KeyConflict as exc:
+                    answers.append(exc)
+        return answers
+
+    # -- the dispatch loop ------------------------------------------------------------
+
+    async def claim_next(
+        self, instance_id: str, now: datetime, blocked_gates: Collection[str]
+    ) -> Dispatch | None:
+        """Take the next runnable `queued` dispatch (priority, then age) in one statement."""
+        rows = await self._run(
+            "claim_next",
+            {
+                "instance_id": instance_id,
+                "now": to_db_time(now),
+                "blocked_gates": _json_list(sorted(blocked_gates)),
+            },
+        )
+        return dispatch_from_row(rows[0]) if rows else None
+
+    async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
+        """Store the plan; the dispatch becomes `running` at step 0."""
+        plan_json = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
+        await self._run("save_plan", {"id": dispatch_id, "plan": plan_json, "now": to_db_time(now)})
+
+    async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
+        """Record that every step before `next_step` has succeeded."""
+        params = {"id": dispatch_id, "next_step": next_step, "now": to_db_time(now)}
+        await self._run("advance", params)
+
+    async def requeue(
+        self, dispatch_id: int, now: datetime, not_before: datetime | None = None
+    ) -> None:
+        """Return an in-flight dispatch to `queued` (plan and current step kept)."""
+        params = {
+            "id": dispatch_id,
+            "now": to_db_time(now),
+            "not_before": _db_time_or_none(not_before),
+        }
+        await self._run("requeue", params)
+
+    async def finish_dispatch(
+        self, dispatch_id: int, status: DispatchStatus, now: datetime, error: str | None = None
+    ) -> None:
+        """Stamp a final status; a dispatch already final is left alone."""
+        if not status.is_final:
+            raise ValueError(f"finish_dispatch needs a final status, not {status}")
+        params = {"id": dispatch_id, "status": str(status), "now": to_db_time(now), "error": error}
+        await self._run("finish_dispatch", params)
+
+    async def request_cancel(self, dispatch_id: int, now: datetime) -> Dispatch:
+        """Cancel a `queued` dispatch at once; flag an in-flight one; raise `NotFound`."""
+        params = {"id": dispatch_id, "now": to_db_time(now), "error": CANCELLED_BEFORE_START}
+        async with self._transaction() as tx:
+            rows = await tx.run("request_cancel", params)
+            if not rows:
+                rows = await tx.run("get_dispatch", {"id": dispatch_id})
+        if not rows:
+            raise NotFound(f"no dispatch with id {dispatch_id}")
+        return dispatch_from_row(rows[0])
+
+    async def cancel_requests(self, dispatch_ids: Collection[int]) -> list[int]:
+        """Which of these dispatches have a pending cancel request (ascending ids)."""
+        if not dispatch_ids:
+            return []
+        rows = await self._run("cancel_requests", {"ids": _json_list(dispatch_ids)})
+        return [row["id"] for row in rows]
+
+    # -- attempts ---------------------------------------------------------------------
+
+    async def start_attempt(
+        self,
+        dispatch_id: int,
+        step_index: int,
+        step: str,
+        runner: str,
+        attempt: int,
+        instance_id: str,
+        now: datetime,
+    ) -> int:
+        """Insert a `running` attempt row and return its id."""
+        params = {
+            "dispatch_id": dispatch_id,
+            "step_index": step_index,
+            "step": step,
+            "runner": runner,
+            "attempt": attempt,
+            "instance_id": instance_id,
+            "now": to_db_time(now),
+        }
+        rows = await self._run("start_attempt", params)
+        attempt_id: int = rows[0]["id"]
+        return attempt_id
+
+    async def finish_attempt(
+        self,
+        attempt_id: int,
+        status: AttemptStatus,
+        now: datetime,
+        *,
+        exit_code: int | None = None,
+        error: str | None = None,
+        output: str | None = None,
+    ) -> None:
+        """Stamp the attempt's final status; only a `running` attempt is changed."""
+        if status is AttemptStatus.RUNNING:
+            raise ValueError("finish_attempt needs a final status, not running")
+        params = {
+            "id": attempt_id,
+            "status": str(status),
+            "now": to_db_time(now),
+            "exit_code": exit_code,
+            "error": error,
+            "output": output,
+        }
+        await self._run("finish_attempt", params)
+
+    async def step_attempts(self, dispatch_id: int, step_index: int) -> list[Attempt]:
+        """Every attempt of one step, oldest first."""
+        rows = await self._run(
+            "step_attempts", {"dispatch_id": dispatch_id, "step_index": step_index}
+        )
+        return [attempt_from_row(row) for row in rows]
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def get_dispatch(self, dispatch_id: int) -> Dispatch | None:
+        """One dispatch, or None."""
+        rows = await self._run("get_dispatch", {"id": dispatch_id})
+        return dispatch_from_row(rows[0]) if rows else None
+
+    async def list_dispatches(
+        self, status: DispatchStatus | None = None, limit: int = 50
+    ) -> list[Dispatch]:
+        """Newest first."""
+        if status is None:
+            rows = await self._run("list_dispatches", {"limit": limit})
+        else:
+            rows = await self._run(
+                "list_dispatches_by_status", {"status": str(status), "limit": limit}
+            )
+        return [dispatch_from_row(row) for row in rows]
+
+    async def list_attempts(self, dispatch_id: int) -> list[Attempt]:
+        """Oldest first."""
+        rows = await self._run("list_attempts", {"dispatch_id": dispatch_id})
+        return [attempt_from_row(row) for row in rows]
+
+    async def count_by_status(self) -> dict[DispatchStatus, int]:
+        """Dispatches per status; every status is present (0 when none)."""
+        counts = dict.fromkeys(DispatchStatus, 0)
+        for row in await self._run("count_by_status"):
+            counts[DispatchStatus(row["status"])] = row["n"]
+        return counts
+
+    # -- gate mirror ------------------------------------------------------------------
+
+    async def open_slot(self, gate: str, holder: str, instance_id: str, now: datetime) -> int:
+        """Insert a held `gates` row and return its id."""
+        params = {"gate": gate, "holder": holder, "instance_id": instance_id}
+        rows = await self._run("open_slot", {**params, "now": to_db_time(now)})
+        slot_id: int = rows[0]["id"]
+        return slot_id
+
+    async def close_slot(self, slot_id: int, now: datetime) -> bool:
+        """Stamp `released_at` on a held row; False when it was already released."""
+        rows = await self._run("close_slot", {"id": slot_id, "now": to_db_time(now)})
+        return len(rows) == 1
+
+    async def held_slots(self) -> list[SlotRow]:
+        """Every row with `released_at` NULL, oldest first."""
+        return [slot_from_row(row) for row in await self._run("held_slots")]
+
+    async def gate_row_counts(self) -> GateRowCounts:
+        """How many `gates` rows are held and how many released."""
+        row = (await self._run("gate_row_counts"))[0]
+        return GateRowCounts(held=row["held"], released=row["released"])
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def recover(self, instance_id: str, now: datetime) -> RecoveryReport:
+        """Undo, in one transaction, what instances other than `instance_id` left open."""
+        params = {"instance_id": instance_id, "now": to_db_time(now)}
+        async with self._transaction() as tx:
+            slots = await tx.run("recover_slots", params)
+            attempts = await tx.run("recover_attempts", params)
+            dispatches = await tx.run("recover_dispatches", params)
+        return RecoveryReport(
+            slots_released=len(slots),
+            attempts_interrupted=len(attempts),
+            dispatches_requeued=len(dispatches),
+        )
+
+    async def register_instance(self, instance: Instance) -> None:
+        """Insert the row of a starting daemon."""
+        await self._run(
+            "register_instance",
+            {
+                "id": instance.id,
+                "hostname": instance.hostname,
+                "pid": instance.pid,
+                "version": instance.version,
+                "started_at": to_db_time(instance.started_at),
+                "heartbeat_at": to_db_time(instance.heartbeat_at),
+                "stopped_at": _db_time_or_none(instance.stopped_at),
+            },
+        )
+
+    async def heartbeat(self, instance_id: str, now: datetime) -> None:
+        """Stamp `heartbeat_at`."""
+        await self._run("heartbeat", {"id": instance_id, "now": to_db_time(now)})
+
+    async def stop_instance(self, instance_id: str, now: datetime) -> None:
+        """Stamp `stopped_at` (once)."""
+        await self._run("stop_instance", {"id": instance_id, "now": to_db_time(now)})
+
+    async def live_instances(self, since: datetime) -> list[Instance]:
+        """Instances not stopped whose heartbeat is at or after `since`."""
+        rows = await self._run("live_instances", {"since": to_db_time(since)})
+        return [instance_from_row(row) for row in rows]
+
+
+class _Tx:
+    """Statements inside one open transaction (the store's lock is held)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
+        """One named statement, all rows fetched (so the statement is reset)."""
+        return list(await self._db.execute_fetchall(query(name), params or {}))
+
+    async def apply(self, migration: Migration) -> None:
+        """Every statement of a migration, then its version row."""
+        for statement in migration.statements():
+            await self._db.execute_fetchall(statement)
+        now = to_db_time(datetime.now(UTC))
+        await self.run("migrations_record", {"version": migration.version, "now": now})
+
+    async def reserve(self, new: NewDispatch, now: datetime) -> Reservation:
+        """Insert unless the key is taken; a taken key must carry the same fingerprint."""
+        rows = await self.run("insert_dispatch", _new_dispatch_params(new, now))
+        if rows:
+            return Reservation(
+                id=rows[0]["id"], status=DispatchStatus(rows[0]["status"]), created=True
+            )
+        assert new.key is not None, "only a keyed insert can conflict"
+        existing = (await self.run("dispatch_by_key", {"key": new.key}))[0]
+        if existing["fingerprint"] != new.fingerprint:
+            raise KeyConflict(new.key, existing["id"])
+        return Reservation(
+            id=existing["id"], status=DispatchStatus(existing["status"]), created=False
+        )
