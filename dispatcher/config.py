@@ -1,0 +1,343 @@
+"""Settings: TOML plus `DISPATCHER_SECTION__KEY` environment overrides, validated.
+
+Every mistake becomes a `ConfigError` whose message is one line naming the file (or
+the environment variable) and the key, e.g.
+`config/dispatcher.toml: tasks.build.steps[0].runner: unknown runner 'shel'`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dispatcher.durations import parse_duration
+from dispatcher.errors import ConfigError
+from dispatcher.templating import placeholders, value_placeholders
+
+ENV_PREFIX = "DISPATCHER_"
+ENV_CONFIG = "DISPATCHER_CONFIG"
+DEFAULT_PATHS = (Path("config/dispatcher.toml"), Path("/etc/dispatcher/dispatcher.toml"))
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=100)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    path: Path = Path("var/dispatcher.db")
+    busy_timeout: Duration = 5.0
+
+
+class DaemonSettings(_Section):
+    poll_interval: Duration = Field(default=1.0, gt=0)
+    shutdown_grace: Duration = 30.0
+    kill_grace: Duration = 5.0
+    heartbeat_interval: Duration = Field(default=5.0, gt=0)
+    instance_ttl: Duration = Field(default=30.0, gt=0)
+    max_interruptions: int = Field(default=3, ge=1)
+    """A step interrupted this many times (daemon crashes) fails instead of running again."""
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> DaemonSettings:
+        if self.instance_ttl <= self.heartbeat_interval:
+            raise ValueError("instance_ttl must be longer than heartbeat_interval")
+        return self
+
+
+class GateSettings(_Section):
+    global_: int = Field(default=4, ge=1, alias="global")
+
+
+class RunnerSettings(_Section):
+    type: Literal["exec", "python", "noop"]
+    concurrency: int | None = Field(default=None, ge=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    kill_grace: Duration | None = None
+
+
+class StepFields(_Section):
+    """The fields of a step, as a planner's plan carries them (args taken literally)."""
+
+    name: Name
+    runner: str
+    args: list[str] = Field(default_factory=list)
+    timeout: Duration = Field(default=3600.0, gt=0)
+    retries: int = Field(default=0, ge=0, le=100)
+    backoff: Duration = 1.0
+    backoff_max: Duration = 300.0
+    call: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("call")
+    @classmethod
+    def _call_is_spec(cls, call: str | None) -> str | None:
+        if call is not None:
+            _check_call_spec(call)
+        return call
+
+
+class StepSettings(StepFields):
+    """A step in the config: its args and kwargs are `{param}` templates."""
+
+    @field_validator("args")
+    @classmethod
+    def _args_are_templates(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            placeholders(arg)
+        return args
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_are_templates(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        list(value_placeholders(kwargs))
+        return kwargs
+
+    def params_used(self) -> set[str]:
+        used = {name for arg in self.args for name in placeholders(arg)}
+        return used | set(value_placeholders(self.kwargs))
+
+
+class TaskSettings(_Section):
+    planner: Literal["steps", "command", "python"] = "steps"
+    steps: list[StepSettings] = Field(default_factory=list)
+    command: list[str] = Field(default_factory=list)
+    call: str | None = None
+    timeout: Duration = Field(default=60.0, gt=0)
+    """How long an external (`command`) planner may take."""
+    concurrency: int | None = Field(default=None, ge=1)
+    concurrency_key: str | None = None
+    priority: int = 0
+
+    @model_validator(mode="after")
+    def _planner_has_what_it_needs(self) -> TaskSettings:
+        if self.planner == "steps" and not self.steps:
+            raise ValueError('planner "steps" needs a non-empty steps list')
+        if self.planner == "command" and not self.command:
+            raise ValueError('planner "command" needs command = ["program", "arg", ...]')
+        if self.planner == "python":
+            if self.call is None:
+                raise ValueError('planner "python" needs call = "module:function"')
+            _check_call_spec(self.call)
+        if self.concurrency_key is not None:
+            if not placeholders(self.concurrency_key):
+                raise ValueError("concurrency_key must use at least one {param}")
+            if self.concurrency is None:
+                raise ValueError("concurrency_key needs concurrency (how many per key value)")
+        names = [step.name for step in self.steps]
+        if len(names) != len(set(names)):
+            raise ValueError("step names must be unique within a task")
+        return self
+
+    def params_used(self) -> set[str]:
+        """Params every submission must carry (step args and the concurrency key)."""
+        used = {name for step in self.steps for name in step.params_used()}
+        if self.concurrency_key:
+            used |= set(placeholders(self.concurrency_key))
+        return used
+
+
+class PurgeSettings(_Section):
+    gate_retention: Duration = 7 * 86400.0
+    schedule: str = "17 3 * * *"
+    batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_is_cron(cls, schedule: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(schedule, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"invalid cron schedule {schedule!r}: {exc}") from None
+        return schedule
+
+
+class RetentionSettings(_Section):
+    dispatches: Duration = 30 * 86400.0
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    child_lines: bool = True
+    """Log each line a step prints (with dispatch_id and step)."""
+
+
+class Settings(_Section):
+    """The whole validated configuration."""
+
+    database: DatabaseSettings = DatabaseSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    gate: GateSettings = GateSettings()
+    runners: dict[Name, RunnerSettings] = Field(default_factory=dict)
+    tasks: dict[Name, TaskSettings] = Field(default_factory=dict)
+    purge: PurgeSettings = PurgeSettings()
+    retention: RetentionSettings = RetentionSettings()
+    log: LogSettings = LogSettings()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _steps_name_known_runners(self) -> Settings:
+        for task_name, task in self.tasks.items():
+            for index, step in enumerate(task.steps):
+                where = f"tasks.{task_name}.steps[{index}]"
+                runner = self.runners.get(step.runner)
+                if runner is None:
+                    known = ", ".join(sorted(self.runners)) or "none defined"
+                    raise ValueError(
+                        f"{where}.runner: unknown runner {step.runner!r} (known: {known})"
+                    )
+                if runner.type == "python" and step.call is None:
+                    raise ValueError(f'{where}: a python runner step needs call = "module:func"')
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.database.path
+
+
+def _check_call_spec(spec: str) -> None:
+    module, sep, attr = spec.partition(":")
+    parts = module.split(".") + attr.split(".")
+    if not sep or not all(part.isidentifier() for part in parts):
+        raise ValueError(f"invalid callable {spec!r}: use 'package.module:function'")
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+def find_config(explicit: str | Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """`--config`, then $DISPATCHER_CONFIG, then ./config/dispatcher.toml, then /etc."""
+    if explicit:
+        return Path(explicit)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    searched = ", ".join(str(path) for path in DEFAULT_PATHS)
+    raise ConfigError(f"no configuration file found (looked for {searched}); pass --config")
+
+
+def load_settings(
+    explicit: str | Path | None = None, environ: Mapping[str, str] = os.environ
+) -> Settings:
+    """Read, override from the environment, validate; `ConfigError` on any mistake."""
+    path = find_config(explicit, environ)
+    data = _read_toml(path)
+    overridden = _apply_env(data, environ)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, overridden)) from None
+    except ValueError as exc:  # raised outside a field, e.g. by a model validator
+        raise ConfigError(f"{path}: {exc}") from None
+    db_path = settings.database.path
+    if not db_path.is_absolute():
+        db_path = (path.resolve().parent / db_path).resolve()
+    database = settings.database.model_copy(update={"path": db_path})
+    return settings.model_copy(update={"database": database, "source": path})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Apply `DISPATCHER_A__B__C=value` onto data; answer which keys came from where."""
+    overridden: dict[tuple[str, ...], str] = {}
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        path = tuple(part.lower() for part in var[len(ENV_PREFIX) :].split("__"))
+        if not all(path):
+            raise ConfigError(f"environment {var}: empty key segment")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {var}: {'.'.join(path)} is not a table")
+            node = child
+        node[path[-1]] = _env_value(raw)
+        overridden[path] = var
+    return overridden
+
+
+def _env_value(raw: str) -> Any:
+    """A TOML literal when the value is one (8, true, ["a"]), the raw string otherwise."""
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def describe_error(exc: ValidationError) -> tuple[tuple[str, ...], str]:
+    """The first problem of a validation error as (location, one-line message)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    else:
+        value = first.get("input")
+        if isinstance(value, str | int | float | bool):
+            message += f" (got {value!r})"
+    key = format_loc(first["loc"])
+    located = f"{key}: {message}" if key else message
+    more = len(errors) - 1
+    if more:
+        located += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return loc, located
+
+
+def _describe(exc: ValidationError, path: Path, overridden: dict[tuple[str, ...], str]) -> str:
+    loc, message = describe_error(exc)
+    source = str(path)
+    for length in range(len(loc), 0, -1):
+        if loc[:length] in overridden:
+            source = f"environment {overridden[loc[:length]]}"
+            break
+    return f"{source}: {message}"
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out

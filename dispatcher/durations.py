@@ -1,0 +1,41 @@
+"""Durations such as "500ms", "30s", "10m", "12h", "7d" or "1h30m"; pure functions."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+
+
+def parse_duration(text: object) -> float:
+    """Seconds in a duration string; `ValueError` with a one-line reason otherwise.
+
+    "0" alone is accepted and means zero. Bare numbers are refused: "30" could be
+    seconds or minutes, and a config must not leave that to guessing.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f'expected a duration string such as "30s" or "7d", got {text!r}')
+    compact = text.strip().replace(" ", "")
+    if compact == "0":
+        return 0.0
+    if not _WHOLE.fullmatch(compact):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), "
+            'such as "500ms", "30s" or "1h30m"'
+        )
+    return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+
+
+def format_duration(seconds: float) -> str:
+    """A short human form: 0.5 -> "500ms", 90 -> "1m30s", 604800 -> "7d"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    rest = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

@@ -1,0 +1,52 @@
+"""Retry policy: pure functions from a step's history to a decision."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from dispatcher.models import SHUTDOWN_INTERRUPTION, Attempt, AttemptStatus, Step
+
+FAILURE_STATUSES = frozenset({AttemptStatus.FAILED, AttemptStatus.TIMED_OUT})
+
+
+def backoff_delay(failures: int, base: float, cap: float, rand: random.Random) -> float:
+    """Exponential backoff with jitter: half the delay is fixed, half is random.
+
+    `failures` counts the failed attempts so far (1 after the first failure), so the
+    delays grow base, 2*base, 4*base, ... up to `cap`. The random half spreads
+    retries of many dispatches that failed together.
+    """
+    ceiling = min(cap, base * float(2 ** max(failures - 1, 0)))
+    return ceiling / 2 + rand.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class StepHistory:
+    """What earlier attempts of one step say about the next one."""
+
+    attempts: int
+    failures: int
+    interruptions: int
+    """Attempts cut short by a daemon crash; a graceful shutdown does not count."""
+
+    @classmethod
+    def of(cls, attempts: list[Attempt]) -> StepHistory:
+        return cls(
+            attempts=len(attempts),
+            failures=sum(1 for a in attempts if a.status in FAILURE_STATUSES),
+            interruptions=sum(
+                1
+                for a in attempts
+                if a.status is AttemptStatus.INTERRUPTED and a.error != SHUTDOWN_INTERRUPTION
+            ),
+        )
+
+    @property
+    def next_attempt(self) -> int:
+        return self.attempts + 1
+
+
+def may_retry(step: Step, failures: int) -> bool:
+    """After `failures` failed attempts, is another attempt allowed?"""
+    return failures <= step.retries
