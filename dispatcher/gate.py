@@ -1,0 +1,271 @@
+"""The concurrency gate: named FIFO semaphores in memory, mirrored to `gates` rows.
+
+The in-memory semaphore decides; the row is for visibility and recovery. A slot is
+released exactly once, always (shielded from cancellation), and the freed place goes
+to the longest waiter at once.
+
+Gate names: `global` (dispatches in flight), `runner:NAME` (steps of one runner) and
+`task:NAME` / `task:NAME:VALUE` (per-task caps, made on demand, dropped when idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+
+from dispatcher.clock import Clock
+from dispatcher.store.base import Store
+
+log = structlog.get_logger("dispatcher.gate")
+
+GLOBAL = "global"
+
+
+class FifoSemaphore:
+    """A counting semaphore that serves waiters strictly in arrival order.
+
+    Its capacity can change at run time; lowering it never takes a held place away,
+    it only stops new grants until enough are released.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.capacity
+
+    def try_acquire(self) -> bool:
+        """Take a place if one is free and nobody waits ahead of us."""
+        if self.held < self.capacity and not self.waiting:
+            self.held += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Granted and cancelled in the same tick: pass the place on.
+                self.release()
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def release(self) -> None:
+        if self.held <= 0:
+            raise RuntimeError("semaphore released more often than acquired")
+        self.held -= 1
+        self._wake()
+
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.held < self.capacity:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.held += 1
+                waiter.set_result(None)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One held place in one gate, and its mirror row."""
+
+    gate: str
+    holder: str
+    row_id: int | None = None
+    released: bool = field(default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GateState:
+    name: str
+    capacity: int
+    held: int
+    waiting: int
+    holders: tuple[str, ...]
+
+
+class ConcurrencyGate:
+    """Named semaphores with their `gates` rows; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        instance_id: str,
+        capacities: Mapping[str, int],
+        on_demand: Callable[[str], int | None] = lambda name: None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._instance_id = instance_id
+        self._configured: dict[str, int] = dict(capacities)
+        self._on_demand = on_demand
+        self._sems: dict[str, FifoSemaphore] = {
+            name: FifoSemaphore(cap) for name, cap in capacities.items()
+        }
+        self._holders: dict[str, set[Slot]] = {name: set() for name in capacities}
+
+    # -- reading ------------------------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return name in self._sems or self._on_demand(name) is not None
+
+    def is_full(self, name: str) -> bool:
+        sem = self._sems.get(name)
+        return sem is not None and (sem.full or sem.waiting > 0)
+
+    def full_gates(self) -> set[str]:
+        """Names of gates that cannot grant a place right now."""
+        return {name for name in self._sems if self.is_full(name)}
+
+    def snapshot(self) -> list[GateState]:
+        return [
+            GateState(
+                name=name,
+                capacity=sem.capacity,
+                held=sem.held,
+                waiting=sem.waiting,
+                holders=tuple(sorted(slot.holder for slot in self._holders[name])),
+            )
+            for name, sem in sorted(self._sems.items())
+        ]
+
+    def held(self, name: str) -> int:
+        sem = self._sems.get(name)
+        return sem.held if sem else 0
+
+    # -- configuration --------------------------------------------------------------------
+
+    def reconfigure(self, capacities: Mapping[str, int]) -> None:
+        """Apply new capacities; gates no longer configured go once they are idle."""
+        for name, capacity in capacities.items():
+            if name in self._sems:
+                self._sems[name].set_capacity(capacity)
+            else:
+                self._sems[name] = FifoSemaphore(capacity)
+                self._holders[name] = set()
+        self._configured = dict(capacities)
+        for name in list(self._sems):
+            self._drop_if_idle(name)
+
+    # -- acquiring --------------------------------------------------------------------------
+
+    async def acquire(self, name: str, holder: str) -> Slot:
+        """Wait for a place (in arrival order), then write its row."""
+        sem = self._semaphore(name)
+        await sem.acquire()
+        return await self._mirror(name, holder)
+
+    async def wait_free(self, name: str) -> None:
+        """Take a place without a holder yet; follow with `bind` or `give_back`."""
+        await self._semaphore(name).acquire()
+
+    def give_back(self, name: str) -> None:
+        """Return a place taken by `wait_free` that was never bound to a holder."""
+        self._sems[name].release()
+        self._drop_if_idle(name)
+
+    async def bind(self, name: str, holder: str) -> Slot:
+        """Name the holder of a place taken by `wait_free` and write its row."""
+        return await self._mirror(name, holder)
+
+    def try_acquire_place(self, name: str) -> bool:
+        return self._semaphore(name).try_acquire()
+
+    async def release(self, slot: Slot) -> None:
+        """Give the place back and stamp the row, exactly once, even when cancelled."""
+        if slot.released:
+            return
+        slot.released = True
+        self._holders[slot.gate].discard(slot)
+        self._sems[slot.gate].release()
+        self._drop_if_idle(slot.gate)
+        if slot.row_id is None:
+            return
+        with anyio.CancelScope(shield=True):
+            closed = await self._store.close_slot(slot.row_id, self._clock.now())
+        if not closed:
+            log.warning("gate_row_already_released", gate=slot.gate, holder=slot.holder)
+
+    @asynccontextmanager
+    async def hold(self, name: str, holder: str) -> AsyncIterator[Slot]:
+        slot = await self.acquire(name, holder)
+        try:
+            yield slot
+        finally:
+            await self.release(slot)
+
+    # -- self-check ---------------------------------------------------------------------------
+
+    async def self_check(self) -> int:
+        """Compare held rows of this instance with the semaphores; repair and log drift.
+
+        A row held in the database by this instance that no in-memory slot owns is
+        released; answers how many rows were repaired.
+        """
+        rows = await self._store.held_slots()
+        # Matched by (gate, holder), not row id: a slot being mirrored right now has
+        # its row committed before its row id is known here.
+        owned = {(slot.gate, slot.holder) for slots in self._holders.values() for slot in slots}
+        repaired = 0
+        for row in rows:
+            if row.instance_id != self._instance_id or (row.gate, row.holder) in owned:
+                continue
+            if await self._store.close_slot(row.id, self._clock.now()):
+                repaired += 1
+                log.warning("gate_drift_repaired", gate=row.gate, holder=row.holder)
+        return repaired
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _semaphore(self, name: str) -> FifoSemaphore:
+        sem = self._sems.get(name)
+        if sem is None:
+            capacity = self._on_demand(name)
+            if capacity is None:
+                raise KeyError(f"unknown gate {name!r}")
+            sem = self._sems[name] = FifoSemaphore(capacity)
+            self._holders[name] = set()
+        return sem
+
+    async def _mirror(self, name: str, holder: str) -> Slot:
+        slot = Slot(gate=name, holder=holder)
+        self._holders[name].add(slot)
+        try:
+            with anyio.CancelScope(shield=True):
+                slot.row_id = await self._store.open_slot(
+                    name, holder, self._instance_id, self._clock.now()
+                )
+        except BaseException:
+            await self.release(slot)
+            raise
+        return slot
+
+    def _drop_if_idle(self, name: str) -> None:
+        sem = self._sems[name]
+        if name not in self._configured and sem.held == 0 and not sem.waiting:
+            del self._sems[name]
+            del self._holders[name]
