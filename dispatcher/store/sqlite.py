@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import anyio
 
 from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
 from dispatcher.models import (
@@ -258,19 +260,29 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = connection
         self._path = path
         self._lock = asyncio.Lock()
+        self._busy_timeout = 5.0
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
         """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward."""
         path = Path(path)
         _ensure_parent(path)
+        # sqlite3's `timeout` is SQLite's busy timeout; PRAGMA could not bind it.
+        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
         with wrap_exceptions(path, "open"):
-            # sqlite3's `timeout` is SQLite's busy timeout; PRAGMA could not bind it.
-            connection = await aiosqlite.connect(
-                path, isolation_level=None, timeout=busy_timeout_ms / 1000
-            )
+            try:
+                connection = await pending
+            except BaseException:
+                # aiosqlite stops its worker thread on a failed connect but does not
+                # wait for it; the thread then reports to our loop. Wait for it here,
+                # or it may find the loop closed (seen as "Event loop is closed").
+                worker = getattr(pending, "_thread", None)
+                if worker is not None:
+                    await anyio.to_thread.run_sync(worker.join, 5.0)
+                raise
         connection.row_factory = sqlite3.Row
         store = cls(connection, path)
+        store._busy_timeout = busy_timeout_ms / 1000
         try:
             await store._configure()
             await store._migrate()
@@ -302,9 +314,28 @@ class SQLiteStore:
         async with self._lock:
             db = self._connection()
             with self._wrap("open"):
-                await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                await self._enable_wal(db)
                 await db.execute_fetchall("PRAGMA synchronous = NORMAL")
                 await db.execute_fetchall("PRAGMA foreign_keys = ON")
+
+    async def _enable_wal(self, db: aiosqlite.Connection) -> None:
+        """Switch to WAL, retrying while another connection holds the file.
+
+        SQLite does not call the busy handler for a journal-mode change, so two
+        processes opening a new database at once (the daemon and a `submit`) would
+        otherwise see "database is locked" at once instead of waiting.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     @contextmanager
     def _wrap(self, doing: str = "use") -> Iterator[None]:
