@@ -1,0 +1,62 @@
+"""The Runner protocol and the Outcome every runner returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dispatcher.models import AttemptStatus
+
+LineSink = Callable[[str, str], None]
+"""Called with (stream, line) for each line a step prints; stream is stdout or stderr."""
+
+
+def _ignore_line(stream: str, line: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """One execution of one step: everything a runner needs, params already filled in."""
+
+    dispatch_id: int
+    step: str
+    attempt: int
+    args: tuple[str, ...]
+    timeout: float
+    call: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    stdin: bytes | None = None
+    on_line: LineSink = _ignore_line
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an execution ended. `output` is a bounded tail of what it printed."""
+
+    status: AttemptStatus
+    exit_code: int | None = None
+    error: str | None = None
+    output: str | None = None
+    stdout: str | None = None
+    """Full stdout, kept only when the caller asked for it (the command planner)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is AttemptStatus.SUCCEEDED
+
+
+class Runner(Protocol):
+    """Executes steps. Cancellation must stop the work and re-raise."""
+
+    name: str
+
+    async def run(self, request: RunRequest) -> Outcome:
+        """Run one step to an Outcome; on timeout return status `timed_out`.
+
+        Raising is reserved for cancellation; any other problem (missing binary,
+        import error, exception in the callable) is an Outcome with status `failed`
+        and a one-line `error`.
+        """
+        ...

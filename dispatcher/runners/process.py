@@ -1,0 +1,406 @@
+"""Run one subprocess from an argv list (never a shell) and turn its end into an Outcome.
+
+The child runs in its own session and process group, and gets SIGKILL when the daemon
+dies (Linux parent-death signal), so no step outlives the daemon. Timeout and
+cancellation both stop the whole group: SIGTERM, then SIGKILL after `kill_grace`.
+When the main process exits, whatever is left of its group is killed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import anyio
+import structlog
+
+from dispatcher.durations import format_duration
+from dispatcher.models import AttemptStatus
+from dispatcher.runners.base import LineSink, Outcome
+
+MAX_LINE = 64 * 1024
+"""A longer line reaches `on_line` in pieces of this many bytes (memory stays bounded)."""
+
+_CHUNK = 64 * 1024
+_DRAIN_TIMEOUT = 1.0
+"""How long to keep reading the pipes after the group is gone (see `_supervise`)."""
+_REAP_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1
+
+_log = structlog.get_logger(__name__)
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    timeout: float,  # noqa: ASYNC109  # the step's configured limit, applied inside
+    kill_grace: float,
+    stdin: bytes | None = None,
+    on_line: LineSink,
+    tail_bytes: int = 8192,
+    keep_stdout: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> Outcome:
+    """Run `argv` to an Outcome: succeeded, failed (exit status or signal) or timed out.
+
+    Each line of stdout and stderr goes to `on_line(stream, line)` (utf-8, invalid bytes
+    replaced, newline stripped). `Outcome.output` is the last `tail_bytes` of both
+    streams in arrival order; `Outcome.stdout` is the whole stdout when `keep_stdout`.
+    A program that cannot be started is a failed Outcome, not an exception. On
+    cancellation the process group is stopped (shielded) and the cancellation re-raised.
+
+    The parent-death signal fires when the *thread* that started the child ends, so
+    call this from the event loop thread of the daemon, which lives as long as it does.
+    """
+    if not argv:
+        return Outcome(AttemptStatus.FAILED, error="cannot execute an empty command")
+    try:
+        child = await _Child.spawn(argv, stdin=stdin is not None, env=env, cwd=cwd)
+    except (OSError, ValueError) as exc:
+        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
+    output = _Output(on_line, tail_bytes, keep_stdout)
+    try:
+        timed_out = await _supervise(child, stdin, output, timeout, kill_grace)
+    finally:
+        await _shielded(child.close(kill_grace))
+    return _outcome(child.returncode, timed_out, timeout, output)
+
+
+async def _supervise(
+    child: _Child, stdin: bytes | None, output: _Output, limit: float, kill_grace: float
+) -> bool:
+    """Read the pipes while waiting for the exit; stop the group on timeout.
+
+    Returns whether the step timed out.
+    """
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_pump, child.stdout, "stdout", output)
+        tg.start_soon(_pump, child.stderr, "stderr", output)
+        if stdin is not None:
+            tg.start_soon(_feed, child.stdin, stdin)
+        timed_out = not await child.wait_exit(limit)
+        if timed_out:
+            await child.terminate(kill_grace)
+        # The step is over: background members of its group go with it.
+        child.signal_group(signal.SIGKILL)
+        # What they wrote is still in the pipes; read it. A grandchild that left the
+        # group (setsid) could hold a pipe open for ever, hence the deadline.
+        tg.cancel_scope.deadline = anyio.current_time() + _DRAIN_TIMEOUT
+    return timed_out
+
+
+async def _shielded(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Run `cleanup` to its end even if this task is cancelled meanwhile.
+
+    anyio's shield holds off anyio cancellation, but a native `Task.cancel()`
+    (`asyncio.timeout`, `wait_for`) still interrupts an await. So the cleanup runs in
+    its own task, and a native cancellation received meanwhile is re-raised after it.
+    """
+    task = asyncio.ensure_future(cleanup)
+    cancelled = False
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The stock stream protocol, plus an event set as soon as the process exits.
+
+    `Process.wait()` also waits until the pipes close, which a background grandchild
+    can put off indefinitely; this event lets the runner act on the exit itself.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_CHUNK, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
+class _Child:
+    """A started subprocess: its pipes, its exit, and signals to its process group."""
+
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        protocol: _Protocol,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._process = asyncio.subprocess.Process(transport, protocol, loop)
+        self.pid = self._process.pid
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        stdin: bool,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+    ) -> _Child:
+        """Start `argv` in a new session; raises OSError when it cannot be executed."""
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(loop),
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
+        )
+        return cls(transport, protocol, loop)
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        assert self._protocol.stdout is not None
+        return self._protocol.stdout
+
+    @property
+    def stderr(self) -> asyncio.StreamReader:
+        assert self._protocol.stderr is not None
+        return self._protocol.stderr
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter:
+        assert self._protocol.stdin is not None
+        return self._protocol.stdin
+
+    @property
+    def exited(self) -> bool:
+        return self._protocol.exited.is_set()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode()
+
+    def signal_group(self, signum: signal.Signals) -> None:
+        """Send `signum` to every process of the child's group, if any is left."""
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def wait_exit(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the main process to exit; True if it has."""
+        with anyio.move_on_after(seconds):
+            await self._protocol.exited.wait()
+        return self.exited
+
+    async def terminate(self, kill_grace: float) -> None:
+        """SIGTERM to the group; SIGKILL after `kill_grace` if the process still runs."""
+        if self.exited:
+            return
+        self.signal_group(signal.SIGTERM)
+        if await self.wait_exit(kill_grace):
+            return
+        self.signal_group(signal.SIGKILL)
+        await self.wait_exit(_REAP_TIMEOUT)
+
+    async def close(self, kill_grace: float) -> None:
+        """Stop the group, close the pipes and wait for the transport to finish.
+
+        Idempotent; afterwards no process of the group, no zombie and no open pipe is left.
+        """
+        await self.terminate(kill_grace)
+        self.signal_group(signal.SIGKILL)
+        self._transport.close()
+        with anyio.move_on_after(_REAP_TIMEOUT):
+            await self._process.wait()
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, loaded once in the parent (never between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn making the child get SIGKILL when `parent_pid` dies (Linux only)."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec: two system calls, nothing more.
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            # The parent died before prctl took effect (the race prctl(2) describes).
+            os._exit(1)
+
+    return preexec
+
+
+async def _pump(reader: asyncio.StreamReader, stream: str, output: _Output) -> None:
+    """Read one pipe to its end in chunks, so no line length can overrun a buffer."""
+    lines = _Lines()
+    while chunk := await reader.read(_CHUNK):
+        for raw, text in lines.feed(chunk):
+            output.add(stream, raw, text)
+    for raw, text in lines.finish():
+        output.add(stream, raw, text)
+
+
+async def _feed(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write `data` to the child's stdin, then close it (EOF)."""
+    try:
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the child exited or closed stdin without reading everything
+
+
+class _Lines:
+    """Splits one stream into lines; a line longer than MAX_LINE comes out in pieces.
+
+    Decoding is incremental, so a multi-byte character split across pieces survives.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, str]]:
+        """Add `chunk`; return the complete lines (and long-line pieces) as (raw, text)."""
+        self._pending += chunk
+        pending = self._pending
+        pieces = []
+        start = 0
+        while True:
+            newline = pending.find(b"\n", start, start + MAX_LINE + 1)
+            if newline >= 0:
+                end = newline + 1
+            elif len(pending) - start >= MAX_LINE:
+                end = start + MAX_LINE
+            else:
+                break
+            pieces.append(self._decode(bytes(pending[start:end])))
+            start = end
+        del pending[:start]
+        return pieces
+
+    def finish(self) -> list[tuple[bytes, str]]:
+        """The last line, when the stream did not end with a newline."""
+        raw = bytes(self._pending)
+        self._pending.clear()
+        text = self._decoder.decode(raw, final=True)
+        return [(raw, text)] if raw or text else []
+
+    def _decode(self, raw: bytes) -> tuple[bytes, str]:
+        text = self._decoder.decode(raw)
+        if text.endswith("\n"):
+            text = text[:-2] if text.endswith("\r\n") else text[:-1]
+        return raw, text
+
+
+class _Output:
+    """Collects what the child prints: lines to the sink, a bounded tail, maybe stdout."""
+
+    def __init__(self, on_line: LineSink, tail_bytes: int, keep_stdout: bool) -> None:
+        self._on_line: LineSink | None = on_line
+        self._keep = max(0, tail_bytes)
+        self._tail = bytearray()
+        self._stdout = bytearray() if keep_stdout else None
+
+    def add(self, stream: str, raw: bytes, text: str) -> None:
+        """Record one line (or piece of a long line) of `stream`."""
+        if self._stdout is not None and stream == "stdout":
+            self._stdout += raw
+        self._tail += raw
+        if len(self._tail) > 2 * self._keep:  # trim in batches: amortised O(1) per byte
+            del self._tail[: len(self._tail) - self._keep]
+        if self._on_line is not None:
+            self._emit(self._on_line, stream, text)
+
+    def _emit(self, on_line: LineSink, stream: str, text: str) -> None:
+        try:
+            on_line(stream, text)
+        except Exception:
+            # A broken sink must not lose the step's result; stop calling it.
+            _log.exception("line_sink_failed", stream=stream)
+            self._on_line = None
+
+    def tail(self) -> str | None:
+        """The last `tail_bytes` bytes printed, decoded; None when nothing was printed."""
+        start = max(0, len(self._tail) - self._keep)
+        if start:
+            # Do not begin in the middle of a multi-byte character.
+            while start < len(self._tail) and self._tail[start] & 0xC0 == 0x80:
+                start += 1
+        data = bytes(self._tail[start:])
+        return data.decode("utf-8", errors="replace") or None
+
+    def stdout(self) -> str | None:
+        """All of stdout, when it was kept."""
+        if self._stdout is None:
+            return None
+        return self._stdout.decode("utf-8", errors="replace")
+
+
+def _outcome(returncode: int | None, timed_out: bool, timeout: float, output: _Output) -> Outcome:
+    """Classify how the process ended."""
+    status, error = AttemptStatus.FAILED, None
+    if timed_out:
+        status, error = AttemptStatus.TIMED_OUT, f"timed out after {format_duration(timeout)}"
+    elif returncode is None:
+        error = "did not exit after SIGKILL"
+    elif returncode == 0:
+        status = AttemptStatus.SUCCEEDED
+    elif returncode > 0:
+        error = f"exited with status {returncode}"
+    else:
+        error = f"killed by signal {_signal_name(-returncode)}"
+    return Outcome(
+        status,
+        exit_code=returncode,
+        error=error,
+        output=output.tail(),
+        stdout=output.stdout(),
+    )
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"{signum}"
+
+
+def _spawn_error(program: str, cwd: str | None, exc: OSError | ValueError) -> str:
+    """One line saying why `program` could not be started."""
+    if not isinstance(exc, OSError):
+        return f"cannot execute {program!r}: {exc}"
+    reason = exc.strerror or str(exc)
+    if cwd is not None and exc.filename == cwd and program != cwd:
+        return f"cannot execute {program!r}: working directory {cwd!r}: {reason}"
+    return f"cannot execute {program!r}: {reason}"

@@ -1,0 +1,1 @@
+"""Code the tests import by name (callables for the python runner, ...)."""

@@ -1,0 +1,3 @@
+"""Fails at import time, for the python runner's import-error test."""
+
+raise RuntimeError("broken at import\nsecond line")
