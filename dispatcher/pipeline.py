@@ -1,0 +1,339 @@
+"""Plan -> Execute of one dispatch, while the dispatch loop holds its `global` slot.
+
+The pipeline speaks in store verbs; it never sees SQL. Every outcome write is
+shielded, so a cancelled step still records how it ended.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+import anyio
+import structlog
+
+from dispatcher.clock import Clock
+from dispatcher.config import Settings
+from dispatcher.errors import PlanError
+from dispatcher.gate import ConcurrencyGate
+from dispatcher.models import (
+    PLAN_STEP_INDEX,
+    PLAN_STEP_NAME,
+    PLANNER_RUNNER,
+    SHUTDOWN_INTERRUPTION,
+    AttemptStatus,
+    Dispatch,
+    DispatchStatus,
+    Step,
+)
+from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
+from dispatcher.retry import StepHistory, backoff_delay, may_retry
+from dispatcher.runners.base import LineSink, Outcome, Runner, RunRequest
+from dispatcher.runners.process import run_process
+from dispatcher.runners.python import resolve_callable
+from dispatcher.store.base import Store
+
+log = structlog.get_logger("dispatcher.pipeline")
+
+
+class CancelReason(Enum):
+    USER = "user"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A dispatch being worked on: its cancel scope and why it was cancelled."""
+
+    dispatch_id: int
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    reason: CancelReason | None = None
+    step: str | None = None
+
+    def cancel(self, reason: CancelReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+Work = Callable[[], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSpec:
+    """Which execution an attempt row stands for."""
+
+    dispatch_id: int
+    step_index: int
+    step: str
+    runner: str
+    number: int
+
+
+class Verdict(Enum):
+    SUCCEEDED = "succeeded"
+    RETRY_LATER = "retry_later"
+    FAILED = "failed"
+
+
+class Pipeline:
+    """Runs one dispatch at a time per call; many calls run concurrently."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        gate: ConcurrencyGate,
+        clock: Clock,
+        runners: Mapping[str, Runner],
+        instance_id: str,
+        rand: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.runners = dict(runners)
+        self._store = store
+        self._gate = gate
+        self._clock = clock
+        self._instance_id = instance_id
+        self._rand = rand or random.Random()
+
+    async def run(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
+        """Plan (if needed) and execute the remaining steps; answer the status left."""
+        with structlog.contextvars.bound_contextvars(dispatch_id=dispatch.id, task=dispatch.task):
+            log.info("dispatch_started", step_index=dispatch.current_step, status=dispatch.status)
+            try:
+                with flight.scope:
+                    return await self._plan_and_execute(dispatch, flight)
+                return await self._after_cancel(dispatch, flight)
+            except Exception as exc:  # a defect or a dead database: fail loudly, don't lose it
+                log.exception("dispatch_crashed")
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                return await self._finish(dispatch, DispatchStatus.FAILED, reason)
+
+    # -- plan ---------------------------------------------------------------------------
+
+    async def _plan_and_execute(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
+        task = self.settings.tasks.get(dispatch.task)
+        if task is None:
+            reason = f"task {dispatch.task!r} is no longer in the configuration"
+            return await self._finish(dispatch, DispatchStatus.FAILED, reason)
+        plan = dispatch.plan
+        if plan is None:
+            planned = await self._make_plan(dispatch, flight)
+            if isinstance(planned, str):
+                return await self._finish(dispatch, DispatchStatus.FAILED, planned)
+            plan = planned
+            await self._store.save_plan(dispatch.id, plan, self._clock.now())
+            log.info("dispatch_planned", steps=len(plan))
+        return await self._execute(dispatch, plan, flight)
+
+    async def _make_plan(self, dispatch: Dispatch, flight: InFlight) -> tuple[Step, ...] | str:
+        """The plan, or a one-line reason why there is none."""
+        task = self.settings.tasks[dispatch.task]
+        if task.planner == "steps":
+            return steps_plan(task, dispatch.params)
+        history = StepHistory.of(await self._store.step_attempts(dispatch.id, PLAN_STEP_INDEX))
+        if history.interruptions >= self.settings.daemon.max_interruptions:
+            return f"planner was interrupted {history.interruptions} times; giving up"
+        flight.step = PLAN_STEP_NAME
+        spec = AttemptSpec(
+            dispatch.id, PLAN_STEP_INDEX, PLAN_STEP_NAME, PLANNER_RUNNER, history.next_attempt
+        )
+        plans: list[tuple[Step, ...]] = []
+        outcome = await self._attempt(spec, flight, lambda: self._run_planner(dispatch, plans))
+        if not outcome.ok:
+            return f"planner failed: {outcome.error}"
+        return plans[0]
+
+    async def _run_planner(self, dispatch: Dispatch, plans: list[tuple[Step, ...]]) -> Outcome:
+        """Run the task's planner; on success the validated plan is appended to `plans`."""
+        task = self.settings.tasks[dispatch.task]
+        if task.planner == "command":
+            outcome = await run_process(
+                task.command,
+                timeout=task.timeout,
+                kill_grace=self.settings.daemon.kill_grace,
+                stdin=planner_input(dispatch),
+                on_line=self._line_logger(PLAN_STEP_NAME),
+                keep_stdout=True,
+            )
+            if not outcome.ok:
+                return outcome
+            raw: Any = None
+            try:
+                raw = parse_plan_output(outcome.stdout or "")
+            except PlanError as exc:
+                return Outcome(AttemptStatus.FAILED, outcome.exit_code, exc.message, outcome.output)
+        else:
+            try:
+                planner = resolve_callable(task.call or "")
+                raw = await anyio.to_thread.run_sync(planner, dispatch.task, dispatch.params)
+            except Exception as exc:
+                return Outcome(AttemptStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            outcome = Outcome(AttemptStatus.SUCCEEDED)
+        try:
+            plans.append(validate_plan(raw, self.settings))
+        except PlanError as exc:
+            error = f"invalid plan: {exc.message}"
+            return Outcome(AttemptStatus.FAILED, outcome.exit_code, error, outcome.output)
+        return outcome
+
+    # -- execute ---------------------------------------------------------------------------
+
+    async def _execute(
+        self, dispatch: Dispatch, plan: tuple[Step, ...], flight: InFlight
+    ) -> DispatchStatus:
+        for index in range(dispatch.current_step, len(plan)):
+            step = plan[index]
+            flight.step = step.name
+            with structlog.contextvars.bound_contextvars(step=step.name, runner=step.runner):
+                verdict = await self._execute_step(dispatch, index, step, flight)
+            if verdict is Verdict.RETRY_LATER:
+                return DispatchStatus.QUEUED
+            if verdict is Verdict.FAILED:
+                return DispatchStatus.FAILED
+            await self._store.advance(dispatch.id, index + 1, self._clock.now())
+        return await self._finish(dispatch, DispatchStatus.SUCCEEDED)
+
+    async def _execute_step(
+        self, dispatch: Dispatch, index: int, step: Step, flight: InFlight
+    ) -> Verdict:
+        history = StepHistory.of(await self._store.step_attempts(dispatch.id, index))
+        if history.interruptions >= self.settings.daemon.max_interruptions:
+            reason = f"step {step.name!r} was interrupted {history.interruptions} times; giving up"
+            await self._finish(dispatch, DispatchStatus.FAILED, reason)
+            return Verdict.FAILED
+        runner = self.runners.get(step.runner)
+        if runner is None:
+            reason = f"step {step.name!r}: runner {step.runner!r} is no longer configured"
+            await self._finish(dispatch, DispatchStatus.FAILED, reason)
+            return Verdict.FAILED
+        request = RunRequest(
+            dispatch_id=dispatch.id,
+            step=step.name,
+            attempt=history.next_attempt,
+            args=step.args,
+            timeout=step.timeout,
+            call=step.call,
+            kwargs=step.kwargs,
+            on_line=self._line_logger(step.name),
+        )
+        spec = AttemptSpec(dispatch.id, index, step.name, step.runner, history.next_attempt)
+        outcome = await self._attempt(spec, flight, lambda: runner.run(request))
+        if outcome.ok:
+            return Verdict.SUCCEEDED
+        return await self._after_failure(dispatch, step, history.failures + 1, outcome)
+
+    async def _after_failure(
+        self, dispatch: Dispatch, step: Step, failures: int, outcome: Outcome
+    ) -> Verdict:
+        if may_retry(step, failures):
+            delay = backoff_delay(failures, step.backoff, step.backoff_max, self._rand)
+            now = self._clock.now()
+            await self._store.requeue(dispatch.id, now, now + timedelta(seconds=delay))
+            log.info("step_retry_scheduled", delay_ms=round(delay * 1000), failures=failures)
+            return Verdict.RETRY_LATER
+        tries = f"{failures} attempt{'s' if failures > 1 else ''}"
+        reason = f"step {step.name!r} failed after {tries}: {outcome.error}"
+        await self._finish(dispatch, DispatchStatus.FAILED, reason)
+        return Verdict.FAILED
+
+    async def _attempt(self, spec: AttemptSpec, flight: InFlight, work: Work) -> Outcome:
+        """One attempt: take the runner slot, record the row, run, record the end."""
+        gate_name = f"runner:{spec.runner}"
+        if not self._gate.has(gate_name):
+            return await self._record_attempt(spec, flight, work)
+        holder = f"dispatch:{spec.dispatch_id}/{spec.step}#{spec.number}"
+        async with self._gate.hold(gate_name, holder):
+            return await self._record_attempt(spec, flight, work)
+
+    async def _record_attempt(self, spec: AttemptSpec, flight: InFlight, work: Work) -> Outcome:
+        attempt_id = await self._store.start_attempt(
+            spec.dispatch_id,
+            spec.step_index,
+            spec.step,
+            spec.runner,
+            spec.number,
+            self._instance_id,
+            self._clock.now(),
+        )
+        log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
+        started = self._clock.now()
+        try:
+            outcome = await self._invoke(work)
+        except anyio.get_cancelled_exc_class():
+            status, error = self._cancel_status(flight)
+            with anyio.CancelScope(shield=True):
+                await self._store.finish_attempt(attempt_id, status, self._clock.now(), error=error)
+            log.info("attempt_finished", step=spec.step, attempt=spec.number, status=status)
+            raise
+        with anyio.CancelScope(shield=True):
+            await self._store.finish_attempt(
+                attempt_id,
+                outcome.status,
+                self._clock.now(),
+                exit_code=outcome.exit_code,
+                error=outcome.error,
+                output=outcome.output,
+            )
+        log.info(
+            "attempt_finished",
+            step=spec.step,
+            runner=spec.runner,
+            attempt=spec.number,
+            status=outcome.status,
+            exit_code=outcome.exit_code,
+            error=outcome.error,
+            duration_ms=round((self._clock.now() - started).total_seconds() * 1000),
+        )
+        return outcome
+
+    @staticmethod
+    async def _invoke(work: Work) -> Outcome:
+        try:
+            outcome: Outcome = await work()
+        except Exception as exc:  # a runner must not raise; if one does, it is a failure
+            return Outcome(AttemptStatus.FAILED, error=f"runner error: {type(exc).__name__}: {exc}")
+        return outcome
+
+    @staticmethod
+    def _cancel_status(flight: InFlight) -> tuple[AttemptStatus, str]:
+        if flight.reason is CancelReason.USER:
+            return AttemptStatus.CANCELLED, "cancelled on request"
+        return AttemptStatus.INTERRUPTED, SHUTDOWN_INTERRUPTION
+
+    # -- endings ---------------------------------------------------------------------------
+
+    async def _after_cancel(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
+        if flight.reason is CancelReason.USER:
+            return await self._finish(dispatch, DispatchStatus.CANCELLED, "cancelled on request")
+        with anyio.CancelScope(shield=True):
+            await self._store.requeue(dispatch.id, self._clock.now())
+        log.info("dispatch_requeued", reason="shutdown")
+        return DispatchStatus.QUEUED
+
+    async def _finish(
+        self, dispatch: Dispatch, status: DispatchStatus, error: str | None = None
+    ) -> DispatchStatus:
+        with anyio.CancelScope(shield=True):
+            await self._store.finish_dispatch(dispatch.id, status, self._clock.now(), error)
+        duration = (self._clock.now() - dispatch.created_at).total_seconds()
+        log.info(
+            "dispatch_finished", status=status, error=error, duration_ms=round(duration * 1000)
+        )
+        return status
+
+    def _line_logger(self, step: str) -> LineSink:
+        bound = log.bind(step=step)
+        enabled = self.settings.log.child_lines
+
+        def on_line(stream: str, line: str) -> None:
+            if enabled:
+                bound.info("step_output", stream=stream, line=line)
+
+        return on_line

@@ -1,0 +1,239 @@
+"""Service functions: what the CLI (and the HTTP API) do, on a `Store`.
+
+They validate input into records, call store verbs and shape answers as plain JSON
+objects; they never print and never parse command lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from dispatcher.clock import Clock
+from dispatcher.config import Settings
+from dispatcher.errors import BadRequest, NotFound
+from dispatcher.models import Attempt, Dispatch, DispatchStatus, NewDispatch, Reservation
+from dispatcher.planners import check_params, task_gate_key
+from dispatcher.store.base import Store
+
+BATCH_CHUNK = 1000
+MAX_KEY_LENGTH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """A submission as it arrives, before validation."""
+
+    task: str
+    params: Any
+    key: str | None = None
+    priority: int | None = None
+
+
+def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
+    """A submission checked against the config; `BadRequest` names what is wrong."""
+    task = settings.tasks.get(request.task)
+    if task is None:
+        known = ", ".join(sorted(settings.tasks)) or "none configured"
+        raise BadRequest(f"unknown task {request.task!r} (known: {known})")
+    if not isinstance(request.params, dict):
+        raise BadRequest(f"params must be a JSON object, got {type(request.params).__name__}")
+    if any(not isinstance(name, str) for name in request.params):
+        raise BadRequest("params: names must be strings")
+    if request.key is not None and not (0 < len(request.key) <= MAX_KEY_LENGTH):
+        raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
+    priority = task.priority if request.priority is None else request.priority
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise BadRequest(f"priority must be an integer, got {priority!r}")
+    check_params(request.task, task, request.params)
+    return NewDispatch(
+        task=request.task,
+        params=request.params,
+        key=request.key,
+        priority=priority,
+        gate_key=task_gate_key(request.task, task, request.params),
+    )
+
+
+async def submit(
+    settings: Settings, store: Store, clock: Clock, request: SubmitRequest
+) -> Reservation:
+    """Validate and reserve one dispatch (idempotent on its key)."""
+    new = validate_request(settings, request)
+    return await store.check_and_reserve(new, clock.now())
+
+
+def parse_batch_line(number: int, line: str) -> SubmitRequest:
+    """One JSON line of `submit --batch`: {"task", "params", "key", "priority"}."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"batch line {number}: invalid JSON: {exc.msg}") from None
+    if not isinstance(item, dict):
+        raise BadRequest(f"batch line {number}: expected a JSON object")
+    unknown = set(item) - {"task", "params", "key", "priority"}
+    if unknown:
+        raise BadRequest(f"batch line {number}: unknown field {sorted(unknown)[0]!r}")
+    if not isinstance(item.get("task"), str):
+        raise BadRequest(f"batch line {number}: 'task' (a string) is required")
+    key = item.get("key")
+    if key is not None and not isinstance(key, str):
+        raise BadRequest(f"batch line {number}: 'key' must be a string")
+    return SubmitRequest(item["task"], item.get("params", {}), key, item.get("priority"))
+
+
+def validate_batch(settings: Settings, lines: Iterable[str]) -> list[NewDispatch]:
+    """Every line checked before anything is written: one bad line refuses the batch."""
+    news = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        request = parse_batch_line(number, line)
+        try:
+            news.append(validate_request(settings, request))
+        except BadRequest as exc:
+            raise BadRequest(f"batch line {number}: {exc.message}") from None
+    return news
+
+
+async def submit_batch(
+    store: Store, clock: Clock, news: list[NewDispatch]
+) -> list[Reservation | Exception]:
+    """Reserve validated dispatches, one transaction per chunk of `BATCH_CHUNK`."""
+    answers: list[Reservation | Exception] = []
+    for chunk in _chunks(news, BATCH_CHUNK):
+        answers.extend(await store.reserve_many(chunk, clock.now()))
+    return answers
+
+
+def _chunks(items: list[NewDispatch], size: int) -> Iterator[list[NewDispatch]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def reservation_json(reservation: Reservation) -> dict[str, Any]:
+    return {"id": reservation.id, "status": str(reservation.status), "created": reservation.created}
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "step": attempt.step,
+        "runner": attempt.runner,
+        "attempt": attempt.attempt,
+        "status": str(attempt.status),
+        "started_at": _ts(attempt.started_at),
+        "ended_at": _ts(attempt.ended_at),
+        "exit_code": attempt.exit_code,
+        "error": attempt.error,
+        "output": attempt.output,
+    }
+
+
+def dispatch_json(dispatch: Dispatch, attempts: list[Attempt] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": dispatch.id,
+        "task": dispatch.task,
+        "status": str(dispatch.status),
+        "params": dispatch.params,
+        "key": dispatch.key,
+        "priority": dispatch.priority,
+        "plan": None if dispatch.plan is None else [step.to_json() for step in dispatch.plan],
+        "current_step": dispatch.current_step,
+        "error": dispatch.error,
+        "created_at": _ts(dispatch.created_at),
+        "started_at": _ts(dispatch.started_at),
+        "finished_at": _ts(dispatch.finished_at),
+        "not_before": _ts(dispatch.not_before),
+    }
+    if attempts is not None:
+        data["attempts"] = [attempt_json(attempt) for attempt in attempts]
+    return data
+
+
+async def show(store: Store, dispatch_id: int) -> dict[str, Any]:
+    dispatch = await store.get_dispatch(dispatch_id)
+    if dispatch is None:
+        raise NotFound(f"no dispatch with id {dispatch_id}")
+    return dispatch_json(dispatch, await store.list_attempts(dispatch_id))
+
+
+async def list_dispatches(
+    store: Store, status: DispatchStatus | None, limit: int
+) -> list[dict[str, Any]]:
+    return [dispatch_json(d) for d in await store.list_dispatches(status, limit)]
+
+
+async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
+    dispatch = await store.request_cancel(dispatch_id, clock.now())
+    return {
+        "id": dispatch.id,
+        "status": str(dispatch.status),
+        "cancel_requested": dispatch.cancel_requested,
+    }
+
+
+def gate_capacities(settings: Settings) -> dict[str, int]:
+    """Configured gates: `global` and one per runner with a `concurrency`."""
+    capacities = {"global": settings.gate.global_}
+    for name, runner in settings.runners.items():
+        if runner.concurrency is not None:
+            capacities[f"runner:{name}"] = runner.concurrency
+    return capacities
+
+
+def _capacity(settings: Settings, configured: Mapping[str, int], gate: str) -> int | None:
+    if gate in configured:
+        return configured[gate]
+    if gate.startswith("task:"):
+        task = settings.tasks.get(gate.split(":", 2)[1])
+        return task.concurrency if task else None
+    return None
+
+
+async def gates_report(settings: Settings, store: Store) -> dict[str, Any]:
+    """Every gate with capacity, held count and holders, from the `gates` rows."""
+    configured = gate_capacities(settings)
+    holders: dict[str, list[str]] = {name: [] for name in configured}
+    for row in await store.held_slots():
+        holders.setdefault(row.gate, []).append(row.holder)
+    counts = await store.gate_row_counts()
+    gates = [
+        {
+            "name": name,
+            "capacity": _capacity(settings, configured, name),
+            "held": len(holders[name]),
+            "holders": sorted(holders[name]),
+        }
+        for name in sorted(holders, key=lambda n: (n != "global", n))
+    ]
+    return {"gates": gates, "rows": {"held": counts.held, "released": counts.released}}
+
+
+async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+    """Live instances: not stopped, heartbeat within `instance_ttl`."""
+    since = clock.now() - timedelta(seconds=settings.daemon.instance_ttl)
+    instances = await store.live_instances(since)
+    return {
+        "live": bool(instances),
+        "instances": [
+            {
+                "id": inst.id,
+                "hostname": inst.hostname,
+                "pid": inst.pid,
+                "started_at": _ts(inst.started_at),
+                "heartbeat_at": _ts(inst.heartbeat_at),
+            }
+            for inst in instances
+        ],
+        "queue": {str(status): count for status, count in (await store.count_by_status()).items()},
+    }

@@ -1,0 +1,252 @@
+"""Plan -> Execute on the in-memory store with a fake clock and scripted runners."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
+
+from dispatcher.config import Settings
+from dispatcher.gate import ConcurrencyGate
+from dispatcher.models import (
+    SHUTDOWN_INTERRUPTION,
+    AttemptStatus,
+    Dispatch,
+    DispatchStatus,
+    NewDispatch,
+)
+from dispatcher.pipeline import CancelReason, InFlight, Pipeline
+from dispatcher.planners import steps_plan, task_gate_capacity
+from dispatcher.runners.base import Runner
+from dispatcher.service import gate_capacities
+from dispatcher.testing import FakeClock, InMemoryStore
+
+from .fakes import CrashingRunner, ScriptedRunner, failed, ok
+
+CONFIG: dict[str, Any] = {
+    "runners": {
+        "work": {"type": "exec", "concurrency": 1},
+        "crash": {"type": "exec"},
+        "py": {"type": "python"},
+    },
+    "tasks": {
+        "three": {
+            "steps": [
+                {"name": "a", "runner": "work", "args": ["{x}"]},
+                {"name": "b", "runner": "work", "retries": 2, "backoff": "10s"},
+                {"name": "c", "runner": "work"},
+            ]
+        },
+        "crashy": {"steps": [{"name": "a", "runner": "crash"}]},
+        "planned": {"planner": "python", "call": "tests.unit.planners:good_plan"},
+        "badplan": {"planner": "python", "call": "tests.unit.planners:bad_plan"},
+    },
+}
+
+
+class Harness:
+    def __init__(self, runners: dict[str, Runner]) -> None:
+        self.settings = Settings.model_validate(CONFIG)
+        self.store = InMemoryStore()
+        self.clock = FakeClock()
+        self.gate = ConcurrencyGate(
+            self.store,
+            self.clock,
+            "inst",
+            gate_capacities(self.settings),
+            on_demand=lambda name: task_gate_capacity(self.settings, name),
+        )
+        self.pipeline = Pipeline(
+            settings=self.settings,
+            store=self.store,
+            gate=self.gate,
+            clock=self.clock,
+            runners=runners,
+            instance_id="inst",
+            rand=random.Random(1),
+        )
+
+    async def submit(self, task: str, **params: Any) -> int:
+        reservation = await self.store.check_and_reserve(
+            NewDispatch(task=task, params=params), self.clock.now()
+        )
+        return reservation.id
+
+    async def claim(self) -> Dispatch:
+        dispatch = await self.store.claim_next("inst", self.clock.now(), set())
+        assert dispatch is not None
+        return dispatch
+
+    async def run_next(self, flight: InFlight | None = None) -> DispatchStatus:
+        dispatch = await self.claim()
+        return await self.pipeline.run(dispatch, flight or InFlight(dispatch.id))
+
+    def attempts(self, dispatch_id: int) -> list[tuple[str, int, AttemptStatus]]:
+        rows = sorted(self.store.attempts.values(), key=lambda a: a.id)
+        return [(a.step, a.attempt, a.status) for a in rows if a.dispatch_id == dispatch_id]
+
+
+async def test_steps_run_in_order_with_params_and_one_attempt_each() -> None:
+    work = ScriptedRunner("work")
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="hello")
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    assert [call.step for call in work.calls] == ["a", "b", "c"]
+    assert work.calls[0].args == ("hello",)
+    assert h.attempts(dispatch_id) == [
+        ("a", 1, AttemptStatus.SUCCEEDED),
+        ("b", 1, AttemptStatus.SUCCEEDED),
+        ("c", 1, AttemptStatus.SUCCEEDED),
+    ]
+    final = await h.store.get_dispatch(dispatch_id)
+    assert final is not None and final.status is DispatchStatus.SUCCEEDED
+    assert [row.released_at is not None for row in h.store.slots.values()] == [True] * 3
+
+
+async def test_failed_step_is_retried_later_with_backoff_then_fails_for_good() -> None:
+    # a succeeds, b fails three times (retries = 2)
+    work = ScriptedRunner("work", [ok(), failed(3), failed(3), failed(4)])
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    assert await h.run_next() is DispatchStatus.QUEUED
+    queued = await h.store.get_dispatch(dispatch_id)
+    assert queued is not None and queued.not_before is not None
+    delay = (queued.not_before - h.clock.now()).total_seconds()
+    assert 5.0 <= delay <= 10.0  # first retry: base 10s, half fixed, half jitter
+    assert await h.store.claim_next("inst", h.clock.now(), set()) is None  # not yet due
+    h.clock.advance(10)
+    assert await h.run_next() is DispatchStatus.QUEUED
+    h.clock.advance(20)
+    assert await h.run_next() is DispatchStatus.FAILED
+    assert [c.step for c in work.calls] == ["a", "b", "b", "b"]  # a never ran again
+    final = await h.store.get_dispatch(dispatch_id)
+    assert final is not None
+    assert final.error == "step 'b' failed after 3 attempts: exited with status 4"
+    assert [n for _, n, _ in h.attempts(dispatch_id)] == [1, 1, 2, 3]
+
+
+async def test_resume_skips_succeeded_steps() -> None:
+    work = ScriptedRunner("work")
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    await h.claim()
+    plan = steps_plan(h.settings.tasks["three"], {"x": "1"})
+    await h.store.save_plan(dispatch_id, plan, h.clock.now())
+    await h.store.advance(dispatch_id, 2, h.clock.now())  # a and b succeeded earlier
+    await h.store.requeue(dispatch_id, h.clock.now())
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    assert [c.step for c in work.calls] == ["c"]
+
+
+async def test_crash_interruptions_are_bounded_but_shutdowns_are_not() -> None:
+    work = ScriptedRunner("work")
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    for _ in range(5):  # graceful shutdowns: never a reason to give up
+        attempt = await h.store.start_attempt(dispatch_id, 0, "a", "work", 1, "x", h.clock.now())
+        await h.store.finish_attempt(
+            attempt, AttemptStatus.INTERRUPTED, h.clock.now(), error=SHUTDOWN_INTERRUPTION
+        )
+    for _ in range(3):  # the daemon died under this step three times
+        await h.store.start_attempt(dispatch_id, 0, "a", "work", 1, "x", h.clock.now())
+        await h.store.recover("y", h.clock.now())
+    assert await h.run_next() is DispatchStatus.FAILED
+    final = await h.store.get_dispatch(dispatch_id)
+    assert final is not None and "interrupted 3 times" in (final.error or "")
+    assert work.calls == []
+
+
+async def test_user_cancel_stops_the_step_and_cancels_the_dispatch() -> None:
+    work = ScriptedRunner("work", gate=asyncio.Event())
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    dispatch = await h.claim()
+    flight = InFlight(dispatch.id)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.pipeline.run, dispatch, flight)
+        await work.started.wait()
+        flight.cancel(CancelReason.USER)
+    final = await h.store.get_dispatch(dispatch_id)
+    assert final is not None and final.status is DispatchStatus.CANCELLED
+    assert h.attempts(dispatch_id) == [("a", 1, AttemptStatus.CANCELLED)]
+    assert all(row.released_at is not None for row in h.store.slots.values())
+
+
+async def test_shutdown_interrupts_the_attempt_and_requeues() -> None:
+    work = ScriptedRunner("work", gate=asyncio.Event())
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    dispatch = await h.claim()
+    flight = InFlight(dispatch.id)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.pipeline.run, dispatch, flight)
+        await work.started.wait()
+        flight.cancel(CancelReason.SHUTDOWN)
+    final = await h.store.get_dispatch(dispatch_id)
+    assert final is not None and final.status is DispatchStatus.QUEUED
+    assert h.attempts(dispatch_id) == [("a", 1, AttemptStatus.INTERRUPTED)]
+    # The next run resumes at step a, as attempt 2.
+    work.gate = None
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    assert h.attempts(dispatch_id)[1] == ("a", 2, AttemptStatus.SUCCEEDED)
+
+
+async def test_runner_exception_becomes_a_failed_attempt() -> None:
+    h = Harness({"crash": CrashingRunner()})
+    dispatch_id = await h.submit("crashy")
+    assert await h.run_next() is DispatchStatus.FAILED
+    attempt = next(iter(h.store.attempts.values()))
+    assert attempt.status is AttemptStatus.FAILED
+    assert attempt.error == "runner error: RuntimeError: boom"
+    assert dispatch_id == attempt.dispatch_id
+
+
+async def test_runner_cap_holds_across_dispatches() -> None:
+    work = ScriptedRunner("work")
+    h = Harness({"work": work})
+    for n in range(6):
+        await h.submit("three", x=str(n))
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            dispatch = await h.claim()
+            tg.start_soon(h.pipeline.run, dispatch, InFlight(dispatch.id))
+    assert work.peak == 1
+    assert len(work.calls) == 18
+
+
+async def test_python_planner_runs_as_an_attempt() -> None:
+    work = ScriptedRunner("work")
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("planned", n=2)
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    assert [c.args for c in work.calls] == [("0",), ("1",)]
+    assert h.attempts(dispatch_id)[0] == ("(plan)", 1, AttemptStatus.SUCCEEDED)
+
+
+async def test_invalid_plan_fails_the_dispatch_with_the_reason() -> None:
+    h = Harness({"work": ScriptedRunner("work")})
+    dispatch_id = await h.submit("badplan")
+    assert await h.run_next() is DispatchStatus.FAILED
+    final = await h.store.get_dispatch(dispatch_id)
+    assert final is not None
+    assert final.error == (
+        "planner failed: invalid plan: plan.steps[0].runner: unknown runner 'gpu' "
+        "(known: crash, py, work)"
+    )
+    assert h.attempts(dispatch_id) == [("(plan)", 1, AttemptStatus.FAILED)]
+
+
+@pytest.mark.parametrize("advance", [0, 1])
+async def test_not_before_is_respected_by_claim(advance: int) -> None:
+    h = Harness({"work": ScriptedRunner("work")})
+    dispatch_id = await h.submit("three", x="1")
+    d = await h.claim()
+    await h.store.requeue(d.id, h.clock.now(), h.clock.now() + timedelta(seconds=1))
+    h.clock.advance(advance)
+    claimed = await h.store.claim_next("inst", h.clock.now(), set())
+    assert (claimed is not None) == bool(advance)
+    assert dispatch_id == d.id
