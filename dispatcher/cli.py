@@ -1,0 +1,299 @@
+"""Command line: parse, call a service function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from dispatcher import __version__, service
+from dispatcher.clock import SystemClock
+from dispatcher.config import Settings, find_config, load_settings
+from dispatcher.errors import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, BadRequest, DispatcherError
+from dispatcher.models import DispatchStatus, Reservation
+from dispatcher.store.base import Store
+
+EXIT_NOT_SUCCEEDED = 1
+WAIT_POLL = 0.1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
+    parser.add_argument(
+        "--config",
+        help="configuration file (default: $DISPATCHER_CONFIG, "
+        "./config/dispatcher.toml, /etc/dispatcher/dispatcher.toml)",
+    )
+    parser.add_argument("--version", action="version", version=f"dispatcher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon in the foreground")
+    _add_submit(sub)
+    show = sub.add_parser("show", help="one dispatch: status, params, plan, attempts")
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true")
+    lst = sub.add_parser("list", help="recent dispatches, newest first")
+    lst.add_argument("--status", choices=[str(s) for s in DispatchStatus])
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--json", action="store_true")
+    cancel = sub.add_parser("cancel", help="cancel a dispatch")
+    cancel.add_argument("id", type=int)
+    cancel.add_argument("--json", action="store_true")
+    gates = sub.add_parser("gates", help="every gate: capacity, held, holders; row counts")
+    gates.add_argument("--json", action="store_true")
+    sub.add_parser("check-config", help="validate the configuration and exit")
+    health = sub.add_parser("health", help="exit 0 when a live daemon heartbeats here")
+    health.add_argument("--json", action="store_true")
+    return parser
+
+
+def _add_submit(sub: Any) -> None:
+    submit = sub.add_parser("submit", help="submit a dispatch (or --batch FILE)")
+    submit.add_argument("task", nargs="?")
+    submit.add_argument("--param", action="append", default=[], metavar="K=V")
+    submit.add_argument("--params", metavar="JSON", help="params as a JSON object")
+    submit.add_argument("--key", help="idempotency key")
+    submit.add_argument("--priority", type=int)
+    submit.add_argument("--wait", action="store_true", help="wait for a final status")
+    submit.add_argument("--json", action="store_true")
+    submit.add_argument("--batch", metavar="FILE", help="JSON lines to submit ('-' for stdin)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dispatcher` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except DispatcherError as exc:
+        print(f"dispatcher: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        settings = load_settings(args.config)
+        print(
+            f"{find_config(args.config)}: ok ({len(settings.tasks)} tasks, "
+            f"{len(settings.runners)} runners, database {settings.database.path})"
+        )
+        return EX_OK
+    settings = load_settings(args.config)
+    if args.command == "run":
+        return _run(args, settings)
+    handler = _HANDLERS[args.command]
+    return asyncio.run(_with_store(settings, lambda store: handler(args, settings, store)))
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher import logs
+    from dispatcher.daemon import run_daemon
+
+    logs.configure(settings.log.level, settings.log.format)
+    config_path = find_config(args.config)
+    try:
+        asyncio.run(run_daemon(settings, reload=lambda: load_settings(config_path)))
+    except DispatcherError:
+        raise
+    except Exception:  # a defect: say so in the log stream, as one structured event
+        structlog.get_logger("dispatcher.daemon").exception("daemon_crashed")
+        return EX_SOFTWARE
+    return EX_OK
+
+
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[int]]) -> int:
+    from dispatcher.store.sqlite import SQLiteStore
+
+    store = await SQLiteStore.open(
+        settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
+    )
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+async def _submit(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    clock = SystemClock()
+    if args.batch is not None:
+        return await _submit_batch(args, settings, store)
+    if not args.task:
+        raise BadRequest("submit needs a TASK (or --batch FILE)")
+    request = service.SubmitRequest(args.task, _params(args), args.key, args.priority)
+    reservation = await service.submit(settings, store, clock, request)
+    if args.wait:
+        return await _wait(store, reservation, args.json)
+    if args.json:
+        _print_json(service.reservation_json(reservation))
+    else:
+        how = "created" if reservation.created else f"existing dispatch for key {args.key!r}"
+        print(f"{reservation.id} {reservation.status} ({how})")
+    return EX_OK
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.params is not None:
+        try:
+            loaded = json.loads(args.params)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"--params: invalid JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(loaded, dict):
+            raise BadRequest(f"--params: expected a JSON object, got {type(loaded).__name__}")
+        params.update(loaded)
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise BadRequest(f"--param {item!r}: expected NAME=VALUE")
+        params[name] = value
+    return params
+
+
+async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    lines = _read_batch(args.batch)
+    news = service.validate_batch(settings, lines)
+    answers = await service.submit_batch(store, SystemClock(), news)
+    failed = 0
+    out = sys.stdout
+    for answer in answers:
+        if isinstance(answer, Reservation):
+            out.write(json.dumps(service.reservation_json(answer)) + "\n")
+        else:
+            failed += 1
+            out.write(json.dumps({"error": str(answer)}) + "\n")
+    if failed:
+        print(f"dispatcher: error: {failed} of {len(answers)} batch lines refused", file=sys.stderr)
+        return BadRequest.exit_code
+    return EX_OK
+
+
+def _read_batch(source: str) -> list[str]:
+    if source == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        return Path(source).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise BadRequest(f"--batch {source}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadRequest(f"--batch {source}: not UTF-8 text") from None
+
+
+async def _wait(store: Store, reservation: Reservation, as_json: bool) -> int:
+    while True:
+        data = await service.show(store, reservation.id)
+        if DispatchStatus(data["status"]).is_final:
+            break
+        await asyncio.sleep(WAIT_POLL)
+    if as_json:
+        _print_json({**data, "created": reservation.created})
+    else:
+        error = f": {data['error']}" if data["error"] else ""
+        print(f"{data['id']} {data['status']}{error}")
+    return EX_OK if data["status"] == DispatchStatus.SUCCEEDED else EXIT_NOT_SUCCEEDED
+
+
+async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.show(store, args.id)
+    if args.json:
+        _print_json(data)
+        return EX_OK
+    print(f"dispatch {data['id']}  task {data['task']}  status {data['status']}")
+    print(f"  params  {json.dumps(data['params'])}")
+    if data["key"]:
+        print(f"  key     {data['key']}")
+    if data["error"]:
+        print(f"  error   {data['error']}")
+    for index, step in enumerate(data["plan"] or []):
+        mark = "*" if index == data["current_step"] else " "
+        print(f"  {mark} step {index}: {step['name']} [{step['runner']}] {' '.join(step['args'])}")
+    for attempt in data["attempts"]:
+        code = "" if attempt["exit_code"] is None else f" exit {attempt['exit_code']}"
+        print(
+            f"    {attempt['started_at']}  {attempt['step']} #{attempt['attempt']} "
+            f"{attempt['status']}{code}"
+        )
+    return EX_OK
+
+
+async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    if args.limit < 1:
+        raise BadRequest("--limit must be at least 1")
+    status = DispatchStatus(args.status) if args.status else None
+    rows = await service.list_dispatches(store, status, args.limit)
+    if args.json:
+        _print_json(rows)
+        return EX_OK
+    for row in rows:
+        print(
+            f"{row['id']:>8}  {row['status']:<10} {row['task']:<20} {row['created_at']}  "
+            f"{row['error'] or ''}"
+        )
+    return EX_OK
+
+
+async def _cancel(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.cancel(store, SystemClock(), args.id)
+    if args.json:
+        _print_json(data)
+    elif data["status"] == DispatchStatus.CANCELLED:
+        print(f"{data['id']} cancelled")
+    elif data["cancel_requested"]:
+        print(f"{data['id']} {data['status']}: cancel requested; the daemon stops it shortly")
+    else:
+        print(f"{data['id']} already {data['status']}; nothing to cancel")
+    return EX_OK
+
+
+async def _gates(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.gates_report(settings, store)
+    if args.json:
+        _print_json(data)
+        return EX_OK
+    for gate in data["gates"]:
+        holders = ", ".join(gate["holders"][:5]) + (" ..." if len(gate["holders"]) > 5 else "")
+        print(f"{gate['name']:<30} {gate['held']:>4}/{gate['capacity']:<4} {holders}")
+    rows = data["rows"]
+    print(f"gate rows: {rows['held']} held, {rows['released']} released")
+    return EX_OK
+
+
+async def _health(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.health(settings, store, SystemClock())
+    if args.json:
+        _print_json(data)
+    elif data["live"]:
+        inst = data["instances"][0]
+        print(
+            f"ok: instance {inst['id']} (pid {inst['pid']} on {inst['hostname']}) "
+            f"heartbeat {inst['heartbeat_at']}"
+        )
+    else:
+        print("dispatcher: error: no live daemon heartbeats on this database", file=sys.stderr)
+    return EX_OK if data["live"] else EX_UNAVAILABLE
+
+
+def _print_json(data: Any, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(json.dumps(data) + "\n")
+
+
+Handler = Callable[[argparse.Namespace, Settings, Store], Coroutine[Any, Any, int]]
+_HANDLERS: dict[str, Handler] = {
+    "submit": _submit,
+    "show": _show,
+    "list": _list,
+    "cancel": _cancel,
+    "gates": _gates,
+    "health": _health,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

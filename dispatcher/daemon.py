@@ -1,0 +1,344 @@
+"""The daemon's lifecycle: instance lock, recovery, the dispatch loop, signals, drain.
+
+One anyio task group owns everything the daemon runs. Start: lock, migrate, recover
+what a dead predecessor left, register the instance. Then the dispatch loop claims
+work whenever the `global` gate has room. SIGTERM/SIGINT: stop claiming, drain for
+`shutdown_grace`, cancel what is left (interrupted, re-queued), release every slot,
+exit 0. SIGHUP re-reads the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import anyio
+import structlog
+
+from dispatcher import __version__
+from dispatcher.clock import Clock, SystemClock
+from dispatcher.config import Settings
+from dispatcher.errors import ConfigError, DispatcherError, Unavailable
+from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
+from dispatcher.models import Dispatch, Instance
+from dispatcher.pipeline import CancelReason, InFlight, Pipeline
+from dispatcher.planners import task_gate_capacity
+from dispatcher.runners.base import Runner
+from dispatcher.runners.exec import ExecRunner
+from dispatcher.runners.noop import NoopRunner
+from dispatcher.runners.python import PythonRunner
+from dispatcher.service import gate_capacities
+from dispatcher.store.base import Store
+
+log = structlog.get_logger("dispatcher.daemon")
+
+SELF_CHECK_EVERY = 12
+"""Heartbeats between two gate self-checks (a minute at the default interval)."""
+
+
+class InstanceLock:
+    """An exclusive `flock` on `<database>.lock`: one daemon per database."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise Unavailable(
+                f"another dispatcher daemon (pid {holder}) is running on "
+                f"{self.path.with_suffix('')} (lock {self.path} is held)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def build_runners(settings: Settings) -> dict[str, Runner]:
+    """One runner object per `[runners.NAME]`."""
+    runners: dict[str, Runner] = {}
+    for name, spec in settings.runners.items():
+        kill_grace = spec.kill_grace if spec.kill_grace is not None else settings.daemon.kill_grace
+        if spec.type == "exec":
+            runners[name] = ExecRunner(name, kill_grace=kill_grace, env=spec.env, cwd=spec.cwd)
+        elif spec.type == "python":
+            runners[name] = PythonRunner(name)
+        else:
+            runners[name] = NoopRunner(name)
+    return runners
+
+
+@dataclass
+class DaemonState:
+    """What the loop and the signal handler share."""
+
+    stopping: bool = False
+    inflight: dict[int, InFlight] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Daemon:
+    """One run of the daemon process on one store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        reload: Callable[[], Settings] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock or SystemClock()
+        self.instance_id = uuid.uuid4().hex[:12]
+        self._reload = reload
+        self.state = DaemonState()
+        self.gate = ConcurrencyGate(
+            store,
+            self.clock,
+            self.instance_id,
+            gate_capacities(settings),
+            on_demand=lambda name: task_gate_capacity(self.settings, name),
+        )
+        self.pipeline = Pipeline(
+            settings=settings,
+            store=store,
+            gate=self.gate,
+            clock=self.clock,
+            runners=build_runners(settings),
+            instance_id=self.instance_id,
+        )
+
+    async def run(self) -> None:
+        """Recover, serve until told to stop, drain; return when everything is released."""
+        structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
+        await self._start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._signal_loop, tg.cancel_scope)
+                tg.start_soon(self._cancel_watch_loop)
+                await self._dispatch_loop()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.stop_instance(self.instance_id, self.clock.now())
+            log.info("daemon_stopped")
+
+    def stop(self) -> None:
+        """Stop claiming new work; the drain starts (idempotent)."""
+        if not self.state.stopping:
+            self.state.stopping = True
+            log.info("daemon_stopping", in_flight=len(self.state.inflight))
+        self.state.wake.set()
+
+    def wake(self) -> None:
+        """New work may be there: claim at once instead of at the next poll."""
+        self.state.wake.set()
+
+    # -- start -------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        now = self.clock.now()
+        report = await self.store.recover(self.instance_id, now)
+        log.info(
+            "daemon_recovered",
+            slots_released=report.slots_released,
+            attempts_interrupted=report.attempts_interrupted,
+            dispatches_requeued=report.dispatches_requeued,
+        )
+        await self.store.register_instance(
+            Instance(
+                id=self.instance_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                version=__version__,
+                started_at=now,
+                heartbeat_at=now,
+                stopped_at=None,
+            )
+        )
+        log.info(
+            "daemon_started",
+            version=__version__,
+            pid=os.getpid(),
+            database=str(self.settings.database.path),
+            gates=gate_capacities(self.settings),
+        )
+
+    # -- the dispatch loop --------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        """Claim work whenever `global` has room; run each dispatch in its own task."""
+        async with anyio.create_task_group() as work:
+            while not self.state.stopping:
+                with anyio.CancelScope() as waiting:
+                    self._stop_waiting = waiting
+                    await self.gate.wait_free(GLOBAL)
+                if waiting.cancelled_caught:
+                    break
+                dispatch = await self._claim()
+                if dispatch is None:
+                    self.gate.give_back(GLOBAL)
+                    await self._wait_for_work()
+                    continue
+                await self._start_dispatch(work, dispatch)
+            await self._drain()
+
+    _stop_waiting: anyio.CancelScope | None = None
+
+    async def _claim(self) -> Dispatch | None:
+        try:
+            return await self.store.claim_next(
+                self.instance_id, self.clock.now(), self.gate.full_gates()
+            )
+        except DispatcherError as exc:  # e.g. the database stayed busy: try again later
+            log.warning("claim_failed", error=str(exc))
+            return None
+
+    async def _wait_for_work(self) -> None:
+        with anyio.move_on_after(self.settings.daemon.poll_interval):
+            await self.state.wake.wait()
+        self.state.wake.clear()
+
+    async def _start_dispatch(self, work: anyio.abc.TaskGroup, dispatch: Dispatch) -> None:
+        holder = f"dispatch:{dispatch.id}"
+        global_slot = await self.gate.bind(GLOBAL, holder)
+        task_slot = None
+        if dispatch.gate_key is not None and self.gate.has(dispatch.gate_key):
+            if not self.gate.try_acquire_place(dispatch.gate_key):
+                raise RuntimeError(f"task gate {dispatch.gate_key} full after claim")
+            task_slot = await self.gate.bind(dispatch.gate_key, holder)
+        flight = InFlight(dispatch.id)
+        self.state.inflight[dispatch.id] = flight
+        log.debug("dispatch_claimed", dispatch_id=dispatch.id, task=dispatch.task)
+        work.start_soon(self._run_dispatch, dispatch, flight, global_slot, task_slot)
+
+    async def _run_dispatch(
+        self, dispatch: Dispatch, flight: InFlight, global_slot: Slot, task_slot: Slot | None
+    ) -> None:
+        try:
+            await self.pipeline.run(dispatch, flight)
+        finally:
+            del self.state.inflight[dispatch.id]
+            if task_slot is not None:
+                await self.gate.release(task_slot)
+            await self.gate.release(global_slot)
+            self.state.wake.set()
+            if self.state.stopping and not self.state.inflight:
+                self.state.drained.set()
+
+    # -- stop -------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Wait up to `shutdown_grace` for running work, then cancel what is left."""
+        grace = self.settings.daemon.shutdown_grace
+        if self.state.inflight:
+            log.info("drain_started", in_flight=len(self.state.inflight), grace_s=grace)
+            with anyio.move_on_after(grace):
+                await self.state.drained.wait()
+        for flight in list(self.state.inflight.values()):
+            flight.cancel(CancelReason.SHUTDOWN)
+        log.info("drain_finished", interrupted=len(self.state.inflight))
+
+    async def _signal_loop(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload_config()
+                    continue
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                if self.state.stopping:
+                    # A second signal: stop waiting for the grace period.
+                    for flight in list(self.state.inflight.values()):
+                        flight.cancel(CancelReason.SHUTDOWN)
+                self.stop()
+                if self._stop_waiting is not None:
+                    self._stop_waiting.cancel()
+
+    def _reload_config(self) -> None:
+        if self._reload is None:
+            return
+        try:
+            settings = self._reload()
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc))
+            return
+        self.settings = settings
+        self.pipeline.settings = settings
+        self.pipeline.runners = build_runners(settings)
+        self.gate.reconfigure(gate_capacities(settings))
+        log.info("config_reloaded", gates=gate_capacities(settings))
+        self.state.wake.set()
+
+    # -- side loops ---------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        beats = 0
+        while True:
+            await anyio.sleep(self.settings.daemon.heartbeat_interval)
+            beats += 1
+            try:
+                await self.store.heartbeat(self.instance_id, self.clock.now())
+                if beats % SELF_CHECK_EVERY == 0:
+                    await self.gate.self_check()
+            except DispatcherError as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+
+    async def _cancel_watch_loop(self) -> None:
+        """Cancel in-flight dispatches that `dispatcher cancel` flagged in the database."""
+        while True:
+            await anyio.sleep(self.settings.daemon.poll_interval)
+            if not self.state.inflight:
+                continue
+            with suppress(DispatcherError):
+                for dispatch_id in await self.store.cancel_requests(list(self.state.inflight)):
+                    flight = self.state.inflight.get(dispatch_id)
+                    if flight is not None:
+                        log.info("dispatch_cancel_requested", dispatch_id=dispatch_id)
+                        flight.cancel(CancelReason.USER)
+
+
+async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    """`dispatcher run`: lock the database, open the store, serve until stopped."""
+    from dispatcher.store.sqlite import SQLiteStore
+
+    lock = InstanceLock(settings.database.path)
+    lock.acquire()
+    try:
+        store = await SQLiteStore.open(
+            settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
+        )
+        try:
+            await Daemon(settings, store, reload=reload).run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+    finally:
+        lock.release()
