@@ -1,0 +1,167 @@
+"""The daemon as a real process, driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STEP = Path(__file__).with_name("step.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Record:
+    kind: str
+    label: str
+    at: float
+    pid: int
+
+
+def read_records(log: Path) -> list[Record]:
+    if not log.exists():
+        return []
+    records = []
+    for line in log.read_text().splitlines():
+        kind, label, at, pid = line.split()
+        records.append(Record(kind, label, float(at), int(pid)))
+    return records
+
+
+def peak_concurrency(records: list[Record], killed_at: float | None = None) -> int:
+    """Most steps running at once, from the steps' own start/end records.
+
+    Starts and ends pair up by pid (one process per execution). A step killed with
+    the daemon never writes its end: pass `killed_at`, the moment of the kill (its
+    children die with it), to close those.
+    """
+    ends = {r.pid: r.at for r in records if r.kind == "end"}
+    events: list[tuple[float, int]] = []
+    for start in (r for r in records if r.kind == "start"):
+        end = ends.get(start.pid, killed_at)
+        assert end is not None, f"step {start.label} (pid {start.pid}) never ended"
+        events += [(start.at, 1), (end, -1)]
+    running = peak = 0
+    for _, delta in sorted(events):  # an end at the same instant counts before a start
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+class Daemon:
+    """`dispatcher run` in a subprocess, its JSON log in a file."""
+
+    def __init__(self, config: Path, workdir: Path) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(
+        self, *args: str, stdin: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dispatcher", "--config", str(self.config), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.workdir,
+            env=_env(),
+        )
+
+    def cli_json(self, *args: str) -> Any:
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def start(self) -> None:
+        self.log_path = self.workdir / f"daemon-{time.monotonic_ns()}.log"
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dispatcher", "--config", str(self.config), "run"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=_env(),
+            )
+        self.wait_for_event("daemon_started")
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                events.append({"event": "(not json)", "line": line})
+        return events
+
+    def wait_for_event(self, name: str, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == name:
+                    return event
+            assert self.proc is None or self.proc.poll() is None, self.log_path.read_text()
+            time.sleep(0.05)
+        raise AssertionError(f"no {name} event within {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Any]:
+    daemons: list[Daemon] = []
+
+    def make(config_text: str) -> Daemon:
+        config = tmp_path / "dispatcher.toml"
+        config.write_text(config_text)
+        daemon = Daemon(config, tmp_path)
+        daemons.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in daemons:
+        daemon.close()

@@ -1,0 +1,335 @@
+"""The real daemon process, driven through the CLI: caps, crashes, drain, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import STEP, peak_concurrency, read_records, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def config(
+    tmp_path: Path,
+    *,
+    global_: int,
+    runner_cap: int | None = None,
+    extra: str = "",
+    grace: str = "10s",
+) -> str:
+    cap = f"concurrency = {runner_cap}" if runner_cap else ""
+    log = tmp_path / "steps.log"
+    step = f'"{sys.executable}", "{STEP}", "{log}"'
+    return f"""
+[database]
+path = "state/dispatcher.db"
+
+[daemon]
+poll_interval = "200ms"
+shutdown_grace = "{grace}"
+kill_grace = "1s"
+heartbeat_interval = "500ms"
+instance_ttl = "3s"
+
+[gate]
+global = {global_}
+
+[runners.py]
+type = "exec"
+{cap}
+
+[runners.noop]
+type = "noop"
+
+[tasks.one]
+steps = [{{ name = "s1", runner = "py", args = [{step}, "{{n}}/s1", "{{secs}}"] }}]
+
+[tasks.three]
+steps = [
+  {{ name = "s1", runner = "py", args = [{step}, "{{n}}/s1", "{{secs}}"] }},
+  {{ name = "s2", runner = "py", args = [{step}, "{{n}}/s2", "{{secs}}"] }},
+  {{ name = "s3", runner = "py", args = [{step}, "{{n}}/s3", "{{secs}}"] }},
+]
+{extra}
+"""
+
+
+def batch(task: str, count: int, secs: float, prefix: str = "") -> str:
+    lines = [
+        json.dumps({"task": task, "params": {"n": f"{prefix}{n}", "secs": str(secs)}})
+        for n in range(count)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def all_final(daemon: Any, count: int) -> bool:
+    rows = daemon.cli_json("list", "--limit", "10000")
+    return len(rows) == count and all(
+        row["status"] in ("succeeded", "failed", "cancelled") for row in rows
+    )
+
+
+def attempts_of_all(daemon: Any) -> list[dict[str, Any]]:
+    rows = daemon.cli_json("list", "--limit", "10000")
+    attempts = []
+    for row in rows:
+        shown = daemon.cli_json("show", str(row["id"]))
+        for attempt in shown["attempts"]:
+            attempts.append({**attempt, "n": shown["params"]["n"], "id": row["id"]})
+    return attempts
+
+
+@pytest.mark.parametrize("cap", [2, 3])
+def test_exactly_global_n_steps_run_at_once(tmp_path: Path, make_daemon: Any, cap: int) -> None:
+    """The old defect halved the cap (reservation and gate both counted a dispatch).
+
+    Here, with more dispatches waiting than the cap, the steps' own timestamps must
+    show exactly `cap` running at once: not cap/2, not cap+1.
+    """
+    daemon = make_daemon(config(tmp_path, global_=cap))
+    submitted = daemon.cli("submit", "--batch", "-", stdin=batch("one", cap * 4, 0.6))
+    assert submitted.returncode == 0, submitted.stderr
+    daemon.start()
+    wait_until(lambda: all_final(daemon, cap * 4), timeout=60)
+    assert daemon.stop() == 0
+
+    records = read_records(tmp_path / "steps.log")
+    assert peak_concurrency(records) == cap
+    starts = [r for r in records if r.kind == "start"]
+    assert len(starts) == cap * 4
+    # attempts holds exactly one row per runner execution, nothing else
+    attempts = attempts_of_all(daemon)
+    assert len(attempts) == len(starts)
+    assert {a["runner"] for a in attempts} == {"py"}
+    gates = daemon.cli_json("gates")
+    assert gates["rows"] == {"held": 0, "released": cap * 4}
+    assert all(gate["held"] == 0 for gate in gates["gates"])
+
+
+def test_runner_cap_is_held_per_step(tmp_path: Path, make_daemon: Any) -> None:
+    daemon = make_daemon(config(tmp_path, global_=4, runner_cap=2))
+    daemon.cli("submit", "--batch", "-", stdin=batch("one", 8, 0.5))
+    daemon.start()
+    wait_until(lambda: all_final(daemon, 8), timeout=60)
+    assert daemon.stop() == 0
+    assert peak_concurrency(read_records(tmp_path / "steps.log")) == 2
+    gates = daemon.cli_json("gates")
+    # 8 global slots + 8 runner slots, all released
+    assert gates["rows"] == {"held": 0, "released": 16}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_sigkill_then_restart_loses_nothing(tmp_path: Path, make_daemon: Any) -> None:
+    daemon = make_daemon(config(tmp_path, global_=3))
+    count = 9
+    daemon.cli("submit", "--batch", "-", stdin=batch("three", count, 0.4))
+    daemon.start()
+    log = tmp_path / "steps.log"
+    wait_until(lambda: sum(r.kind == "end" for r in read_records(log)) >= 5, timeout=30)
+    # Kill while steps are mid-flight (a start with no end yet).
+    wait_until(
+        lambda: any(
+            r.kind == "start"
+            and not any(
+                e.kind == "end" and e.label == r.label and e.pid == r.pid for e in read_records(log)
+            )
+            for r in read_records(log)
+        ),
+        timeout=10,
+        interval=0.01,
+    )
+    daemon.kill()
+    killed_at = time.time()
+    running = [
+        r
+        for r in read_records(log)
+        if r.kind == "start"
+        and not any(e.kind == "end" and e.pid == r.pid for e in read_records(log))
+    ]
+    assert running, "the kill should have caught steps mid-flight"
+    # Children die with the daemon (parent-death signal): no orphan runs beside the next one.
+    wait_until(lambda: not any(_alive(r.pid) for r in running), timeout=5)
+
+    daemon.start()
+    recovered = daemon.wait_for_event("daemon_recovered")
+    assert recovered["attempts_interrupted"] >= 1
+    assert recovered["slots_released"] >= 1
+    wait_until(lambda: all_final(daemon, count), timeout=90)
+    assert daemon.stop() == 0
+
+    rows = daemon.cli_json("list", "--limit", "100")
+    assert {row["status"] for row in rows} == {"succeeded"}
+    records = read_records(log)
+    attempts = attempts_of_all(daemon)
+    # One attempt row per execution, counted from the steps' own records. The kill
+    # may land between an attempt's row and its process's first write: such an
+    # attempt is recorded as interrupted and has no start record.
+    starts = sum(r.kind == "start" for r in records)
+    interrupted = sum(a["status"] == "interrupted" for a in attempts)
+    assert starts <= len(attempts) <= starts + interrupted
+    assert sum(a["status"] == "succeeded" for a in attempts) == count * 3
+    by_step: dict[tuple[str, str], list[str]] = {}
+    for attempt in attempts:
+        by_step.setdefault((attempt["n"], attempt["step"]), []).append(attempt["status"])
+    for statuses in by_step.values():
+        # a step that succeeded never ran again: success is its last and only success
+        assert statuses.count("succeeded") == 1 and statuses[-1] == "succeeded"
+    assert any("interrupted" in statuses for statuses in by_step.values())
+    assert peak_concurrency(records, killed_at) == 3
+    assert daemon.cli_json("gates")["rows"]["held"] == 0
+
+
+def test_sigterm_drains_then_interrupts_and_requeues(tmp_path: Path, make_daemon: Any) -> None:
+    daemon = make_daemon(config(tmp_path, global_=2, grace="500ms"))
+    daemon.cli("submit", "one", "--param", "n=long", "--param", "secs=30")
+    daemon.start()
+    log = tmp_path / "steps.log"
+    wait_until(lambda: any(r.kind == "start" for r in read_records(log)), timeout=20)
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 10  # grace 0.5 s + kill grace 1 s, not 30 s
+    shown = daemon.cli_json("show", "1")
+    assert shown["status"] == "queued"
+    assert [a["status"] for a in shown["attempts"]] == ["interrupted"]
+    assert daemon.cli_json("gates")["rows"]["held"] == 0
+    pid = read_records(log)[0].pid
+    assert not _alive(pid)
+
+
+def test_cancel_stops_a_running_step(tmp_path: Path, make_daemon: Any) -> None:
+    daemon = make_daemon(config(tmp_path, global_=2))
+    daemon.start()
+    daemon.cli("submit", "one", "--param", "n=c", "--param", "secs=30")
+    log = tmp_path / "steps.log"
+    wait_until(lambda: any(r.kind == "start" for r in read_records(log)), timeout=20)
+    result = daemon.cli("cancel", "1")
+    assert result.returncode == 0 and "cancel requested" in result.stdout
+    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "cancelled", timeout=10)
+    assert [a["status"] for a in daemon.cli_json("show", "1")["attempts"]] == ["cancelled"]
+    assert not _alive(read_records(log)[0].pid)
+    assert daemon.stop() == 0
+
+
+def test_health_and_second_daemon(tmp_path: Path, make_daemon: Any) -> None:
+    daemon = make_daemon(config(tmp_path, global_=2))
+    assert daemon.cli("health").returncode == 69
+    daemon.start()
+    wait_until(lambda: daemon.cli("health").returncode == 0, timeout=10)
+    second = daemon.cli("run", timeout=20)
+    assert second.returncode == 69
+    assert second.stderr.count("\n") == 1
+    assert "another dispatcher daemon" in second.stderr and "Traceback" not in second.stderr
+    assert daemon.stop() == 0
+    assert daemon.cli("health").returncode == 69
+
+
+def test_missing_binary_fails_that_dispatch_and_the_daemon_goes_on(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    extra = """
+[tasks.broken]
+steps = [{ name = "x", runner = "py", args = ["/nonexistent/tool", "--flag"] }]
+"""
+    daemon = make_daemon(config(tmp_path, global_=2, extra=extra))
+    daemon.start()
+    assert daemon.cli("submit", "broken").returncode == 0
+    assert daemon.cli("submit", "one", "--param", "n=after", "--param", "secs=0").returncode == 0
+    wait_until(lambda: all_final(daemon, 2), timeout=20)
+    broken = daemon.cli_json("show", "1")
+    assert broken["status"] == "failed"
+    assert "cannot execute '/nonexistent/tool'" in broken["error"]
+    assert daemon.cli_json("show", "2")["status"] == "succeeded"
+    assert daemon.stop() == 0
+
+
+def test_command_planner_valid_and_invalid_plans(tmp_path: Path, make_daemon: Any) -> None:
+    planner = tmp_path / "planner.py"
+    planner.write_text(
+        "import json, sys\n"
+        "d = json.load(sys.stdin)\n"
+        "if d['params'].get('bad'):\n"
+        "    print(json.dumps({'steps': [{'name': 'x', 'runner': 'gpu'}]}))\n"
+        "else:\n"
+        "    print(json.dumps({'steps': [{'name': 'n%d' % i, 'runner': 'noop'}"
+        " for i in range(d['params']['count'])]}))\n"
+    )
+    extra = f"""
+[tasks.planned]
+planner = "command"
+command = ["{sys.executable}", "{planner}"]
+"""
+    daemon = make_daemon(config(tmp_path, global_=2, extra=extra))
+    daemon.start()
+    daemon.cli("submit", "planned", "--params", '{"count": 3}')
+    daemon.cli("submit", "planned", "--params", '{"bad": true}')
+    wait_until(lambda: all_final(daemon, 2), timeout=20)
+    good = daemon.cli_json("show", "1")
+    assert good["status"] == "succeeded"
+    assert [a["step"] for a in good["attempts"]] == ["(plan)", "n0", "n1", "n2"]
+    bad = daemon.cli_json("show", "2")
+    assert bad["status"] == "failed"
+    assert bad["error"] == (
+        "planner failed: invalid plan: plan.steps[0].runner: unknown runner 'gpu' (known: noop, py)"
+    )
+    assert daemon.stop() == 0
+
+
+def test_concurrency_key_caps_each_value(tmp_path: Path, make_daemon: Any) -> None:
+    """`concurrency = 1` with `concurrency_key = "{repo}"`: one per repository at a time."""
+    log = tmp_path / "steps.log"
+    extra = f"""
+[tasks.build]
+concurrency = 1
+concurrency_key = "{{repo}}"
+steps = [{{ name = "b", runner = "py", \
+args = ["{sys.executable}", "{STEP}", "{log}", "{{repo}}-{{n}}", "0.4"] }}]
+"""
+    daemon = make_daemon(config(tmp_path, global_=4, extra=extra))
+    lines = [
+        json.dumps({"task": "build", "params": {"repo": repo, "n": str(n)}})
+        for n in range(3)
+        for repo in ("core", "docs")
+    ]
+    daemon.cli("submit", "--batch", "-", stdin="\n".join(lines) + "\n")
+    daemon.start()
+    wait_until(lambda: all_final(daemon, 6), timeout=60)
+    assert daemon.stop() == 0
+    records = read_records(log)
+    for repo in ("core", "docs"):
+        assert peak_concurrency([r for r in records if r.label.startswith(repo)]) == 1
+    assert peak_concurrency(records) == 2  # the two repositories ran side by side
+
+
+def test_timeout_then_retry(tmp_path: Path, make_daemon: Any) -> None:
+    log = tmp_path / "steps.log"
+    extra = f"""
+[tasks.slow]
+steps = [{{ name = "s", runner = "py", timeout = "300ms", retries = 1, backoff = "100ms", \
+args = ["{sys.executable}", "{STEP}", "{log}", "slow", "5"] }}]
+"""
+    daemon = make_daemon(config(tmp_path, global_=2, extra=extra))
+    daemon.start()
+    daemon.cli("submit", "slow")
+    wait_until(lambda: all_final(daemon, 1), timeout=30)
+    shown = daemon.cli_json("show", "1")
+    assert shown["status"] == "failed"
+    assert [a["status"] for a in shown["attempts"]] == ["timed_out", "timed_out"]
+    assert "timed out after 300ms" in shown["error"]
+    assert daemon.stop() == 0
+    starts = [r for r in read_records(log) if r.kind == "start"]
+    assert len(starts) == 2 and not any(_alive(r.pid) for r in starts)
