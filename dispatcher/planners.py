@@ -11,7 +11,7 @@ the pipeline's job (it runs as an attempt through the gate).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,19 +24,24 @@ from dispatcher.templating import fill, fill_value
 MAX_PLAN_STEPS = 1000
 
 
+def _to_step(fields: StepFields, args: Iterable[str], kwargs: dict[str, Any]) -> Step:
+    return Step(
+        name=fields.name,
+        runner=fields.runner,
+        args=tuple(args),
+        timeout=fields.timeout,
+        retries=fields.retries,
+        backoff=fields.backoff,
+        backoff_max=fields.backoff_max,
+        call=fields.call,
+        kwargs=kwargs,
+    )
+
+
 def step_from_settings(step: StepSettings, params: Mapping[str, Any]) -> Step:
     """A config step with its `{param}` templates filled."""
-    return Step(
-        name=step.name,
-        runner=step.runner,
-        args=tuple(fill(arg, params) for arg in step.args),
-        timeout=step.timeout,
-        retries=step.retries,
-        backoff=step.backoff,
-        backoff_max=step.backoff_max,
-        call=step.call,
-        kwargs=fill_value(step.kwargs, params),
-    )
+    args = (fill(arg, params) for arg in step.args)
+    return _to_step(step, args, fill_value(step.kwargs, params))
 
 
 def steps_plan(task: TaskSettings, params: Mapping[str, Any]) -> tuple[Step, ...]:
@@ -120,14 +125,4 @@ def _validate_step(index: int, item: Any, settings: Settings) -> Step:
         raise PlanError(f"{where}.runner: unknown runner {step.runner!r} (known: {known})")
     if runner.type == "python" and step.call is None:
         raise PlanError(f'{where}: a python runner step needs call = "module:func"')
-    return Step(
-        name=step.name,
-        runner=step.runner,
-        args=tuple(step.args),
-        timeout=step.timeout,
-        retries=step.retries,
-        backoff=step.backoff,
-        backoff_max=step.backoff_max,
-        call=step.call,
-        kwargs=step.kwargs,
-    )
+    return _to_step(step, step.args, step.kwargs)

@@ -160,7 +160,17 @@ async def test_crash_interruptions_are_bounded_but_shutdowns_are_not() -> None:
     assert work.calls == []
 
 
-async def test_user_cancel_stops_the_step_and_cancels_the_dispatch() -> None:
+@pytest.mark.parametrize(
+    ("reason", "dispatch_status", "attempt_status"),
+    [
+        (CancelReason.USER, DispatchStatus.CANCELLED, AttemptStatus.CANCELLED),
+        (CancelReason.SHUTDOWN, DispatchStatus.QUEUED, AttemptStatus.INTERRUPTED),
+    ],
+)
+async def test_cancel_stops_the_step_and_records_why(
+    reason: CancelReason, dispatch_status: DispatchStatus, attempt_status: AttemptStatus
+) -> None:
+    """A user's cancel ends the dispatch; a shutdown re-queues it to resume later."""
     work = ScriptedRunner("work", gate=asyncio.Event())
     h = Harness({"work": work})
     dispatch_id = await h.submit("three", x="1")
@@ -169,14 +179,14 @@ async def test_user_cancel_stops_the_step_and_cancels_the_dispatch() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(h.pipeline.run, dispatch, flight)
         await work.started.wait()
-        flight.cancel(CancelReason.USER)
+        flight.cancel(reason)
     final = await h.store.get_dispatch(dispatch_id)
-    assert final is not None and final.status is DispatchStatus.CANCELLED
-    assert h.attempts(dispatch_id) == [("a", 1, AttemptStatus.CANCELLED)]
+    assert final is not None and final.status is dispatch_status
+    assert h.attempts(dispatch_id) == [("a", 1, attempt_status)]
     assert all(row.released_at is not None for row in h.store.slots.values())
 
 
-async def test_shutdown_interrupts_the_attempt_and_requeues() -> None:
+async def test_after_a_shutdown_the_step_resumes_as_its_next_attempt() -> None:
     work = ScriptedRunner("work", gate=asyncio.Event())
     h = Harness({"work": work})
     dispatch_id = await h.submit("three", x="1")
@@ -186,10 +196,6 @@ async def test_shutdown_interrupts_the_attempt_and_requeues() -> None:
         tg.start_soon(h.pipeline.run, dispatch, flight)
         await work.started.wait()
         flight.cancel(CancelReason.SHUTDOWN)
-    final = await h.store.get_dispatch(dispatch_id)
-    assert final is not None and final.status is DispatchStatus.QUEUED
-    assert h.attempts(dispatch_id) == [("a", 1, AttemptStatus.INTERRUPTED)]
-    # The next run resumes at step a, as attempt 2.
     work.gate = None
     assert await h.run_next() is DispatchStatus.SUCCEEDED
     assert h.attempts(dispatch_id)[1] == ("a", 2, AttemptStatus.SUCCEEDED)
