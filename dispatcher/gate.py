@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import anyio
 import structlog
 
 from dispatcher.clock import Clock
+from dispatcher.models import SlotHandle
 from dispatcher.store.base import Store
 
 log = structlog.get_logger("dispatcher.gate")
@@ -94,7 +94,7 @@ class Slot:
 
     gate: str
     holder: str
-    row_id: int | None = None
+    mirror: SlotHandle | None = None
     released: bool = field(default=False)
 
 
@@ -203,12 +203,9 @@ class ConcurrencyGate:
         self._holders[slot.gate].discard(slot)
         self._sems[slot.gate].release()
         self._drop_if_idle(slot.gate)
-        if slot.row_id is None:
-            return
-        with anyio.CancelScope(shield=True):
-            closed = await self._store.close_slot(slot.row_id, self._clock.now())
-        if not closed:
-            log.warning("gate_row_already_released", gate=slot.gate, holder=slot.holder)
+        if slot.mirror is not None:
+            # Queued, not awaited: nothing here can be cancelled half-way.
+            self._store.mirror_close(slot.mirror, self._clock.now())
 
     @asynccontextmanager
     async def hold(self, name: str, holder: str) -> AsyncIterator[Slot]:
@@ -255,10 +252,9 @@ class ConcurrencyGate:
         slot = Slot(gate=name, holder=holder)
         self._holders[name].add(slot)
         try:
-            with anyio.CancelScope(shield=True):
-                slot.row_id = await self._store.open_slot(
-                    name, holder, self._instance_id, self._clock.now()
-                )
+            slot.mirror = self._store.mirror_open(
+                name, holder, self._instance_id, self._clock.now()
+            )
         except BaseException:
             await self.release(slot)
             raise

@@ -143,6 +143,22 @@ class Dispatch:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    claims: int = 0
+    """How many times a daemon has taken this dispatch (1 on its first run)."""
+
+    @property
+    def resumed(self) -> bool:
+        """Claimed before: earlier attempts may exist (a fresh dispatch has none)."""
+        return self.claims != 1
+
+
+@dataclass(eq=False, slots=True)
+class SlotHandle:
+    """A gate row queued for writing; its id is known once the row is written."""
+
+    gate: str
+    holder: str
+    row_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

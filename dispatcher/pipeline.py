@@ -105,7 +105,7 @@ class Pipeline:
     async def run(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
         """Plan (if needed) and execute the remaining steps; answer the status left."""
         with structlog.contextvars.bound_contextvars(dispatch_id=dispatch.id, task=dispatch.task):
-            log.info("dispatch_started", step_index=dispatch.current_step, status=dispatch.status)
+            log.debug("dispatch_started", step_index=dispatch.current_step, status=dispatch.status)
             try:
                 with flight.scope:
                     return await self._plan_and_execute(dispatch, flight)
@@ -129,7 +129,7 @@ class Pipeline:
                 return await self._finish(dispatch, DispatchStatus.FAILED, planned)
             plan = planned
             await self._store.save_plan(dispatch.id, plan, self._clock.now())
-            log.info("dispatch_planned", steps=len(plan))
+            log.debug("dispatch_planned", steps=len(plan))
         return await self._execute(dispatch, plan, flight)
 
     async def _make_plan(self, dispatch: Dispatch, flight: InFlight) -> tuple[Step, ...] | str:
@@ -137,7 +137,7 @@ class Pipeline:
         task = self.settings.tasks[dispatch.task]
         if task.planner == "steps":
             return steps_plan(task, dispatch.params)
-        history = StepHistory.of(await self._store.step_attempts(dispatch.id, PLAN_STEP_INDEX))
+        history = await self._history(dispatch, PLAN_STEP_INDEX)
         if history.interruptions >= self.settings.daemon.max_interruptions:
             return f"planner was interrupted {history.interruptions} times; giving up"
         flight.step = PLAN_STEP_NAME
@@ -203,7 +203,7 @@ class Pipeline:
     async def _execute_step(
         self, dispatch: Dispatch, index: int, step: Step, flight: InFlight
     ) -> Verdict:
-        history = StepHistory.of(await self._store.step_attempts(dispatch.id, index))
+        history = await self._history(dispatch, index)
         if history.interruptions >= self.settings.daemon.max_interruptions:
             reason = f"step {step.name!r} was interrupted {history.interruptions} times; giving up"
             await self._finish(dispatch, DispatchStatus.FAILED, reason)
@@ -228,6 +228,14 @@ class Pipeline:
         if outcome.ok:
             return Verdict.SUCCEEDED
         return await self._after_failure(dispatch, step, history.failures + 1, outcome)
+
+    async def _history(self, dispatch: Dispatch, index: int) -> StepHistory:
+        """Earlier attempts of a step. Only the step a resumed dispatch stopped at can
+        have any: steps run in order, and a failure re-queues the whole dispatch."""
+        first = PLAN_STEP_INDEX if dispatch.plan is None else dispatch.current_step
+        if not dispatch.resumed or index != first:
+            return StepHistory(attempts=0, failures=0, interruptions=0)
+        return StepHistory.of(await self._store.step_attempts(dispatch.id, index))
 
     async def _after_failure(
         self, dispatch: Dispatch, step: Step, failures: int, outcome: Outcome

@@ -24,6 +24,7 @@ from dispatcher.models import (
     NewDispatch,
     RecoveryReport,
     Reservation,
+    SlotHandle,
     SlotRow,
     Step,
 )
@@ -192,6 +193,9 @@ class InMemoryStore:
         if not runnable:
             return None
         chosen = min(runnable, key=lambda d: (-d.priority, d.id))
+        return self._claim(chosen, instance_id, now)
+
+    def _claim(self, chosen: Dispatch, instance_id: str, now: datetime) -> Dispatch:
         status = DispatchStatus.PLANNING if chosen.plan is None else DispatchStatus.RUNNING
         return self._update(
             chosen,
@@ -199,7 +203,18 @@ class InMemoryStore:
             status=status,
             instance_id=instance_id,
             started_at=chosen.started_at or now,
+            claims=chosen.claims + 1,
         )
+
+    async def claim_many(
+        self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int
+    ) -> list[Dispatch]:
+        """Up to `limit` runnable dispatches, in claim order."""
+        await asyncio.sleep(0)
+        now = _utc(now)
+        runnable = [d for d in self.dispatches.values() if _runnable(d, now, blocked_gates)]
+        chosen = sorted(runnable, key=lambda d: (-d.priority, d.id))[:limit]
+        return [self._claim(d, instance_id, now) for d in chosen]
 
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0."""
@@ -383,6 +398,26 @@ class InMemoryStore:
             return False
         self.slots[slot_id] = dataclasses.replace(row, released_at=_utc(now))
         return True
+
+    def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
+        """Insert a held slot row at once (nothing to queue in memory)."""
+        handle = SlotHandle(gate, holder, self._new_id("slot"))
+        self.slots[handle.row_id or 0] = SlotRow(
+            id=handle.row_id or 0,
+            gate=gate,
+            holder=holder,
+            instance_id=instance_id,
+            acquired_at=_utc(now),
+            released_at=None,
+            recovered=False,
+        )
+        return handle
+
+    def mirror_close(self, handle: SlotHandle, now: datetime) -> None:
+        """Release the row, exactly once."""
+        row = self.slots.get(handle.row_id or 0)
+        if row is not None and row.released_at is None:
+            self.slots[row.id] = dataclasses.replace(row, released_at=_utc(now))
 
     async def held_slots(self) -> list[SlotRow]:
         """Every row with `released_at` None, oldest first."""

@@ -20,6 +20,7 @@ from dispatcher.models import (
     NewDispatch,
     RecoveryReport,
     Reservation,
+    SlotHandle,
     SlotRow,
     Step,
 )
@@ -67,8 +68,23 @@ class Store(Protocol):
         """
         ...
 
+    async def claim_many(
+        self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int
+    ) -> list[Dispatch]:
+        """`claim_next` for up to `limit` dispatches in one statement, in claim order.
+
+        Two claimed dispatches may share a per-task gate: the caller checks and
+        `requeue`s what it cannot start.
+        """
+        ...
+
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
-        """Store the plan; the dispatch becomes `running` at step 0."""
+        """Store the plan; the dispatch becomes `running` at step 0.
+
+        `save_plan`, `advance` and `finish_attempt` may return once the write is queued:
+        writes keep their order, and the next awaited write (`start_attempt`,
+        `finish_dispatch`, `requeue`) commits them with it.
+        """
         ...
 
     async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
@@ -154,6 +170,19 @@ class Store(Protocol):
 
     async def close_slot(self, slot_id: int, now: datetime) -> bool:
         """Stamp `released_at` on a held row; False when it was already released."""
+        ...
+
+    def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
+        """Queue the insert of a held `gates` row without waiting for it.
+
+        Gate rows need no durability before the caller proceeds (recovery at start
+        releases every open row); writes keep their order, so a later awaited write
+        commits this one.
+        """
+        ...
+
+    def mirror_close(self, handle: SlotHandle, now: datetime) -> None:
+        """Queue the release of a row queued by `mirror_open` (exactly once)."""
         ...
 
     async def held_slots(self) -> list[SlotRow]:

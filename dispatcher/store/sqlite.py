@@ -11,20 +11,26 @@ own lock and `busy_timeout`. Driver errors become `StoreBusy` / `StoreError` her
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import aiosqlite
-import anyio
 
 from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
 from dispatcher.models import (
@@ -37,10 +43,12 @@ from dispatcher.models import (
     NewDispatch,
     RecoveryReport,
     Reservation,
+    SlotHandle,
     SlotRow,
     Step,
 )
 from dispatcher.store.sql import query
+from dispatcher.store.writer import SQLiteWriter
 
 Params = Mapping[str, Any]
 
@@ -175,6 +183,7 @@ def dispatch_from_row(row: sqlite3.Row) -> Dispatch:
         updated_at=from_db_time(row["updated_at"]),
         started_at=_time_or_none(row["started_at"]),
         finished_at=_time_or_none(row["finished_at"]),
+        claims=row["claims"],
     )
 
 
@@ -240,6 +249,28 @@ def _new_dispatch_params(new: NewDispatch, now: datetime) -> dict[str, Any]:
     }
 
 
+def _wal(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode = WAL").fetchall()
+
+
+def _pragmas(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA foreign_keys = ON")
+
+
+_READ_ONLY = re.compile(r"^\s*(SELECT|WITH)\b", re.IGNORECASE)
+
+
+@functools.cache
+def _writes(name: str) -> bool:
+    """Whether the named statement may write (reads can share a deferred transaction)."""
+    return _READ_ONLY.match(_strip_comments(query(name))) is None
+
+
+def _strip_comments(sql: str) -> str:
+    return "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+
+
 def _ensure_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,36 +285,27 @@ def _ensure_parent(path: Path) -> None:
 
 
 class SQLiteStore:
-    """The `Store` on a SQLite file in WAL mode. Create it with `await SQLiteStore.open()`."""
+    """The `Store` on a SQLite file in WAL mode. Create it with `await SQLiteStore.open()`.
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
-        self._db: aiosqlite.Connection | None = connection
+    All statements run on one writer thread in batches (see `writer.py`).
+    """
+
+    def __init__(self, writer: SQLiteWriter, path: Path, busy_timeout: float) -> None:
+        self._writer = writer
         self._path = path
-        self._lock = asyncio.Lock()
-        self._busy_timeout = 5.0
+        self._busy_timeout = busy_timeout
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
         """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward."""
         path = Path(path)
         _ensure_parent(path)
-        # sqlite3's `timeout` is SQLite's busy timeout; PRAGMA could not bind it.
-        pending = aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
-        with wrap_exceptions(path, "open"):
-            try:
-                connection = await pending
-            except BaseException:
-                # aiosqlite stops its worker thread on a failed connect but does not
-                # wait for it; the thread then reports to our loop. Wait for it here,
-                # or it may find the loop closed (seen as "Event loop is closed").
-                worker = getattr(pending, "_thread", None)
-                if worker is not None:
-                    await anyio.to_thread.run_sync(worker.join, 5.0)
-                raise
-        connection.row_factory = sqlite3.Row
-        store = cls(connection, path)
-        store._busy_timeout = busy_timeout_ms / 1000
+        busy_timeout = busy_timeout_ms / 1000
+        writer = SQLiteWriter(path, busy_timeout)
+        store = cls(writer, path, busy_timeout)
         try:
+            with wrap_exceptions(path, "open"):
+                await writer.start()
             await store._configure()
             await store._migrate()
         except BaseException:
@@ -297,28 +319,17 @@ class SQLiteStore:
         return self._path
 
     async def close(self) -> None:
-        """Close the connection; idempotent."""
-        async with self._lock:
-            db, self._db = self._db, None
-            if db is not None:
-                await db.close()
+        """Write what is queued and close the connection; idempotent."""
+        await self._writer.close()
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise StoreError(f"database {self._path}: the store is closed")
-        return self._db
-
     async def _configure(self) -> None:
-        async with self._lock:
-            db = self._connection()
-            with self._wrap("open"):
-                await self._enable_wal(db)
-                await db.execute_fetchall("PRAGMA synchronous = NORMAL")
-                await db.execute_fetchall("PRAGMA foreign_keys = ON")
+        with self._wrap("open"):
+            await self._enable_wal()
+            await self._writer.outside_transaction(_pragmas)
 
-    async def _enable_wal(self, db: aiosqlite.Connection) -> None:
+    async def _enable_wal(self) -> None:
         """Switch to WAL, retrying while another connection holds the file.
 
         SQLite does not call the busy handler for a journal-mode change, so two
@@ -329,7 +340,7 @@ class SQLiteStore:
         delay = 0.005
         while True:
             try:
-                await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                await self._writer.outside_transaction(_wal)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() >= deadline:
@@ -342,27 +353,37 @@ class SQLiteStore:
         with wrap_exceptions(self._path, doing):
             yield
 
+    async def _call(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool = True) -> Any:
+        """Run fn on the writer thread in the next batch; errors become store errors."""
+        with self._wrap():
+            try:
+                return await self._writer.call(fn, write=write)
+            except sqlite3.ProgrammingError as exc:
+                raise StoreError(f"database {self._path}: the store is closed") from exc
+
     async def _run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
-        """One named statement on its own (autocommit): atomic by itself."""
-        async with self._lock:
-            db = self._connection()
-            with self._wrap():
-                return list(await db.execute_fetchall(query(name), params or {}))
+        """One named statement (in the next batch): atomic by itself."""
+        sql = query(name)
+        bound = params or {}
+        rows: list[sqlite3.Row] = await self._call(
+            lambda db: db.execute(sql, bound).fetchall(), write=_writes(name)
+        )
+        return rows
+
+    def _post(self, name: str, params: Params) -> None:
+        """Queue one named write without waiting; the next awaited write commits it."""
+        sql = query(name)
+        self._writer.post(lambda db: db.execute(sql, params))
 
     @asynccontextmanager
     async def _transaction(self, doing: str = "use") -> AsyncIterator[_Tx]:
         """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception (even cancel)."""
-        async with self._lock:
-            db = self._connection()
-            with self._wrap(doing):
-                try:
-                    # Inside the try: a cancelled BEGIN still runs on the worker thread.
-                    await db.execute_fetchall("BEGIN IMMEDIATE")
-                    yield _Tx(db)
-                except BaseException:
-                    await db.rollback()
-                    raise
-                await db.commit()
+        with self._wrap(doing):
+            try:
+                async with self._writer.exclusive() as run:
+                    yield _Tx(run)
+            except sqlite3.ProgrammingError as exc:
+                raise StoreError(f"database {self._path}: the store is closed") from exc
 
     async def _migrate(self) -> None:
         migrations = load_migrations()
@@ -383,8 +404,8 @@ class SQLiteStore:
 
     async def check_and_reserve(self, new: NewDispatch, now: datetime) -> Reservation:
         """Create a `queued` dispatch, or answer the one already holding `new.key`."""
-        async with self._transaction() as tx:
-            return await tx.reserve(new, now)
+        reservation: Reservation = await self._call(lambda db: _reserve(db, new, now))
+        return reservation
 
     async def reserve_many(
         self, news: Sequence[NewDispatch], now: datetime
@@ -392,14 +413,18 @@ class SQLiteStore:
         """Reserve each in one transaction; a `KeyConflict` is answered in its place."""
         if not news:
             return []
-        answers: list[Reservation | Exception] = []
-        async with self._transaction() as tx:
+
+        def reserve_all(db: sqlite3.Connection) -> list[Reservation | Exception]:
+            answers: list[Reservation | Exception] = []
             for new in news:
                 try:
-                    answers.append(await tx.reserve(new, now))
+                    answers.append(_reserve(db, new, now))
                 except KeyConflict as exc:
                     answers.append(exc)
-        return answers
+            return answers
+
+        result: list[Reservation | Exception] = await self._call(reserve_all)
+        return result
 
     # -- the dispatch loop ------------------------------------------------------------
 
@@ -417,15 +442,32 @@ class SQLiteStore:
         )
         return dispatch_from_row(rows[0]) if rows else None
 
+    async def claim_many(
+        self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int
+    ) -> list[Dispatch]:
+        """Up to `limit` runnable dispatches in one statement, in claim order."""
+        rows = await self._run(
+            "claim_many",
+            {
+                "instance_id": instance_id,
+                "now": to_db_time(now),
+                "blocked_gates": _json_list(sorted(blocked_gates)),
+                "limit": limit,
+            },
+        )
+        claimed = [dispatch_from_row(row) for row in rows]
+        claimed.sort(key=lambda d: (-d.priority, d.id))
+        return claimed
+
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0."""
         plan_json = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
-        await self._run("save_plan", {"id": dispatch_id, "plan": plan_json, "now": to_db_time(now)})
+        self._post("save_plan", {"id": dispatch_id, "plan": plan_json, "now": to_db_time(now)})
 
     async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
         """Record that every step before `next_step` has succeeded."""
         params = {"id": dispatch_id, "next_step": next_step, "now": to_db_time(now)}
-        await self._run("advance", params)
+        self._post("advance", params)
 
     async def requeue(
         self, dispatch_id: int, now: datetime, not_before: datetime | None = None
@@ -512,7 +554,7 @@ class SQLiteStore:
             "error": error,
             "output": output,
         }
-        await self._run("finish_attempt", params)
+        self._post("finish_attempt", params)
 
     async def step_attempts(self, dispatch_id: int, step_index: int) -> list[Attempt]:
         """Every attempt of one step, oldest first."""
@@ -565,6 +607,30 @@ class SQLiteStore:
         """Stamp `released_at` on a held row; False when it was already released."""
         rows = await self._run("close_slot", {"id": slot_id, "now": to_db_time(now)})
         return len(rows) == 1
+
+    def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
+        """Queue the insert of a held row; the handle learns its id when it is written."""
+        handle = SlotHandle(gate, holder)
+        sql = query("open_slot")
+        params = {"gate": gate, "holder": holder, "instance_id": instance_id}
+        params["now"] = to_db_time(now)
+
+        def insert(db: sqlite3.Connection) -> None:
+            handle.row_id = db.execute(sql, params).fetchall()[0]["id"]
+
+        self._writer.post(insert)
+        return handle
+
+    def mirror_close(self, handle: SlotHandle, now: datetime) -> None:
+        """Queue the release of the row (after its insert: the queue keeps order)."""
+        sql = query("mirror_close")
+        released_at = to_db_time(now)
+
+        def release(db: sqlite3.Connection) -> None:
+            if handle.row_id is not None:
+                db.execute(sql, {"id": handle.row_id, "now": released_at})
+
+        self._writer.post(release)
 
     async def held_slots(self) -> list[SlotRow]:
         """Every row with `released_at` NULL, oldest first."""
@@ -620,33 +686,33 @@ class SQLiteStore:
 
 
 class _Tx:
-    """Statements inside one open transaction (the store's lock is held)."""
+    """Statements inside one open exclusive transaction."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    def __init__(self, run: Callable[..., Any]) -> None:
+        self._run = run
 
     async def run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
         """One named statement, all rows fetched (so the statement is reset)."""
-        return list(await self._db.execute_fetchall(query(name), params or {}))
+        sql = query(name)
+        bound = params or {}
+        rows: list[sqlite3.Row] = await self._run(lambda db: db.execute(sql, bound).fetchall())
+        return rows
 
     async def apply(self, migration: Migration) -> None:
         """Every statement of a migration, then its version row."""
         for statement in migration.statements():
-            await self._db.execute_fetchall(statement)
+            await self._run(lambda db, sql=statement: db.execute(sql).fetchall())
         now = to_db_time(datetime.now(UTC))
         await self.run("migrations_record", {"version": migration.version, "now": now})
 
-    async def reserve(self, new: NewDispatch, now: datetime) -> Reservation:
-        """Insert unless the key is taken; a taken key must carry the same fingerprint."""
-        rows = await self.run("insert_dispatch", _new_dispatch_params(new, now))
-        if rows:
-            return Reservation(
-                id=rows[0]["id"], status=DispatchStatus(rows[0]["status"]), created=True
-            )
-        assert new.key is not None, "only a keyed insert can conflict"
-        existing = (await self.run("dispatch_by_key", {"key": new.key}))[0]
-        if existing["fingerprint"] != new.fingerprint:
-            raise KeyConflict(new.key, existing["id"])
-        return Reservation(
-            id=existing["id"], status=DispatchStatus(existing["status"]), created=False
-        )
+
+def _reserve(db: sqlite3.Connection, new: NewDispatch, now: datetime) -> Reservation:
+    """Insert unless the key is taken; a taken key must carry the same fingerprint."""
+    rows = db.execute(query("insert_dispatch"), _new_dispatch_params(new, now)).fetchall()
+    if rows:
+        return Reservation(id=rows[0]["id"], status=DispatchStatus(rows[0]["status"]), created=True)
+    assert new.key is not None, "only a keyed insert can conflict"
+    existing = db.execute(query("dispatch_by_key"), {"key": new.key}).fetchall()[0]
+    if existing["fingerprint"] != new.fingerprint:
+        raise KeyConflict(new.key, existing["id"])
+    return Reservation(id=existing["id"], status=DispatchStatus(existing["status"]), created=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -106,7 +107,7 @@ async def test_two_stores_opening_a_new_database_at_once(open_store: Opener) -> 
     for store in stores:
         assert await store.count_by_status() == dict.fromkeys(DispatchStatus, 0)
     with raw(stores[0].path) as db:
-        assert db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone() == (len(load_migrations()),)
 
 
 async def test_a_folder_that_cannot_be_made_is_a_store_error(
@@ -205,20 +206,24 @@ async def test_a_locked_database_is_store_busy(open_store: Opener, db_path: Path
     assert (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).created
 
 
-async def test_a_cancelled_transaction_leaves_the_connection_usable(open_store: Opener) -> None:
+async def test_a_cancelled_caller_leaves_the_batch_whole_and_the_store_usable(
+    open_store: Opener,
+) -> None:
+    """A queued write runs to its end as one unit, whether or not its caller waits."""
     store = await open_store()
     news = [NewDispatch(task="t", params={"n": n}, key=f"k{n}") for n in range(200)]
     task = asyncio.create_task(store.reserve_many(news, NOW))
-    for _ in range(5):
-        await asyncio.sleep(0.001)
+    await asyncio.sleep(0)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError):
         await task
 
     answer = await store.check_and_reserve(NewDispatch(task="t", params={}, key="after"), NOW)
 
     assert answer.created
-    assert [d.key for d in await store.list_dispatches(limit=500)] == ["after"]
+    keys = [d.key for d in await store.list_dispatches(limit=500)]
+    assert keys[0] == "after"
+    assert len(keys) in (1, 201)  # all of the batch or none of it
 
 
 # -- schema and storage format ----------------------------------------------------------------

@@ -146,12 +146,19 @@ async def test_crash_interruptions_are_bounded_but_shutdowns_are_not() -> None:
     work = ScriptedRunner("work")
     h = Harness({"work": work})
     dispatch_id = await h.submit("three", x="1")
+    await h.claim()
+    plan = steps_plan(h.settings.tasks["three"], {"x": "1"})
+    await h.store.save_plan(dispatch_id, plan, h.clock.now())
+    await h.store.requeue(dispatch_id, h.clock.now())
     for _ in range(5):  # graceful shutdowns: never a reason to give up
+        await h.claim()
         attempt = await h.store.start_attempt(dispatch_id, 0, "a", "work", 1, "x", h.clock.now())
         await h.store.finish_attempt(
             attempt, AttemptStatus.INTERRUPTED, h.clock.now(), error=SHUTDOWN_INTERRUPTION
         )
+        await h.store.requeue(dispatch_id, h.clock.now())
     for _ in range(3):  # the daemon died under this step three times
+        await h.claim()
         await h.store.start_attempt(dispatch_id, 0, "a", "work", 1, "x", h.clock.now())
         await h.store.recover("y", h.clock.now())
     assert await h.run_next() is DispatchStatus.FAILED

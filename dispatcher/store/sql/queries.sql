@@ -32,6 +32,7 @@ UPDATE dispatches
 SET status = CASE WHEN plan IS NULL THEN 'planning' ELSE 'running' END,
     instance_id = :instance_id,
     started_at = COALESCE(started_at, :now),
+    claims = claims + 1,
     updated_at = :now
 WHERE id = (
     SELECT id FROM dispatches
@@ -156,3 +157,26 @@ UPDATE instances SET stopped_at = :now WHERE id = :id AND stopped_at IS NULL;
 SELECT * FROM instances
 WHERE stopped_at IS NULL AND heartbeat_at >= :since
 ORDER BY started_at, id;
+
+-- name: claim_many
+-- One statement, so the pick and the update are atomic (see claim_next). RETURNING
+-- gives no order, so the caller sorts by (priority DESC, id).
+UPDATE dispatches
+SET status = CASE WHEN plan IS NULL THEN 'planning' ELSE 'running' END,
+    instance_id = :instance_id,
+    started_at = COALESCE(started_at, :now),
+    claims = claims + 1,
+    updated_at = :now
+WHERE id IN (
+    SELECT id FROM dispatches
+    WHERE status = 'queued'
+      AND (not_before IS NULL OR not_before <= :now)
+      AND (gate_key IS NULL
+           OR gate_key NOT IN (SELECT value FROM json_each(:blocked_gates)))
+    ORDER BY priority DESC, id
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: mirror_close
+UPDATE gates SET released_at = :now WHERE id = :id AND released_at IS NULL;
