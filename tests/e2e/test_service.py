@@ -92,6 +92,11 @@ def test_ready_watchdog_status_stopping(
         assert not [line for line in output if line.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))]
 
         listener.wait_for("STATUS", count=2)  # refreshed periodically, not only at READY
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        (reloading,) = listener.wait_for("RELOADING")
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+        assert len(listener.wait_for("READY", count=2)) == 2  # ready again after the reload
         assert daemon.stop() == 0
         stopping = listener.wait_for("STOPPING")[0]
         assert stopping["STOPPING"] == "1"
