@@ -30,6 +30,7 @@ class TokenBucket:
 
     @classmethod
     def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
+        """A bucket holding `burst` tokens at time `now`."""
         return cls(rate, burst, burst, now)
 
     def take(self, now: float) -> bool:

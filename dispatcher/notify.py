@@ -72,6 +72,7 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
+        """Whether `$NOTIFY_SOCKET` was set (else every call does nothing)."""
         return self.address is not None
 
     def send(self, **fields: str | int) -> bool:
