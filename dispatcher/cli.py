@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate the configuration and exit")
     health = sub.add_parser("health", help="exit 0 when a live daemon heartbeats here")
     health.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="the whole picture: daemon, queue, gates, in flight")
+    status.add_argument("--json", action="store_true")
     return parser
 
 
@@ -281,6 +283,43 @@ async def _health(args: argparse.Namespace, settings: Settings, store: Store) ->
     return EX_OK if data["live"] else EX_UNAVAILABLE
 
 
+async def _status(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.status(settings, store, SystemClock())
+    if args.json:
+        _print_json(data)
+        return EX_OK
+    for line in _status_lines(data):
+        print(line)
+    return EX_OK
+
+
+def _status_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    if data["live"]:
+        for inst in data["instances"]:
+            lines.append(
+                f"daemon    live: instance {inst['id']} (pid {inst['pid']} on "
+                f"{inst['hostname']}), heartbeat {inst['heartbeat_at']}"
+            )
+    else:
+        lines.append("daemon    NOT RUNNING: no live instance heartbeats on this database")
+    queue = data["queue"]
+    lines.append("queue     " + ", ".join(f"{queue[name]} {name}" for name in queue))
+    gates = "  ".join(f"{g['name']} {g['held']}/{g['capacity']}" for g in data["gates"])
+    lines.append(f"gates     {gates}")
+    label = "in flight"
+    for item in data["in_flight"]:
+        step = item["step"] or "(planning)"
+        where = f"step {item['step_index'] + 1}/{item['steps']} {step}" if item["steps"] else step
+        lines.append(f"{label:<9} {item['id']:>6} {item['task']:<16} {where}  {item['running_s']}s")
+        label = ""
+    label = "failures"
+    for item in data["recent_failures"]:
+        lines.append(f"{label:<9} {item['id']:>6} {item['task']:<16} {item['error'] or ''}")
+        label = ""
+    return lines
+
+
 def _print_json(data: Any, out: TextIO | None = None) -> None:
     (out or sys.stdout).write(json.dumps(data) + "\n")
 
@@ -293,6 +332,7 @@ _HANDLERS: dict[str, Handler] = {
     "cancel": _cancel,
     "gates": _gates,
     "health": _health,
+    "status": _status,
 }
 
 if __name__ == "__main__":

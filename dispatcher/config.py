@@ -179,6 +179,12 @@ class LogSettings(_Section):
     format: Literal["json", "console"] = "json"
     child_lines: bool = True
     """Log each line a step prints (with dispatch_id and step)."""
+    child_lines_per_second: float = Field(default=100.0, gt=0)
+    """Flood limit, per attempt: lines a second, on average, beyond the burst."""
+    child_lines_burst: int = Field(default=1000, ge=1)
+    """Flood limit, per attempt: lines logged at any speed before the rate applies."""
+    child_line_max_bytes: int = Field(default=4096, ge=64)
+    """A longer line is cut to this many bytes in the log (`truncated: true`)."""
 
 
 class Settings(_Section):

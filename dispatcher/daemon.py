@@ -29,7 +29,8 @@ from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, DispatcherError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
-from dispatcher.models import Dispatch, Instance
+from dispatcher.models import Dispatch, DispatchStatus, Instance
+from dispatcher.notify import Notifier
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
@@ -112,8 +113,10 @@ class Daemon:
         *,
         clock: Clock | None = None,
         reload: Callable[[], Settings] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
+        self.notifier = notifier or Notifier()
         self.store = store
         self.clock = clock or SystemClock()
         self.instance_id = uuid.uuid4().hex[:12]
@@ -141,9 +144,17 @@ class Daemon:
         await self._start()
         try:
             async with anyio.create_task_group() as tg:
+                # Signal handlers first: a SIGTERM right after READY must drain, not kill.
+                await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
-                tg.start_soon(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._cancel_watch_loop)
+                tg.start_soon(self.notifier.watchdog_loop)
+                tg.start_soon(
+                    self.notifier.status_loop,
+                    self.status_line,
+                    self.settings.daemon.heartbeat_interval,
+                )
+                self._started()
                 await self._dispatch_loop()
                 tg.cancel_scope.cancel()
         finally:
@@ -156,7 +167,22 @@ class Daemon:
         if not self.state.stopping:
             self.state.stopping = True
             log.info("daemon_stopping", in_flight=len(self.state.inflight))
+            self.notifier.stopping(status=f"stopping: {self._inflight_summary()}")
         self.state.wake.set()
+
+    async def status_line(self) -> str:
+        """One line for `systemctl status`: in flight, queued, stopping."""
+        try:
+            queued = (await self.store.count_by_status()).get(DispatchStatus.QUEUED, 0)
+        except DispatcherError:
+            queued = None
+        line = self._inflight_summary()
+        if queued is not None:
+            line += f", {queued} queued"
+        return f"stopping: {line}" if self.state.stopping else line
+
+    def _inflight_summary(self) -> str:
+        return f"{len(self.state.inflight)} in flight (global cap {self.settings.gate.global_})"
 
     def wake(self) -> None:
         """New work may be there: claim at once instead of at the next poll."""
@@ -184,6 +210,9 @@ class Daemon:
                 stopped_at=None,
             )
         )
+
+    def _started(self) -> None:
+        """Recovered, registered, signal handlers in place: accepting work."""
         log.info(
             "daemon_started",
             version=__version__,
@@ -191,6 +220,7 @@ class Daemon:
             database=str(self.settings.database.path),
             gates=gate_capacities(self.settings),
         )
+        self.notifier.ready(status=self._inflight_summary())
 
     # -- the dispatch loop --------------------------------------------------------------
 
@@ -267,10 +297,14 @@ class Daemon:
             flight.cancel(CancelReason.SHUTDOWN)
         log.info("drain_finished", interrupted=len(self.state.inflight))
 
-    async def _signal_loop(self, scope: anyio.CancelScope) -> None:
+    async def _signal_loop(
+        self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    log.info("signal_received", signal="SIGHUP")
                     self._reload_config()
                     continue
                 log.info("signal_received", signal=signal.Signals(signum).name)
@@ -285,16 +319,26 @@ class Daemon:
     def _reload_config(self) -> None:
         if self._reload is None:
             return
+        self.notifier.reloading()
         try:
             settings = self._reload()
         except ConfigError as exc:
-            log.error("config_reload_failed", error=str(exc))
+            log.error("config_reload_failed", error=str(exc), kept="the running configuration")
+            self.notifier.ready(status=f"reload refused: {exc}")
             return
+        restart_required = restart_only_changes(self.settings, settings)
         self.settings = settings
         self.pipeline.settings = settings
         self.pipeline.runners = build_runners(settings)
         self.gate.reconfigure(gate_capacities(settings))
-        log.info("config_reloaded", gates=gate_capacities(settings))
+        log.info(
+            "config_reloaded",
+            gates=gate_capacities(settings),
+            runners=sorted(settings.runners),
+            tasks=sorted(settings.tasks),
+            restart_required=restart_required,
+        )
+        self.notifier.ready(status=self._inflight_summary())
         self.state.wake.set()
 
     # -- side loops ---------------------------------------------------------------------
@@ -325,9 +369,30 @@ class Daemon:
                         flight.cancel(CancelReason.USER)
 
 
-async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    """`dispatcher run`: lock the database, open the store, serve until stopped."""
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """Settings that changed but only take effect at the next start, not on reload."""
+    changed = [] if old.database == new.database else ["database"]
+    changed += [
+        f"log.{key}"
+        for key in ("level", "format")
+        if getattr(old.log, key) != getattr(new.log, key)
+    ]
+    return changed
+
+
+async def run_daemon(
+    settings: Settings,
+    reload: Callable[[], Settings] | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """`dispatcher run`: lock the database, open the store, serve until stopped.
+
+    systemd's notification variables are read (and removed from the environment, so
+    steps don't inherit them) unless a `notifier` is given.
+    """
     from dispatcher.store.sqlite import SQLiteStore
+
+    notifier = notifier or Notifier.from_environ()
 
     lock = InstanceLock(settings.database.path)
     lock.acquire()
@@ -336,7 +401,7 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
             settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
         )
         try:
-            await Daemon(settings, store, reload=reload).run()
+            await Daemon(settings, store, reload=reload, notifier=notifier).run()
         finally:
             with anyio.CancelScope(shield=True):
                 await store.close()

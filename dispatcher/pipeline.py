@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
+from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
 from dispatcher.errors import PlanError
@@ -32,7 +33,7 @@ from dispatcher.models import (
 )
 from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
 from dispatcher.retry import StepHistory, backoff_delay, may_retry
-from dispatcher.runners.base import LineSink, Outcome, Runner, RunRequest
+from dispatcher.runners.base import Outcome, Runner, RunRequest
 from dispatcher.runners.process import run_process
 from dispatcher.runners.python import resolve_callable
 from dispatcher.store.base import Store
@@ -154,14 +155,18 @@ class Pipeline:
         """Run the task's planner; on success the validated plan is appended to `plans`."""
         task = self.settings.tasks[dispatch.task]
         if task.planner == "command":
-            outcome = await run_process(
-                task.command,
-                timeout=task.timeout,
-                kill_grace=self.settings.daemon.kill_grace,
-                stdin=planner_input(dispatch),
-                on_line=self._line_logger(PLAN_STEP_NAME),
-                keep_stdout=True,
-            )
+            lines = self._line_logger(PLAN_STEP_NAME)
+            try:
+                outcome = await run_process(
+                    task.command,
+                    timeout=task.timeout,
+                    kill_grace=self.settings.daemon.kill_grace,
+                    stdin=planner_input(dispatch),
+                    on_line=lines,
+                    keep_stdout=True,
+                )
+            finally:
+                lines.close()
             if not outcome.ok:
                 return outcome
             raw: Any = None
@@ -213,6 +218,7 @@ class Pipeline:
             reason = f"step {step.name!r}: runner {step.runner!r} is no longer configured"
             await self._finish(dispatch, DispatchStatus.FAILED, reason)
             return Verdict.FAILED
+        lines = self._line_logger(step.name)
         request = RunRequest(
             dispatch_id=dispatch.id,
             step=step.name,
@@ -221,10 +227,13 @@ class Pipeline:
             timeout=step.timeout,
             call=step.call,
             kwargs=step.kwargs,
-            on_line=self._line_logger(step.name),
+            on_line=lines,
         )
         spec = AttemptSpec(dispatch.id, index, step.name, step.runner, history.next_attempt)
-        outcome = await self._attempt(spec, flight, lambda: runner.run(request))
+        try:
+            outcome = await self._attempt(spec, flight, lambda: runner.run(request))
+        finally:
+            lines.close()
         if outcome.ok:
             return Verdict.SUCCEEDED
         return await self._after_failure(dispatch, step, history.failures + 1, outcome)
@@ -328,12 +337,6 @@ class Pipeline:
         )
         return status
 
-    def _line_logger(self, step: str) -> LineSink:
-        bound = log.bind(step=step)
-        enabled = self.settings.log.child_lines
-
-        def on_line(stream: str, line: str) -> None:
-            if enabled:
-                bound.info("step_output", stream=stream, line=line)
-
-        return on_line
+    def _line_logger(self, step: str) -> ChildOutputLog:
+        """A fresh sink per attempt: the flood limit applies to each attempt alone."""
+        return ChildOutputLog(log.bind(step=step), self.settings.log)

@@ -237,3 +237,54 @@ async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, An
         ],
         "queue": {str(status): count for status, count in (await store.count_by_status()).items()},
     }
+
+
+# -- status: the whole picture for an operator --------------------------------------------
+
+STATUS_IN_FLIGHT_LIMIT = 20
+STATUS_FAILURES_LIMIT = 5
+
+
+def _current_step(dispatch: Dispatch) -> str | None:
+    """The step a dispatch is at (`None` while it has no plan yet)."""
+    if dispatch.plan is None or dispatch.current_step >= len(dispatch.plan):
+        return None
+    return dispatch.plan[dispatch.current_step].name
+
+
+def _in_flight_json(dispatch: Dispatch, now: datetime) -> dict[str, Any]:
+    since = dispatch.started_at or dispatch.updated_at
+    return {
+        "id": dispatch.id,
+        "task": dispatch.task,
+        "status": str(dispatch.status),
+        "step": _current_step(dispatch),
+        "step_index": dispatch.current_step,
+        "steps": None if dispatch.plan is None else len(dispatch.plan),
+        "started_at": _ts(dispatch.started_at),
+        "running_s": max(0, round((now - since).total_seconds())),
+    }
+
+
+async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+    """Live instances, queue by status, gates, in-flight dispatches, recent failures."""
+    now = clock.now()
+    live = await health(settings, store, clock)
+    in_flight = [
+        dispatch
+        for state in (DispatchStatus.RUNNING, DispatchStatus.PLANNING)
+        for dispatch in await store.list_dispatches(state, STATUS_IN_FLIGHT_LIMIT)
+    ]
+    in_flight.sort(key=lambda d: d.id)
+    failures = await store.list_dispatches(DispatchStatus.FAILED, STATUS_FAILURES_LIMIT)
+    return {
+        "live": live["live"],
+        "instances": live["instances"],
+        "queue": {str(s): live["queue"].get(str(s), 0) for s in DispatchStatus},
+        "gates": (await gates_report(settings, store))["gates"],
+        "in_flight": [_in_flight_json(d, now) for d in in_flight[:STATUS_IN_FLIGHT_LIMIT]],
+        "recent_failures": [
+            {"id": d.id, "task": d.task, "error": d.error, "finished_at": _ts(d.finished_at)}
+            for d in failures
+        ],
+    }
