@@ -7,6 +7,7 @@ the environment variable) and the key, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -181,6 +182,62 @@ class LogSettings(_Section):
     """Log each line a step prints (with dispatch_id and step)."""
 
 
+class ApiSettings(_Section):
+    """`[api]`: the HTTP API (served when `listen` is set) and where `submit --url` goes."""
+
+    listen: str | None = None
+    """`HOST:PORT` (`[::1]:8080` for IPv6); port 0 picks a free one (logged)."""
+    token_file: Path | None = None
+    """A file holding the bearer token; required when `listen` is not loopback."""
+    max_body: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    url: str | None = None
+    """Base URL of a daemon's API: `dispatcher submit` then goes there, not to the database."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            split_listen(listen)
+        return listen
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https:// (got {url!r})")
+        return url
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> ApiSettings:
+        if self.listen is not None and self.token_file is None:
+            host, _ = split_listen(self.listen)
+            if not is_loopback(host):
+                raise ValueError(
+                    f"listen {self.listen!r} is not a loopback address: "
+                    "set token_file (bearer token) to serve the API off loopback"
+                )
+        return self
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` as (host, port); ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen must be HOST:PORT, e.g. 127.0.0.1:8080 (got {listen!r})")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Only 127.0.0.0/8, ::1 and `localhost` count; any other name or address does not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(_Section):
     """The whole validated configuration."""
 
@@ -192,6 +249,7 @@ class Settings(_Section):
     purge: PurgeSettings = PurgeSettings()
     retention: RetentionSettings = RetentionSettings()
     log: LogSettings = LogSettings()
+    api: ApiSettings = ApiSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -254,7 +312,10 @@ def load_settings(
     if not db_path.is_absolute():
         db_path = (path.resolve().parent / db_path).resolve()
     database = settings.database.model_copy(update={"path": db_path})
-    return settings.model_copy(update={"database": database, "source": path})
+    api = settings.api
+    if api.token_file is not None and not api.token_file.is_absolute():
+        api = api.model_copy(update={"token_file": (path.resolve().parent / api.token_file)})
+    return settings.model_copy(update={"database": database, "api": api, "source": path})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -15,11 +15,11 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import anyio
 import structlog
@@ -30,6 +30,7 @@ from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, DispatcherError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
 from dispatcher.models import Dispatch, Instance
+from dispatcher.observe import NullObserver, Observer
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
@@ -43,6 +44,11 @@ log = structlog.get_logger("dispatcher.daemon")
 
 SELF_CHECK_EVERY = 12
 """Heartbeats between two gate self-checks (a minute at the default interval)."""
+
+SideTask = Callable[..., Coroutine[Any, Any, None]]
+"""`f(daemon, *, task_status)`: a service beside the dispatch loop (e.g. the HTTP API).
+`tg.start`ed after recovery, it calls `task_status.started()` once it serves and is
+cancelled with the daemon's task group; if it fails, the daemon stops."""
 
 
 class InstanceLock:
@@ -112,8 +118,12 @@ class Daemon:
         *,
         clock: Clock | None = None,
         reload: Callable[[], Settings] | None = None,
+        observer: Observer | None = None,
+        side_tasks: Sequence[SideTask] = (),
     ) -> None:
         self.settings = settings
+        self.observer: Observer = observer or NullObserver()
+        self._side_tasks = tuple(side_tasks)
         self.store = store
         self.clock = clock or SystemClock()
         self.instance_id = uuid.uuid4().hex[:12]
@@ -133,6 +143,7 @@ class Daemon:
             clock=self.clock,
             runners=build_runners(settings),
             instance_id=self.instance_id,
+            observer=self.observer,
         )
 
     async def run(self) -> None:
@@ -144,6 +155,8 @@ class Daemon:
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._cancel_watch_loop)
+                for side_task in self._side_tasks:
+                    await tg.start(side_task, self)
                 await self._dispatch_loop()
                 tg.cancel_scope.cancel()
         finally:
@@ -329,6 +342,14 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
     """`dispatcher run`: lock the database, open the store, serve until stopped."""
     from dispatcher.store.sqlite import SQLiteStore
 
+    side_tasks: list[SideTask] = []
+    observer: Observer | None = None
+    if settings.api.listen is not None:
+        from dispatcher.api import ApiServer  # aiohttp and prometheus load only when needed
+
+        api = ApiServer.from_settings(settings)  # reads the token: a ConfigError stops us here
+        side_tasks.append(api.serve)
+        observer = api.metrics
     lock = InstanceLock(settings.database.path)
     lock.acquire()
     try:
@@ -336,7 +357,10 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
             settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
         )
         try:
-            await Daemon(settings, store, reload=reload).run()
+            daemon = Daemon(
+                settings, store, reload=reload, observer=observer, side_tasks=side_tasks
+            )
+            await daemon.run()
         finally:
             with anyio.CancelScope(shield=True):
                 await store.close()
