@@ -124,7 +124,8 @@ class ApiServer:
                 await site.start()
             except OSError as exc:
                 where = f"{self.host}:{self.port}"
-                raise Unavailable(f"api.listen {where}: cannot listen: {exc.strerror}") from None
+                reason = str(exc.strerror or exc).rsplit(": ", 1)[-1]  # aiohttp wraps the OSError
+                raise Unavailable(f"api.listen {where}: cannot listen: {reason}") from None
             sources = LiveSources(daemon.gate.snapshot, lambda: len(daemon.state.inflight))
             self.metrics.watch(sources, daemon.instance_id, __version__)
             host, port = runner.addresses[0][:2]

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -185,38 +186,34 @@ class LogSettings(_Section):
 class ApiSettings(_Section):
     """`[api]`: the HTTP API (served when `listen` is set) and where `submit --url` goes."""
 
-    listen: str | None = None
-    """`HOST:PORT` (`[::1]:8080` for IPv6); port 0 picks a free one (logged)."""
     token_file: Path | None = None
     """A file holding the bearer token; required when `listen` is not loopback."""
+    listen: str | None = None
+    """`HOST:PORT` (`[::1]:8080` for IPv6); port 0 picks a free one (logged)."""
     max_body: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     url: str | None = None
     """Base URL of a daemon's API: `dispatcher submit` then goes there, not to the database."""
 
     @field_validator("listen")
     @classmethod
-    def _listen_is_host_port(cls, listen: str | None) -> str | None:
-        if listen is not None:
-            split_listen(listen)
+    def _listen_is_host_port(cls, listen: str | None, info: ValidationInfo) -> str | None:
+        if listen is None:
+            return None
+        host, _ = split_listen(listen)
+        # token_file is declared before listen, so it is validated (and known) by now
+        if not is_loopback(host) and info.data.get("token_file") is None:
+            raise ValueError(
+                "not a loopback address: set api.token_file "
+                "(a bearer token) to serve the API off loopback"
+            )
         return listen
 
     @field_validator("url")
     @classmethod
     def _url_is_http(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https:// (got {url!r})")
+            raise ValueError("expected an http:// or https:// URL")
         return url
-
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> ApiSettings:
-        if self.listen is not None and self.token_file is None:
-            host, _ = split_listen(self.listen)
-            if not is_loopback(host):
-                raise ValueError(
-                    f"listen {self.listen!r} is not a loopback address: "
-                    "set token_file (bearer token) to serve the API off loopback"
-                )
-        return self
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -224,7 +221,7 @@ def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen must be HOST:PORT, e.g. 127.0.0.1:8080 (got {listen!r})")
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
     return host, int(port)
 
 

@@ -338,6 +338,22 @@ class Daemon:
                         flight.cancel(CancelReason.USER)
 
 
+def _user_error(group: BaseExceptionGroup[BaseException]) -> DispatcherError | None:
+    """The one user-facing error a task group failed with (a side task that could not
+    start, e.g. the API's port in use), so it is reported as one line, not a crash."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], DispatcherError):
+        return leaves[0]
+    return None
+
+
 async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     """`dispatcher run`: lock the database, open the store, serve until stopped."""
     from dispatcher.store.sqlite import SQLiteStore
@@ -360,7 +376,10 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
             daemon = Daemon(
                 settings, store, reload=reload, observer=observer, side_tasks=side_tasks
             )
-            await daemon.run()
+            try:
+                await daemon.run()
+            except BaseExceptionGroup as group:
+                raise _user_error(group) or group from None
         finally:
             with anyio.CancelScope(shield=True):
                 await store.close()
