@@ -15,11 +15,11 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import anyio
 import structlog
@@ -31,6 +31,7 @@ from dispatcher.errors import ConfigError, DispatcherError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
 from dispatcher.models import Dispatch, DispatchStatus, Instance
 from dispatcher.notify import Notifier
+from dispatcher.observe import NullObserver, Observer
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
@@ -44,6 +45,11 @@ log = structlog.get_logger("dispatcher.daemon")
 
 SELF_CHECK_EVERY = 12
 """Heartbeats between two gate self-checks (a minute at the default interval)."""
+
+SideTask = Callable[..., Coroutine[Any, Any, None]]
+"""`f(daemon, *, task_status)`: a service beside the dispatch loop (e.g. the HTTP API).
+`tg.start`ed after recovery, it calls `task_status.started()` once it serves and is
+cancelled with the daemon's task group; if it fails, the daemon stops."""
 
 
 class InstanceLock:
@@ -114,9 +120,13 @@ class Daemon:
         clock: Clock | None = None,
         reload: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
+        observer: Observer | None = None,
+        side_tasks: Sequence[SideTask] = (),
     ) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier()
+        self.observer: Observer = observer or NullObserver()
+        self._side_tasks = tuple(side_tasks)
         self.store = store
         self.clock = clock or SystemClock()
         self.instance_id = uuid.uuid4().hex[:12]
@@ -136,6 +146,7 @@ class Daemon:
             clock=self.clock,
             runners=build_runners(settings),
             instance_id=self.instance_id,
+            observer=self.observer,
         )
 
     async def run(self) -> None:
@@ -148,6 +159,8 @@ class Daemon:
                 await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._cancel_watch_loop)
+                for side_task in self._side_tasks:
+                    await tg.start(side_task, self)
                 tg.start_soon(self.notifier.watchdog_loop)
                 tg.start_soon(
                     self.notifier.status_loop,
@@ -380,6 +393,22 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     return changed
 
 
+def _user_error(group: BaseExceptionGroup[BaseException]) -> DispatcherError | None:
+    """The one user-facing error a task group failed with (a side task that could not
+    start, e.g. the API's port in use), so it is reported as one line, not a crash."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], DispatcherError):
+        return leaves[0]
+    return None
+
+
 async def run_daemon(
     settings: Settings,
     reload: Callable[[], Settings] | None = None,
@@ -392,8 +421,15 @@ async def run_daemon(
     """
     from dispatcher.store.sqlite import SQLiteStore
 
-    notifier = notifier or Notifier.from_environ()
+    side_tasks: list[SideTask] = []
+    observer: Observer | None = None
+    if settings.api.listen is not None:
+        from dispatcher.api import ApiServer  # aiohttp and prometheus load only when needed
 
+        api = ApiServer.from_settings(settings)  # reads the token: a ConfigError stops us here
+        side_tasks.append(api.serve)
+        observer = api.metrics
+    notifier = notifier or Notifier.from_environ()
     lock = InstanceLock(settings.database.path)
     lock.acquire()
     try:
@@ -401,7 +437,18 @@ async def run_daemon(
             settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
         )
         try:
-            await Daemon(settings, store, reload=reload, notifier=notifier).run()
+            daemon = Daemon(
+                settings,
+                store,
+                reload=reload,
+                notifier=notifier,
+                observer=observer,
+                side_tasks=side_tasks,
+            )
+            try:
+                await daemon.run()
+            except BaseExceptionGroup as group:
+                raise _user_error(group) or group from None
         finally:
             with anyio.CancelScope(shield=True):
                 await store.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -31,6 +31,7 @@ from dispatcher.models import (
     DispatchStatus,
     Step,
 )
+from dispatcher.observe import NullObserver, Observer
 from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
 from dispatcher.retry import StepHistory, backoff_delay, may_retry
 from dispatcher.runners.base import Outcome, Runner, RunRequest
@@ -94,6 +95,7 @@ class Pipeline:
         runners: Mapping[str, Runner],
         instance_id: str,
         rand: random.Random | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.runners = dict(runners)
@@ -102,6 +104,7 @@ class Pipeline:
         self._clock = clock
         self._instance_id = instance_id
         self._rand = rand or random.Random()
+        self.observer: Observer = observer or NullObserver()
 
     async def run(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
         """Plan (if needed) and execute the remaining steps; answer the status left."""
@@ -279,6 +282,7 @@ class Pipeline:
             status, error = self._cancel_status(flight)
             with anyio.CancelScope(shield=True):
                 await self._store.finish_attempt(attempt_id, status, self._clock.now(), error=error)
+            self._observe_attempt(spec, status, started)
             log.info("attempt_finished", step=spec.step, attempt=spec.number, status=status)
             raise
         with anyio.CancelScope(shield=True):
@@ -290,6 +294,7 @@ class Pipeline:
                 error=outcome.error,
                 output=outcome.output,
             )
+        self._observe_attempt(spec, outcome.status, started)
         log.info(
             "attempt_finished",
             step=spec.step,
@@ -301,6 +306,10 @@ class Pipeline:
             duration_ms=round((self._clock.now() - started).total_seconds() * 1000),
         )
         return outcome
+
+    def _observe_attempt(self, spec: AttemptSpec, status: AttemptStatus, started: datetime) -> None:
+        elapsed = (self._clock.now() - started).total_seconds()
+        self.observer.attempt_finished(spec.runner, str(status), elapsed)
 
     @staticmethod
     async def _invoke(work: Work) -> Outcome:
@@ -331,6 +340,7 @@ class Pipeline:
     ) -> DispatchStatus:
         with anyio.CancelScope(shield=True):
             await self._store.finish_dispatch(dispatch.id, status, self._clock.now(), error)
+        self.observer.dispatch_finished(dispatch.task, str(status))
         duration = (self._clock.now() - dispatch.created_at).total_seconds()
         log.info(
             "dispatch_finished", status=status, error=error, duration_ms=round(duration * 1000)

@@ -21,6 +21,8 @@ from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
+MAX_PRIORITY = 2**31 - 1
+SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
     priority = task.priority if request.priority is None else request.priority
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise BadRequest(f"priority must be an integer, got {priority!r}")
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise BadRequest(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
     check_params(request.task, task, request.params)
     return NewDispatch(
         task=request.task,
@@ -72,16 +76,24 @@ def parse_batch_line(number: int, line: str) -> SubmitRequest:
         item = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"batch line {number}: invalid JSON: {exc.msg}") from None
+    try:
+        return request_from_json(item)
+    except BadRequest as exc:
+        raise BadRequest(f"batch line {number}: {exc.message}") from None
+
+
+def request_from_json(item: Any) -> SubmitRequest:
+    """A submission from a decoded JSON object (a batch line, an HTTP body)."""
     if not isinstance(item, dict):
-        raise BadRequest(f"batch line {number}: expected a JSON object")
-    unknown = set(item) - {"task", "params", "key", "priority"}
+        raise BadRequest("expected a JSON object")
+    unknown = set(item) - SUBMIT_FIELDS
     if unknown:
-        raise BadRequest(f"batch line {number}: unknown field {sorted(unknown)[0]!r}")
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
     if not isinstance(item.get("task"), str):
-        raise BadRequest(f"batch line {number}: 'task' (a string) is required")
+        raise BadRequest("'task' (a string) is required")
     key = item.get("key")
     if key is not None and not isinstance(key, str):
-        raise BadRequest(f"batch line {number}: 'key' must be a string")
+        raise BadRequest("'key' must be a string")
     return SubmitRequest(item["task"], item.get("params", {}), key, item.get("priority"))
 
 
