@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,12 +16,20 @@ import structlog
 from dispatcher import __version__, service
 from dispatcher.clock import SystemClock
 from dispatcher.config import Settings, find_config, load_settings
-from dispatcher.errors import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, BadRequest, DispatcherError
+from dispatcher.errors import (
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    BadRequest,
+    ConfigError,
+    DispatcherError,
+)
 from dispatcher.models import DispatchStatus, Reservation
 from dispatcher.store.base import Store
 
 EXIT_NOT_SUCCEEDED = 1
 WAIT_POLL = 0.1
+REMOTE_WAIT_POLL = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate the configuration and exit")
     health = sub.add_parser("health", help="exit 0 when a live daemon heartbeats here")
     health.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="the whole picture: daemon, queue, gates, in flight")
+    status.add_argument("--json", action="store_true")
     return parser
 
 
@@ -62,6 +73,10 @@ def _add_submit(sub: Any) -> None:
     submit.add_argument("--wait", action="store_true", help="wait for a final status")
     submit.add_argument("--json", action="store_true")
     submit.add_argument("--batch", metavar="FILE", help="JSON lines to submit ('-' for stdin)")
+    submit.add_argument(
+        "--url", help="submit through this daemon's HTTP API (default: api.url, if set)"
+    )
+    submit.add_argument("--token-file", help="bearer token for --url (default: api.token_file)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +99,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             f"{len(settings.runners)} runners, database {settings.database.path})"
         )
         return EX_OK
+    if args.command == "submit" and args.url:
+        return _submit_remote(args, _settings_if_any(args.config))
     settings = load_settings(args.config)
+    if args.command == "submit" and settings.api.url:
+        return _submit_remote(args, settings)
     if args.command == "run":
         return _run(args, settings)
     handler = _HANDLERS[args.command]
@@ -193,12 +212,53 @@ async def _wait(store: Store, reservation: Reservation, as_json: bool) -> int:
         if DispatchStatus(data["status"]).is_final:
             break
         await asyncio.sleep(WAIT_POLL)
+    return _print_final(data, reservation.created, as_json)
+
+
+def _print_final(data: dict[str, Any], created: bool, as_json: bool) -> int:
     if as_json:
-        _print_json({**data, "created": reservation.created})
+        _print_json({**data, "created": created})
     else:
         error = f": {data['error']}" if data["error"] else ""
         print(f"{data['id']} {data['status']}{error}")
     return EX_OK if data["status"] == DispatchStatus.SUCCEEDED else EXIT_NOT_SUCCEEDED
+
+
+def _settings_if_any(explicit: str | None) -> Settings:
+    """`submit --url` needs no configuration file; use one when there is one."""
+    try:
+        find_config(explicit)
+    except ConfigError:
+        return Settings()
+    return load_settings(explicit)
+
+
+def _submit_remote(args: argparse.Namespace, settings: Settings) -> int:
+    """`submit` through a daemon's HTTP API: same output and exit codes as a local one."""
+    from dispatcher.client import ApiClient
+    from dispatcher.httpauth import read_token
+
+    if args.batch is not None:
+        raise BadRequest("--batch works on the local database only; drop --url / api.url")
+    if not args.task:
+        raise BadRequest("submit needs a TASK")
+    token_file = Path(args.token_file) if args.token_file else settings.api.token_file
+    token = read_token(token_file) if token_file is not None else None
+    client = ApiClient(args.url or settings.api.url or "", token)
+    request = service.SubmitRequest(args.task, _params(args), args.key, args.priority)
+    answer = client.submit(request)
+    if args.wait:
+        data = client.show(answer["id"])
+        while not DispatchStatus(data["status"]).is_final:
+            time.sleep(REMOTE_WAIT_POLL)
+            data = client.show(answer["id"])
+        return _print_final(data, answer["created"], args.json)
+    if args.json:
+        _print_json(answer)
+    else:
+        how = "created" if answer["created"] else f"existing dispatch for key {args.key!r}"
+        print(f"{answer['id']} {answer['status']} ({how})")
+    return EX_OK
 
 
 async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> int:
@@ -281,6 +341,43 @@ async def _health(args: argparse.Namespace, settings: Settings, store: Store) ->
     return EX_OK if data["live"] else EX_UNAVAILABLE
 
 
+async def _status(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.status(settings, store, SystemClock())
+    if args.json:
+        _print_json(data)
+        return EX_OK
+    for line in _status_lines(data):
+        print(line)
+    return EX_OK
+
+
+def _status_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    if data["live"]:
+        for inst in data["instances"]:
+            lines.append(
+                f"daemon    live: instance {inst['id']} (pid {inst['pid']} on "
+                f"{inst['hostname']}), heartbeat {inst['heartbeat_at']}"
+            )
+    else:
+        lines.append("daemon    NOT RUNNING: no live instance heartbeats on this database")
+    queue = data["queue"]
+    lines.append("queue     " + ", ".join(f"{queue[name]} {name}" for name in queue))
+    gates = "  ".join(f"{g['name']} {g['held']}/{g['capacity']}" for g in data["gates"])
+    lines.append(f"gates     {gates}")
+    label = "in flight"
+    for item in data["in_flight"]:
+        step = item["step"] or "(planning)"
+        where = f"step {item['step_index'] + 1}/{item['steps']} {step}" if item["steps"] else step
+        lines.append(f"{label:<9} {item['id']:>6} {item['task']:<16} {where}  {item['running_s']}s")
+        label = ""
+    label = "failures"
+    for item in data["recent_failures"]:
+        lines.append(f"{label:<9} {item['id']:>6} {item['task']:<16} {item['error'] or ''}")
+        label = ""
+    return lines
+
+
 def _print_json(data: Any, out: TextIO | None = None) -> None:
     (out or sys.stdout).write(json.dumps(data) + "\n")
 
@@ -293,6 +390,7 @@ _HANDLERS: dict[str, Handler] = {
     "cancel": _cancel,
     "gates": _gates,
     "health": _health,
+    "status": _status,
 }
 
 if __name__ == "__main__":

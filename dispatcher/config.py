@@ -7,6 +7,7 @@ the environment variable) and the key, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -179,6 +181,64 @@ class LogSettings(_Section):
     format: Literal["json", "console"] = "json"
     child_lines: bool = True
     """Log each line a step prints (with dispatch_id and step)."""
+    child_lines_per_second: float = Field(default=100.0, gt=0)
+    """Flood limit, per attempt: lines a second, on average, beyond the burst."""
+    child_lines_burst: int = Field(default=1000, ge=1)
+    """Flood limit, per attempt: lines logged at any speed before the rate applies."""
+    child_line_max_bytes: int = Field(default=4096, ge=64)
+    """A longer line is cut to this many bytes in the log (`truncated: true`)."""
+
+
+class ApiSettings(_Section):
+    """`[api]`: the HTTP API (served when `listen` is set) and where `submit --url` goes."""
+
+    token_file: Path | None = None
+    """A file holding the bearer token; required when `listen` is not loopback."""
+    listen: str | None = None
+    """`HOST:PORT` (`[::1]:8080` for IPv6); port 0 picks a free one (logged)."""
+    max_body: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    url: str | None = None
+    """Base URL of a daemon's API: `dispatcher submit` then goes there, not to the database."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, listen: str | None, info: ValidationInfo) -> str | None:
+        if listen is None:
+            return None
+        host, _ = split_listen(listen)
+        # token_file is declared before listen, so it is validated (and known) by now
+        if not is_loopback(host) and info.data.get("token_file") is None:
+            raise ValueError(
+                "not a loopback address: set api.token_file "
+                "(a bearer token) to serve the API off loopback"
+            )
+        return listen
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return url
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` as (host, port); ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Only 127.0.0.0/8, ::1 and `localhost` count; any other name or address does not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(_Section):
@@ -192,6 +252,7 @@ class Settings(_Section):
     purge: PurgeSettings = PurgeSettings()
     retention: RetentionSettings = RetentionSettings()
     log: LogSettings = LogSettings()
+    api: ApiSettings = ApiSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -254,7 +315,10 @@ def load_settings(
     if not db_path.is_absolute():
         db_path = (path.resolve().parent / db_path).resolve()
     database = settings.database.model_copy(update={"path": db_path})
-    return settings.model_copy(update={"database": database, "source": path})
+    api = settings.api
+    if api.token_file is not None and not api.token_file.is_absolute():
+        api = api.model_copy(update={"token_file": (path.resolve().parent / api.token_file)})
+    return settings.model_copy(update={"database": database, "api": api, "source": path})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -15,11 +15,11 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import anyio
 import structlog
@@ -29,7 +29,9 @@ from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, DispatcherError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
-from dispatcher.models import Dispatch, Instance
+from dispatcher.models import Dispatch, DispatchStatus, Instance
+from dispatcher.notify import Notifier
+from dispatcher.observe import NullObserver, Observer
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
@@ -43,6 +45,11 @@ log = structlog.get_logger("dispatcher.daemon")
 
 SELF_CHECK_EVERY = 12
 """Heartbeats between two gate self-checks (a minute at the default interval)."""
+
+SideTask = Callable[..., Coroutine[Any, Any, None]]
+"""`f(daemon, *, task_status)`: a service beside the dispatch loop (e.g. the HTTP API).
+`tg.start`ed after recovery, it calls `task_status.started()` once it serves and is
+cancelled with the daemon's task group; if it fails, the daemon stops."""
 
 
 class InstanceLock:
@@ -112,8 +119,14 @@ class Daemon:
         *,
         clock: Clock | None = None,
         reload: Callable[[], Settings] | None = None,
+        notifier: Notifier | None = None,
+        observer: Observer | None = None,
+        side_tasks: Sequence[SideTask] = (),
     ) -> None:
         self.settings = settings
+        self.notifier = notifier or Notifier()
+        self.observer: Observer = observer or NullObserver()
+        self._side_tasks = tuple(side_tasks)
         self.store = store
         self.clock = clock or SystemClock()
         self.instance_id = uuid.uuid4().hex[:12]
@@ -133,6 +146,7 @@ class Daemon:
             clock=self.clock,
             runners=build_runners(settings),
             instance_id=self.instance_id,
+            observer=self.observer,
         )
 
     async def run(self) -> None:
@@ -141,9 +155,19 @@ class Daemon:
         await self._start()
         try:
             async with anyio.create_task_group() as tg:
+                # Signal handlers first: a SIGTERM right after READY must drain, not kill.
+                await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
-                tg.start_soon(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._cancel_watch_loop)
+                for side_task in self._side_tasks:
+                    await tg.start(side_task, self)
+                tg.start_soon(self.notifier.watchdog_loop)
+                tg.start_soon(
+                    self.notifier.status_loop,
+                    self.status_line,
+                    self.settings.daemon.heartbeat_interval,
+                )
+                self._started()
                 await self._dispatch_loop()
                 tg.cancel_scope.cancel()
         finally:
@@ -156,7 +180,22 @@ class Daemon:
         if not self.state.stopping:
             self.state.stopping = True
             log.info("daemon_stopping", in_flight=len(self.state.inflight))
+            self.notifier.stopping(status=f"stopping: {self._inflight_summary()}")
         self.state.wake.set()
+
+    async def status_line(self) -> str:
+        """One line for `systemctl status`: in flight, queued, stopping."""
+        try:
+            queued = (await self.store.count_by_status()).get(DispatchStatus.QUEUED, 0)
+        except DispatcherError:
+            queued = None
+        line = self._inflight_summary()
+        if queued is not None:
+            line += f", {queued} queued"
+        return f"stopping: {line}" if self.state.stopping else line
+
+    def _inflight_summary(self) -> str:
+        return f"{len(self.state.inflight)} in flight (global cap {self.settings.gate.global_})"
 
     def wake(self) -> None:
         """New work may be there: claim at once instead of at the next poll."""
@@ -184,6 +223,9 @@ class Daemon:
                 stopped_at=None,
             )
         )
+
+    def _started(self) -> None:
+        """Recovered, registered, signal handlers in place: accepting work."""
         log.info(
             "daemon_started",
             version=__version__,
@@ -191,6 +233,7 @@ class Daemon:
             database=str(self.settings.database.path),
             gates=gate_capacities(self.settings),
         )
+        self.notifier.ready(status=self._inflight_summary())
 
     # -- the dispatch loop --------------------------------------------------------------
 
@@ -278,10 +321,14 @@ class Daemon:
             flight.cancel(CancelReason.SHUTDOWN)
         log.info("drain_finished", interrupted=len(self.state.inflight))
 
-    async def _signal_loop(self, scope: anyio.CancelScope) -> None:
+    async def _signal_loop(
+        self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    log.info("signal_received", signal="SIGHUP")
                     self._reload_config()
                     continue
                 log.info("signal_received", signal=signal.Signals(signum).name)
@@ -296,16 +343,26 @@ class Daemon:
     def _reload_config(self) -> None:
         if self._reload is None:
             return
+        self.notifier.reloading()
         try:
             settings = self._reload()
         except ConfigError as exc:
-            log.error("config_reload_failed", error=str(exc))
+            log.error("config_reload_failed", error=str(exc), kept="the running configuration")
+            self.notifier.ready(status=f"reload refused: {exc}")
             return
+        restart_required = restart_only_changes(self.settings, settings)
         self.settings = settings
         self.pipeline.settings = settings
         self.pipeline.runners = build_runners(settings)
         self.gate.reconfigure(gate_capacities(settings))
-        log.info("config_reloaded", gates=gate_capacities(settings))
+        log.info(
+            "config_reloaded",
+            gates=gate_capacities(settings),
+            runners=sorted(settings.runners),
+            tasks=sorted(settings.tasks),
+            restart_required=restart_required,
+        )
+        self.notifier.ready(status=self._inflight_summary())
         self.state.wake.set()
 
     # -- side loops ---------------------------------------------------------------------
@@ -336,10 +393,54 @@ class Daemon:
                         flight.cancel(CancelReason.USER)
 
 
-async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-    """`dispatcher run`: lock the database, open the store, serve until stopped."""
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """Settings that changed but only take effect at the next start, not on reload."""
+    changed = [] if old.database == new.database else ["database"]
+    changed += [
+        f"log.{key}"
+        for key in ("level", "format")
+        if getattr(old.log, key) != getattr(new.log, key)
+    ]
+    return changed
+
+
+def _user_error(group: BaseExceptionGroup[BaseException]) -> DispatcherError | None:
+    """The one user-facing error a task group failed with (a side task that could not
+    start, e.g. the API's port in use), so it is reported as one line, not a crash."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], DispatcherError):
+        return leaves[0]
+    return None
+
+
+async def run_daemon(
+    settings: Settings,
+    reload: Callable[[], Settings] | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """`dispatcher run`: lock the database, open the store, serve until stopped.
+
+    systemd's notification variables are read (and removed from the environment, so
+    steps don't inherit them) unless a `notifier` is given.
+    """
     from dispatcher.store.sqlite import SQLiteStore
 
+    side_tasks: list[SideTask] = []
+    observer: Observer | None = None
+    if settings.api.listen is not None:
+        from dispatcher.api import ApiServer  # aiohttp and prometheus load only when needed
+
+        api = ApiServer.from_settings(settings)  # reads the token: a ConfigError stops us here
+        side_tasks.append(api.serve)
+        observer = api.metrics
+    notifier = notifier or Notifier.from_environ()
     lock = InstanceLock(settings.database.path)
     lock.acquire()
     try:
@@ -347,7 +448,18 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
             settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
         )
         try:
-            await Daemon(settings, store, reload=reload).run()
+            daemon = Daemon(
+                settings,
+                store,
+                reload=reload,
+                notifier=notifier,
+                observer=observer,
+                side_tasks=side_tasks,
+            )
+            try:
+                await daemon.run()
+            except BaseExceptionGroup as group:
+                raise _user_error(group) or group from None
         finally:
             with anyio.CancelScope(shield=True):
                 await store.close()

@@ -11,6 +11,7 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_IOERR = 74
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 
@@ -79,3 +80,9 @@ class Unavailable(DispatcherError):
     """A service the command needs (a live daemon, the instance lock) is unavailable."""
 
     exit_code = EX_UNAVAILABLE
+
+
+class Unauthorized(DispatcherError):
+    """A daemon's API refused the bearer token (missing or wrong)."""
+
+    exit_code = EX_NOPERM

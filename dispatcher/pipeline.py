@@ -9,13 +9,14 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
 import anyio
 import structlog
 
+from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
 from dispatcher.errors import PlanError
@@ -30,9 +31,10 @@ from dispatcher.models import (
     DispatchStatus,
     Step,
 )
+from dispatcher.observe import NullObserver, Observer
 from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
 from dispatcher.retry import StepHistory, backoff_delay, may_retry
-from dispatcher.runners.base import LineSink, Outcome, Runner, RunRequest
+from dispatcher.runners.base import Outcome, Runner, RunRequest
 from dispatcher.runners.process import run_process
 from dispatcher.runners.python import resolve_callable
 from dispatcher.store.base import Store
@@ -93,6 +95,7 @@ class Pipeline:
         runners: Mapping[str, Runner],
         instance_id: str,
         rand: random.Random | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.runners = dict(runners)
@@ -101,6 +104,7 @@ class Pipeline:
         self._clock = clock
         self._instance_id = instance_id
         self._rand = rand or random.Random()
+        self.observer: Observer = observer or NullObserver()
 
     async def run(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
         """Plan (if needed) and execute the remaining steps; answer the status left."""
@@ -154,14 +158,18 @@ class Pipeline:
         """Run the task's planner; on success the validated plan is appended to `plans`."""
         task = self.settings.tasks[dispatch.task]
         if task.planner == "command":
-            outcome = await run_process(
-                task.command,
-                timeout=task.timeout,
-                kill_grace=self.settings.daemon.kill_grace,
-                stdin=planner_input(dispatch),
-                on_line=self._line_logger(PLAN_STEP_NAME),
-                keep_stdout=True,
-            )
+            lines = self._line_logger(PLAN_STEP_NAME)
+            try:
+                outcome = await run_process(
+                    task.command,
+                    timeout=task.timeout,
+                    kill_grace=self.settings.daemon.kill_grace,
+                    stdin=planner_input(dispatch),
+                    on_line=lines,
+                    keep_stdout=True,
+                )
+            finally:
+                lines.close()
             if not outcome.ok:
                 return outcome
             raw: Any = None
@@ -213,6 +221,7 @@ class Pipeline:
             reason = f"step {step.name!r}: runner {step.runner!r} is no longer configured"
             await self._finish(dispatch, DispatchStatus.FAILED, reason)
             return Verdict.FAILED
+        lines = self._line_logger(step.name)
         request = RunRequest(
             dispatch_id=dispatch.id,
             step=step.name,
@@ -221,10 +230,13 @@ class Pipeline:
             timeout=step.timeout,
             call=step.call,
             kwargs=step.kwargs,
-            on_line=self._line_logger(step.name),
+            on_line=lines,
         )
         spec = AttemptSpec(dispatch.id, index, step.name, step.runner, history.next_attempt)
-        outcome = await self._attempt(spec, flight, lambda: runner.run(request))
+        try:
+            outcome = await self._attempt(spec, flight, lambda: runner.run(request))
+        finally:
+            lines.close()
         if outcome.ok:
             return Verdict.SUCCEEDED
         return await self._after_failure(dispatch, step, history.failures + 1, outcome)
@@ -278,6 +290,7 @@ class Pipeline:
             status, error = self._cancel_status(flight)
             with anyio.CancelScope(shield=True):
                 await self._store.finish_attempt(attempt_id, status, self._clock.now(), error=error)
+            self._observe_attempt(spec, status, started)
             log.info("attempt_finished", step=spec.step, attempt=spec.number, status=status)
             raise
         with anyio.CancelScope(shield=True):
@@ -289,6 +302,7 @@ class Pipeline:
                 error=outcome.error,
                 output=outcome.output,
             )
+        self._observe_attempt(spec, outcome.status, started)
         log.info(
             "attempt_finished",
             step=spec.step,
@@ -300,6 +314,10 @@ class Pipeline:
             duration_ms=round((self._clock.now() - started).total_seconds() * 1000),
         )
         return outcome
+
+    def _observe_attempt(self, spec: AttemptSpec, status: AttemptStatus, started: datetime) -> None:
+        elapsed = (self._clock.now() - started).total_seconds()
+        self.observer.attempt_finished(spec.runner, str(status), elapsed)
 
     @staticmethod
     async def _invoke(work: Work) -> Outcome:
@@ -330,18 +348,13 @@ class Pipeline:
     ) -> DispatchStatus:
         with anyio.CancelScope(shield=True):
             await self._store.finish_dispatch(dispatch.id, status, self._clock.now(), error)
+        self.observer.dispatch_finished(dispatch.task, str(status))
         duration = (self._clock.now() - dispatch.created_at).total_seconds()
         log.info(
             "dispatch_finished", status=status, error=error, duration_ms=round(duration * 1000)
         )
         return status
 
-    def _line_logger(self, step: str) -> LineSink:
-        bound = log.bind(step=step)
-        enabled = self.settings.log.child_lines
-
-        def on_line(stream: str, line: str) -> None:
-            if enabled:
-                bound.info("step_output", stream=stream, line=line)
-
-        return on_line
+    def _line_logger(self, step: str) -> ChildOutputLog:
+        """A fresh sink per attempt: the flood limit applies to each attempt alone."""
+        return ChildOutputLog(log.bind(step=step), self.settings.log)

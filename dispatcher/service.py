@@ -21,6 +21,8 @@ from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
+MAX_PRIORITY = 2**31 - 1
+SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
     priority = task.priority if request.priority is None else request.priority
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise BadRequest(f"priority must be an integer, got {priority!r}")
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise BadRequest(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
     check_params(request.task, task, request.params)
     return NewDispatch(
         task=request.task,
@@ -72,16 +76,24 @@ def parse_batch_line(number: int, line: str) -> SubmitRequest:
         item = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"batch line {number}: invalid JSON: {exc.msg}") from None
+    try:
+        return request_from_json(item)
+    except BadRequest as exc:
+        raise BadRequest(f"batch line {number}: {exc.message}") from None
+
+
+def request_from_json(item: Any) -> SubmitRequest:
+    """A submission from a decoded JSON object (a batch line, an HTTP body)."""
     if not isinstance(item, dict):
-        raise BadRequest(f"batch line {number}: expected a JSON object")
-    unknown = set(item) - {"task", "params", "key", "priority"}
+        raise BadRequest("expected a JSON object")
+    unknown = set(item) - SUBMIT_FIELDS
     if unknown:
-        raise BadRequest(f"batch line {number}: unknown field {sorted(unknown)[0]!r}")
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
     if not isinstance(item.get("task"), str):
-        raise BadRequest(f"batch line {number}: 'task' (a string) is required")
+        raise BadRequest("'task' (a string) is required")
     key = item.get("key")
     if key is not None and not isinstance(key, str):
-        raise BadRequest(f"batch line {number}: 'key' must be a string")
+        raise BadRequest("'key' must be a string")
     return SubmitRequest(item["task"], item.get("params", {}), key, item.get("priority"))
 
 
@@ -236,4 +248,55 @@ async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, An
             for inst in instances
         ],
         "queue": {str(status): count for status, count in (await store.count_by_status()).items()},
+    }
+
+
+# -- status: the whole picture for an operator --------------------------------------------
+
+STATUS_IN_FLIGHT_LIMIT = 20
+STATUS_FAILURES_LIMIT = 5
+
+
+def _current_step(dispatch: Dispatch) -> str | None:
+    """The step a dispatch is at (`None` while it has no plan yet)."""
+    if dispatch.plan is None or dispatch.current_step >= len(dispatch.plan):
+        return None
+    return dispatch.plan[dispatch.current_step].name
+
+
+def _in_flight_json(dispatch: Dispatch, now: datetime) -> dict[str, Any]:
+    since = dispatch.started_at or dispatch.updated_at
+    return {
+        "id": dispatch.id,
+        "task": dispatch.task,
+        "status": str(dispatch.status),
+        "step": _current_step(dispatch),
+        "step_index": dispatch.current_step,
+        "steps": None if dispatch.plan is None else len(dispatch.plan),
+        "started_at": _ts(dispatch.started_at),
+        "running_s": max(0, round((now - since).total_seconds())),
+    }
+
+
+async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+    """Live instances, queue by status, gates, in-flight dispatches, recent failures."""
+    now = clock.now()
+    live = await health(settings, store, clock)
+    in_flight = [
+        dispatch
+        for state in (DispatchStatus.RUNNING, DispatchStatus.PLANNING)
+        for dispatch in await store.list_dispatches(state, STATUS_IN_FLIGHT_LIMIT)
+    ]
+    in_flight.sort(key=lambda d: d.id)
+    failures = await store.list_dispatches(DispatchStatus.FAILED, STATUS_FAILURES_LIMIT)
+    return {
+        "live": live["live"],
+        "instances": live["instances"],
+        "queue": {str(s): live["queue"].get(str(s), 0) for s in DispatchStatus},
+        "gates": (await gates_report(settings, store))["gates"],
+        "in_flight": [_in_flight_json(d, now) for d in in_flight[:STATUS_IN_FLIGHT_LIMIT]],
+        "recent_failures": [
+            {"id": d.id, "task": d.task, "error": d.error, "finished_at": _ts(d.finished_at)}
+            for d in failures
+        ],
     }

@@ -65,6 +65,10 @@ class Daemon:
         self.workdir = workdir
         self.log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env: dict[str, str] = {}
+        """Added to the daemon's environment (not the CLI's), e.g. NOTIFY_SOCKET."""
+        self.launcher: list[str] = []
+        """Put before the daemon's argv, e.g. a shell that sets WATCHDOG_PID=$$ and execs."""
 
     def cli(
         self, *args: str, stdin: str | None = None, timeout: float = 60
@@ -88,11 +92,14 @@ class Daemon:
         self.log_path = self.workdir / f"daemon-{time.monotonic_ns()}.log"
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher", "--config", str(self.config), "run"],
+                [
+                    *self.launcher,
+                    *(sys.executable, "-m", "dispatcher", "--config", str(self.config), "run"),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                env=_env(),
+                env={**_env(), **self.extra_env},
             )
         self.wait_for_event("daemon_started")
 

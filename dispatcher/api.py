@@ -1,0 +1,344 @@
+"""The HTTP API, served from the daemon's own event loop when `[api] listen` is set.
+
+aiohttp (`AppRunner` + `TCPSite`) runs as a side task of the daemon's task group, so
+it starts after recovery and stops with the daemon. Handlers call the same service
+functions as the CLI. Errors are JSON `{"error": {"code", "message"}}`. A bearer token
+(`api.token_file`) guards everything but `/healthz`, `/readyz` and `/openapi.yaml`;
+it is compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from dispatcher import __version__, service, statuspage
+from dispatcher.config import Settings, split_listen
+from dispatcher.errors import (
+    BadRequest,
+    DispatcherError,
+    KeyConflict,
+    NotFound,
+    StoreBusy,
+    Unavailable,
+)
+from dispatcher.httpauth import read_token, token_matches
+from dispatcher.metrics import CONTENT_TYPE, DaemonMetrics, LiveSources
+from dispatcher.models import DispatchStatus
+from dispatcher.pipeline import CancelReason
+
+if TYPE_CHECKING:
+    from dispatcher.daemon import Daemon
+
+log = structlog.get_logger("dispatcher.api")
+
+MAX_DISPATCH_ID = 2**63 - 1
+READY_TIMEOUT = 2.0
+"""Seconds the database may take to answer a readiness probe."""
+MAX_READY_LAG = 5.0
+"""Event-loop lag (seconds) above which the daemon reports itself not ready."""
+RECENT_FAILURES = 10
+MAX_RUNNING_SHOWN = 50
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})
+CHALLENGE = 'Bearer realm="dispatcher", Basic realm="dispatcher"'
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+
+class ApiError(Exception):
+    """An answer other than success, with its HTTP status and stable error code."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+def _from_dispatcher_error(exc: DispatcherError) -> ApiError:
+    if isinstance(exc, KeyConflict):
+        return ApiError(409, "key_conflict", exc.message)
+    if isinstance(exc, BadRequest):
+        return ApiError(422, "bad_request", exc.message)
+    if isinstance(exc, NotFound):
+        return ApiError(404, "not_found", exc.message)
+    if isinstance(exc, StoreBusy):
+        return ApiError(503, "busy", exc.message, {"Retry-After": "1"})
+    return ApiError(503, "unavailable", exc.message)
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    """Where to listen, the token (if any) and the metrics it serves."""
+
+    host: str
+    port: int
+    token: str | None
+    max_body: int
+    metrics: DaemonMetrics
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiServer:
+        """From `[api]`; reads the token file (a `ConfigError` if it is unusable)."""
+        api = settings.api
+        if api.listen is None:
+            raise ValueError("api.listen is not set")
+        host, port = split_listen(api.listen)
+        token = read_token(api.token_file) if api.token_file is not None else None
+        return cls(host, port, token, api.max_body, DaemonMetrics())
+
+    async def serve(
+        self, daemon: Daemon, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """A side task of the daemon: serve until cancelled with its task group."""
+        runner = web.AppRunner(
+            self.build_app(daemon), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                where = f"{self.host}:{self.port}"
+                reason = str(exc.strerror or exc).rsplit(": ", 1)[-1]  # aiohttp wraps the OSError
+                raise Unavailable(f"api.listen {where}: cannot listen: {reason}") from None
+            sources = LiveSources(daemon.gate.snapshot, lambda: len(daemon.state.inflight))
+            self.metrics.watch(sources, daemon.instance_id, __version__)
+            host, port = runner.addresses[0][:2]
+            url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+            log.info("api_started", url=url, auth=self.token is not None)
+            task_status.started()
+            await self.metrics.measure_loop_lag()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+            log.info("api_stopped")
+
+    def build_app(self, daemon: Daemon) -> web.Application:
+        """The aiohttp application: routes, auth, JSON errors, access log."""
+        app = web.Application(
+            client_max_size=self.max_body,
+            middlewares=[self._access_log, _json_errors, self._auth],
+        )
+        routes = _Routes(daemon, self.metrics)
+        app.add_routes(
+            [
+                web.post("/v1/dispatches", routes.submit),
+                web.get("/v1/dispatches/{id:[0-9]+}", routes.show),
+                web.post("/v1/dispatches/{id:[0-9]+}/cancel", routes.cancel),
+                web.get("/v1/gates", routes.gates),
+                web.get("/healthz", routes.healthz),
+                web.get("/readyz", routes.readyz),
+                web.get("/metrics", routes.metrics),
+                web.get("/openapi.yaml", routes.openapi),
+                web.get("/", routes.status_page),
+            ]
+        )
+        return app
+
+    # -- middlewares ------------------------------------------------------------------
+
+    @web.middleware
+    async def _access_log(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "(unmatched)"
+            self.metrics.http_requests.labels(request.method, route, str(status)).inc()
+            log.info(
+                "http_request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                remote=request.remote,
+            )
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.token is not None and request.path not in OPEN_PATHS:
+            if not token_matches(request.headers.get("Authorization"), self.token):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "a valid bearer token is required (Authorization: Bearer TOKEN)",
+                    {"WWW-Authenticate": CHALLENGE},
+                )
+        return await handler(request)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes `{"error": {"code", "message"}}` with its status."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, **exc.headers)
+    except DispatcherError as exc:
+        err = _from_dispatcher_error(exc)
+        return error_response(err.status, err.code, err.message, **err.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow",)}
+        return error_response(exc.status, code, exc.reason.lower(), **headers)
+    except Exception:  # a defect: answer 500, log it structured
+        log.exception("api_request_failed", method=request.method, path=request.path)
+        return error_response(500, "internal", "internal error; see the daemon's log")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()  # aiohttp enforces client_max_size (413) while reading
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("body: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body: invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body: {exc}") from None
+
+
+def _dispatch_id(request: web.Request) -> int:
+    dispatch_id = int(request.match_info["id"])
+    if dispatch_id > MAX_DISPATCH_ID:
+        raise NotFound(f"no dispatch with id {dispatch_id}")
+    return dispatch_id
+
+
+class _Routes:
+    """The handlers, on one daemon."""
+
+    def __init__(self, daemon: Daemon, metrics: DaemonMetrics) -> None:
+        self.daemon = daemon
+        self._metrics = metrics
+        self.started_at = daemon.clock.now()
+
+    async def submit(self, request: web.Request) -> web.Response:
+        """POST /v1/dispatches: 201 created, 200 existing (same key), 409, 422."""
+        submission = service.request_from_json(await _json_body(request))
+        d = self.daemon
+        reservation = await service.submit(d.settings, d.store, d.clock, submission)
+        if reservation.created:
+            d.wake()
+        status = 201 if reservation.created else 200
+        return web.json_response(service.reservation_json(reservation), status=status)
+
+    async def show(self, request: web.Request) -> web.Response:
+        """GET /v1/dispatches/{id}: the object of `show --json`."""
+        return web.json_response(await service.show(self.daemon.store, _dispatch_id(request)))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """POST /v1/dispatches/{id}/cancel: 202; an in-flight dispatch is stopped at once."""
+        d = self.daemon
+        answer = await service.cancel(d.store, d.clock, _dispatch_id(request))
+        flight = d.state.inflight.get(answer["id"])
+        if flight is not None and answer["cancel_requested"]:
+            flight.cancel(CancelReason.USER)
+        return web.json_response(answer, status=202)
+
+    async def gates(self, request: web.Request) -> web.Response:
+        """GET /v1/gates: the object of `gates --json`."""
+        return web.json_response(
+            await service.gates_report(self.daemon.settings, self.daemon.store)
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: the loop answers."""
+        return web.json_response({"status": "ok", "instance_id": self.daemon.instance_id})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: not draining, the database answers, the loop keeps time."""
+        reasons = []
+        if self.daemon.state.stopping:
+            reasons.append("stopping")
+        with anyio.move_on_after(READY_TIMEOUT) as probe:
+            try:
+                await self.daemon.store.count_by_status()
+            except DispatcherError as exc:
+                reasons.append(f"database: {exc.message}")
+        if probe.cancelled_caught:
+            reasons.append(f"database: no answer within {READY_TIMEOUT:g}s")
+        lag = self._metrics.last_loop_lag
+        if lag > MAX_READY_LAG:
+            reasons.append(f"event loop lag {lag:.1f}s")
+        body = {"ready": not reasons, "reasons": reasons}
+        return web.json_response(body, status=503 if reasons else 200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format; the queue depth is read now."""
+        self._metrics.set_queue(await self.daemon.store.count_by_status())
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this API."""
+        text = resources.files("dispatcher").joinpath("openapi.yaml").read_text("utf-8")
+        return web.Response(text=text, content_type="application/yaml")
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        """The HTML status page."""
+        view = await self._status_view()
+        return web.Response(text=statuspage.render(view), content_type="text/html")
+
+    async def _status_view(self) -> statuspage.StatusView:
+        d = self.daemon
+        flights = sorted(d.state.inflight.values(), key=lambda f: f.dispatch_id)
+        running = []
+        for flight in flights[:MAX_RUNNING_SHOWN]:
+            dispatch = await d.store.get_dispatch(flight.dispatch_id)
+            if dispatch is not None:
+                running.append(
+                    statuspage.RunningRow(
+                        dispatch.id,
+                        dispatch.task,
+                        str(dispatch.status),
+                        flight.step,
+                        dispatch.started_at,
+                    )
+                )
+        failed = await d.store.list_dispatches(DispatchStatus.FAILED, RECENT_FAILURES)
+        return statuspage.StatusView(
+            instance_id=d.instance_id,
+            version=__version__,
+            started_at=self.started_at,
+            now=d.clock.now(),
+            stopping=d.state.stopping,
+            gates=d.gate.snapshot(),
+            queue=await d.store.count_by_status(),
+            running=running,
+            failures=[statuspage.FailureRow(x.id, x.task, x.finished_at, x.error) for x in failed],
+        )

@@ -1,0 +1,38 @@
+"""What the daemon reports as it works, for whoever counts it (the metrics).
+
+The pipeline and the maintenance jobs call an `Observer`; they never import
+prometheus. `NullObserver` is the default when nobody listens.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Observer(Protocol):
+    """Callbacks made on the daemon's event loop; they must be quick and never raise."""
+
+    def dispatch_finished(self, task: str, status: str) -> None:
+        """A dispatch reached a final status (`succeeded`, `failed`, `cancelled`)."""
+        ...
+
+    def attempt_finished(self, runner: str, status: str, duration_s: float) -> None:
+        """One attempt (a step, or an external planner) ended with `status`."""
+        ...
+
+    def purge_finished(self, deleted: int, duration_s: float) -> None:
+        """One run of the purge job deleted `deleted` gate rows in `duration_s` seconds."""
+        ...
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def dispatch_finished(self, task: str, status: str) -> None:
+        """Ignored."""
+
+    def attempt_finished(self, runner: str, status: str, duration_s: float) -> None:
+        """Ignored."""
+
+    def purge_finished(self, deleted: int, duration_s: float) -> None:
+        """Ignored."""
