@@ -24,7 +24,7 @@ from typing import IO, Any
 import anyio
 import structlog
 
-from dispatcher import __version__
+from dispatcher import __version__, logs
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, DispatcherError, Unavailable
@@ -158,6 +158,7 @@ class Daemon:
                 # Signal handlers first: a SIGTERM right after READY must drain, not kill.
                 await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(logs.flush_loop)
                 tg.start_soon(self._cancel_watch_loop)
                 for side_task in self._side_tasks:
                     await tg.start(side_task, self)

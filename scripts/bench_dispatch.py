@@ -1,0 +1,465 @@
+#!/usr/bin/env python3
+"""Dispatch-path benchmarks, each side by side with a baseline measured in the same run.
+
+usage: scripts/bench_dispatch.py [--quick] [--rounds R] [--only NAME ...] [--write]
+
+Sections (figures are medians of R rounds; ratios are ours / baseline):
+  drain    N no-op dispatches through the real daemon process (gate.global 16) against
+           Huey's SqliteHuey with 4 workers draining N no-op tasks (Huey is installed
+           into a throwaway venv under var/bench/, never into the project)
+  latency  submit -> succeeded at low load, CLI and HTTP (p50 / p99)
+  exec     the exec runner running /bin/true at concurrency 16 against bare
+           asyncio.create_subprocess_exec of /bin/true at the same concurrency
+  gate     ConcurrencyGate acquire + release with its mirror row against the same two
+           writes with the stdlib sqlite3 module and two commits, and a bare
+           asyncio.Semaphore
+  idle     an idle daemon: CPU % over the window and RSS
+
+--write puts the table into docs/benchmarks.md (section "Dispatch path").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BENCH_DIR = ROOT / "var" / "bench"
+
+
+def config_text(db: Path, *, poll: str = "1s", api: str | None = None) -> str:
+    api_section = f'[api]\nlisten = "{api}"\n' if api else ""
+    return f"""
+[database]
+path = "{db}"
+[daemon]
+poll_interval = "{poll}"
+[gate]
+global = 16
+[runners.noop]
+type = "noop"
+[tasks.n]
+steps = [{{ name = "a", runner = "noop" }}]
+{api_section}"""
+
+
+class Daemon:
+    """`dispatcher run` as a process on a fresh database in a temporary folder."""
+
+    def __init__(self, *, poll: str = "1s", api: str | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.db = self.dir / "bench.db"
+        self.config = self.dir / "dispatcher.toml"
+        self.config.write_text(config_text(self.db, poll=poll, api=api))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, stdin: bytes | None = None) -> bytes:
+        command = [PYTHON, "-m", "dispatcher", "--config", str(self.config), *args]
+        return subprocess.run(command, input=stdin, check=True, capture_output=True).stdout
+
+    def start(self) -> None:
+        log = (self.dir / "daemon.log").open("wb")
+        command = [PYTHON, "-m", "dispatcher", "--config", str(self.config), "run"]
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        while b"daemon_started" not in (self.dir / "daemon.log").read_bytes():
+            if self.proc.poll() is not None:
+                raise SystemExit((self.dir / "daemon.log").read_text())
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def sql(self, query: str) -> list[tuple[object, ...]]:
+        with sqlite3.connect(self.db) as db:
+            return db.execute(query).fetchall()
+
+
+# -- drain ------------------------------------------------------------------------------
+
+
+def drain_ours(count: int) -> float:
+    daemon = Daemon(poll="200ms")
+    lines = "".join(json.dumps({"task": "n", "params": {"i": i}}) + "\n" for i in range(count))
+    daemon.cli("submit", "--batch", "-", stdin=lines.encode())
+    daemon.start()
+    started = time.perf_counter()
+    final = "SELECT COUNT(*) FROM dispatches WHERE status IN ('succeeded', 'failed')"
+    while daemon.sql(final)[0][0] < count:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    daemon.stop()
+    attempts = daemon.sql("SELECT COUNT(*) FROM attempts")[0][0]
+    held = daemon.sql("SELECT COUNT(*) FROM gates WHERE released_at IS NULL")[0][0]
+    if attempts != count or held:
+        raise SystemExit(f"drain: {attempts} attempts, {held} held gate rows for {count}")
+    return count / elapsed
+
+
+HUEY_SCRIPT = """
+import os, sys, tempfile, threading, time
+from huey import SqliteHuey
+from huey.consumer import Consumer
+count = int(sys.argv[1])
+huey = SqliteHuey(filename=os.path.join(tempfile.mkdtemp(), "huey.db"))
+@huey.task()
+def noop():
+    return None
+for _ in range(count):
+    noop()
+consumer = Consumer(huey, workers=4, worker_type="thread", periodic=False,
+                    initial_delay=0.001, max_delay=0.01, check_worker_health=False)
+consumer._set_signal_handlers = lambda: None
+thread = threading.Thread(target=consumer.run, daemon=True)
+started = time.perf_counter()
+thread.start()
+while huey.pending_count():
+    time.sleep(0.01)
+print(count / (time.perf_counter() - started))
+"""
+
+
+def huey_python() -> Path:
+    venv = BENCH_DIR / "huey-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "huey>=2.5,<4"]
+        subprocess.run(pip, check=True)
+    return python
+
+
+def drain_huey(count: int) -> float:
+    script = BENCH_DIR / "huey_drain.py"
+    script.write_text(HUEY_SCRIPT)
+    result = subprocess.run(
+        [str(huey_python()), str(script), str(count)], check=True, capture_output=True, text=True
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+# -- latency ----------------------------------------------------------------------------
+
+
+def latency(samples: int, via: str) -> tuple[float, float]:
+    port = free_port()
+    daemon = Daemon(api=f"127.0.0.1:{port}" if via == "http" else None)
+    daemon.start()
+    try:
+        for i in range(samples):
+            if via == "http":
+                body = json.dumps({"task": "n", "params": {"i": i}}).encode()
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/dispatches",
+                    data=body,
+                    method="POST",
+                    headers={"Content-Type": "application/json"},
+                )
+                urllib.request.urlopen(request, timeout=10).read()
+            else:
+                daemon.cli("submit", "n", "--param", f"i={i}")
+            time.sleep(0.05 + (i % 7) * 0.03)  # low load, out of step with the poll
+        query = "SELECT COUNT(*) FROM dispatches WHERE status = 'succeeded'"
+        while daemon.sql(query)[0][0] < samples:
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+    rows = daemon.sql(
+        "SELECT (julianday(finished_at) - julianday(created_at)) * 86400000 FROM dispatches"
+    )
+    values = sorted(float(row[0]) for row in rows)  # type: ignore[arg-type]
+    return percentile(values, 50), percentile(values, 99)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    index = min(len(values) - 1, max(0, round(pct / 100 * len(values)) - 1))
+    return values[index]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- exec -------------------------------------------------------------------------------
+
+
+async def exec_ours(count: int) -> float:
+    from dispatcher.runners.base import RunRequest
+    from dispatcher.runners.exec import ExecRunner
+
+    runner = ExecRunner("bench", kill_grace=1.0)
+    limit = asyncio.Semaphore(16)
+
+    async def one(i: int) -> None:
+        async with limit:
+            request = RunRequest(
+                dispatch_id=i, step="t", attempt=1, args=("/bin/true",), timeout=30
+            )
+            outcome = await runner.run(request)
+            assert outcome.ok, outcome
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return count / (time.perf_counter() - started)
+
+
+async def exec_bare(count: int) -> float:
+    limit = asyncio.Semaphore(16)
+
+    async def one() -> None:
+        async with limit:
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/true", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            await proc.communicate()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    return count / (time.perf_counter() - started)
+
+
+# -- gate -------------------------------------------------------------------------------
+
+
+async def gate_ours(count: int) -> float:
+    from dispatcher.clock import SystemClock
+    from dispatcher.gate import ConcurrencyGate
+    from dispatcher.store.sqlite import SQLiteStore
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    store = await SQLiteStore.open(folder / "gate.db")
+    gate = ConcurrencyGate(store, SystemClock(), "bench", {"global": 16})
+    started = time.perf_counter()
+    for i in range(count):
+        slot = await gate.acquire("global", f"dispatch:{i}")
+        await gate.release(slot)
+    await store.gate_row_counts()  # waits until every queued mirror row is committed
+    elapsed = time.perf_counter() - started
+    counts = await store.gate_row_counts()
+    await store.close()
+    assert counts.released == count and counts.held == 0, counts
+    return count / elapsed
+
+
+def gate_sqlite3(count: int) -> float:
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    db = sqlite3.connect(folder / "raw.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute(
+        "CREATE TABLE gates (id INTEGER PRIMARY KEY AUTOINCREMENT, gate TEXT, holder TEXT,"
+        " acquired_at TEXT, released_at TEXT)"
+    )
+    started = time.perf_counter()
+    for i in range(count):
+        db.execute("BEGIN")
+        row_id = db.execute(
+            "INSERT INTO gates (gate, holder, acquired_at) VALUES ('global', ?, ?)",
+            (f"dispatch:{i}", "2026-11-29T00:00:00.000000Z"),
+        ).lastrowid
+        db.execute("COMMIT")
+        db.execute("BEGIN")
+        db.execute(
+            "UPDATE gates SET released_at = ? WHERE id = ? AND released_at IS NULL",
+            ("2026-11-29T00:00:01.000000Z", row_id),
+        )
+        db.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    db.close()
+    return count / elapsed
+
+
+async def gate_semaphore(count: int) -> float:
+    sem = asyncio.Semaphore(16)
+    started = time.perf_counter()
+    for _ in range(count):
+        await sem.acquire()
+        sem.release()
+    return count / (time.perf_counter() - started)
+
+
+# -- idle -------------------------------------------------------------------------------
+
+
+def idle(window: float) -> tuple[float, float]:
+    daemon = Daemon()
+    daemon.start()
+    assert daemon.proc is not None
+    try:
+        time.sleep(2)
+        tick = os.sysconf("SC_CLK_TCK")
+        before, t0 = cpu_ticks(daemon.proc.pid), time.perf_counter()
+        time.sleep(window)
+        after, t1 = cpu_ticks(daemon.proc.pid), time.perf_counter()
+        rss_kb = rss(daemon.proc.pid)
+    finally:
+        daemon.stop()
+    return 100 * (after - before) / tick / (t1 - t0), rss_kb / 1024
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1])
+    return 0.0
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+def median_of(rounds: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(rounds))
+
+
+def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    quick = args.quick
+    rounds = args.rounds
+    rows: list[tuple[str, str, str, str]] = []
+    want = set(args.only or ["drain", "latency", "exec", "gate", "idle"])
+    if "drain" in want:
+        count = 5000 if quick else 20000
+        ours = median_of(rounds, lambda: drain_ours(count))
+        huey = median_of(rounds, lambda: drain_huey(count))
+        rows.append(
+            (
+                f"drain {count} no-op dispatches",
+                f"{ours:,.0f}/s",
+                f"Huey SqliteHuey, 4 workers: {huey:,.0f}/s",
+                f"{ours / huey:.2f}x",
+            )
+        )
+    if "latency" in want:
+        samples = 20 if quick else 60
+        for via in ("cli", "http"):
+            p50, p99 = latency(samples, via)
+            rows.append(
+                (
+                    f"latency submit->succeeded, {via}",
+                    f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
+                    "poll_interval 1 s" if via == "cli" else "target p99 < 20 ms",
+                    "-",
+                )
+            )
+    if "exec" in want:
+        count = 500 if quick else 2000
+        ours = median_of(rounds, lambda: asyncio.run(exec_ours(count)))
+        bare = median_of(rounds, lambda: asyncio.run(exec_bare(count)))
+        rows.append(
+            (
+                f"exec /bin/true x{count}, concurrency 16",
+                f"{ours:,.0f}/s",
+                f"bare create_subprocess_exec: {bare:,.0f}/s",
+                f"{ours / bare:.2f}x",
+            )
+        )
+    if "gate" in want:
+        count = 5000 if quick else 20000
+        ours = median_of(rounds, lambda: asyncio.run(gate_ours(count)))
+        raw = median_of(rounds, lambda: gate_sqlite3(count))
+        sem = median_of(rounds, lambda: asyncio.run(gate_semaphore(count)))
+        rows.append(
+            (
+                "gate acquire+release with mirror row",
+                f"{ours:,.0f}/s",
+                f"sqlite3, two commits: {raw:,.0f}/s",
+                f"{ours / raw:.2f}x",
+            )
+        )
+        rows.append(("", "", f"bare asyncio.Semaphore: {sem:,.0f}/s", f"{ours / sem:.3f}x"))
+    if "idle" in want:
+        cpu, rss_mb = idle(10 if quick else 60)
+        rows.append(
+            (
+                f"idle daemon, {10 if quick else 60} s",
+                f"CPU {cpu:.2f} %, RSS {rss_mb:.0f} MB",
+                "target CPU < 1 %, RSS < 60 MB",
+                "-",
+            )
+        )
+    return rows
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    lines = ["| measure | dispatcher | baseline (same run) | ratio |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = cpu
+    return (
+        f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.release()}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", nargs="*", choices=["drain", "latency", "exec", "gate", "idle"])
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    rows = run_sections(args)
+    text = table(rows)
+    print(text)
+    if args.write:
+        write_doc(text, args)
+    return 0
+
+
+def write_doc(text: str, args: argparse.Namespace) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    command = (
+        "scripts/bench_dispatch.py"
+        + (" --quick" if args.quick else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
+        + " --write"
+    )
+    section = (
+        f"## Dispatch path\n\nMachine: {machine()}.\nCommand: `{command}` "
+        f"({time.strftime('%Y-%m-%d', time.gmtime())}); medians of {args.rounds} "
+        f"rounds.\n\n{text}\n"
+    )
+    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    start = old.find("## Dispatch path")
+    if start >= 0:
+        end = old.find("\n## ", start + 1)
+        old = old[:start] + old[end + 1 :] if end >= 0 else old[:start]
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(old.rstrip() + "\n\n" + section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
