@@ -333,7 +333,9 @@ async def run_daemon(settings: Settings, reload: Callable[[], Settings] | None =
     lock.acquire()
     try:
         store = await SQLiteStore.open(
-            settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
+            settings.database.path,
+            busy_timeout_ms=round(settings.database.busy_timeout * 1000),
+            busy_patience=max(settings.database.busy_patience, settings.database.busy_timeout),
         )
         try:
             await Daemon(settings, store, reload=reload).run()
