@@ -7,7 +7,7 @@ objects; they never print and never parse command lines.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -100,12 +100,22 @@ def validate_batch(settings: Settings, lines: Iterable[str]) -> list[NewDispatch
 
 
 async def submit_batch(
-    store: Store, clock: Clock, news: list[NewDispatch]
+    store: Store,
+    clock: Clock,
+    news: list[NewDispatch],
+    on_chunk: Callable[[list[Reservation | Exception]], None] | None = None,
 ) -> list[Reservation | Exception]:
-    """Reserve validated dispatches, one transaction per chunk of `BATCH_CHUNK`."""
+    """Reserve validated dispatches, one transaction per chunk of `BATCH_CHUNK`.
+
+    `on_chunk` sees each chunk's answers once that chunk is committed, so a caller can
+    report what was saved even when a later chunk fails (e.g. the disk is full).
+    """
     answers: list[Reservation | Exception] = []
     for chunk in _chunks(news, BATCH_CHUNK):
-        answers.extend(await store.reserve_many(chunk, clock.now()))
+        saved = await store.reserve_many(chunk, clock.now())
+        answers.extend(saved)
+        if on_chunk is not None:
+            on_chunk(saved)
     return answers
 
 

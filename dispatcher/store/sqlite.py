@@ -113,7 +113,17 @@ def wrap_exceptions(path: Path, doing: str = "use") -> Iterator[None]:
     except sqlite3.Error as exc:
         if is_busy(exc):
             raise StoreBusy(f"database {path} is busy: {exc}; try again") from exc
-        raise StoreError(f"cannot {doing} database {path}: {exc}") from exc
+        hint = _WRITE_FAILED_HINT if _primary_code(exc) in _WRITE_FAILED_CODES else ""
+        raise StoreError(f"cannot {doing} database {path}: {exc}{hint}") from exc
+
+
+_WRITE_FAILED_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+_WRITE_FAILED_HINT = " (is the disk full or the file size limited? nothing half-written was kept)"
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 # -- migrations ----------------------------------------------------------------------------
