@@ -21,6 +21,8 @@ from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
+PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
+"""What the database can store (a signed 64-bit integer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +45,13 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         raise BadRequest(f"params must be a JSON object, got {type(request.params).__name__}")
     if any(not isinstance(name, str) for name in request.params):
         raise BadRequest("params: names must be strings")
-    if request.key is not None and not (0 < len(request.key) <= MAX_KEY_LENGTH):
-        raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
+    if request.key is not None:
+        _check_key(request.key)
     priority = task.priority if request.priority is None else request.priority
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise BadRequest(f"priority must be an integer, got {priority!r}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise BadRequest(f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}")
     check_params(request.task, task, request.params)
     return NewDispatch(
         task=request.task,
@@ -56,6 +60,15 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         priority=priority,
         gate_key=task_gate_key(request.task, task, request.params),
     )
+
+
+def _check_key(key: str) -> None:
+    if not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # e.g. undecodable bytes in argv, or a lone surrogate in JSON
+        raise BadRequest("key must be valid UTF-8 text") from None
 
 
 async def submit(
