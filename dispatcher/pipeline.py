@@ -212,6 +212,10 @@ class Pipeline:
         self, dispatch: Dispatch, index: int, step: Step, flight: InFlight
     ) -> Verdict:
         history = StepHistory.of(await self._store.step_attempts(dispatch.id, index))
+        if history.succeeded:
+            # Its success is recorded, but the daemon died before `advance`: never rerun.
+            log.info("step_already_succeeded", step_index=index)
+            return Verdict.SUCCEEDED
         if history.interruptions >= self.settings.daemon.max_interruptions:
             reason = f"step {step.name!r} was interrupted {history.interruptions} times; giving up"
             await self._finish(dispatch, DispatchStatus.FAILED, reason)

@@ -5,23 +5,37 @@ never interleave inside each other's transactions. A read-modify-write takes the
 write lock up front (`BEGIN IMMEDIATE`): in WAL mode a deferred transaction that
 upgrades from read to write fails with SQLITE_BUSY_SNAPSHOT, which no busy timeout
 can wait out. Other processes (the CLI beside the daemon) are serialized by SQLite's
-own lock and `busy_timeout`. Driver errors become `StoreBusy` / `StoreError` here.
+own lock and `busy_timeout`. SQLite does not call its busy handler in every case
+(a journal-mode change, WAL recovery, a lock upgrade), so a statement or `BEGIN`
+that still fails as busy is retried, with backoff, until `busy_patience` has passed
+(`_patiently`). Driver errors become `StoreBusy` / `StoreError` here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -43,6 +57,14 @@ from dispatcher.models import (
 from dispatcher.store.sql import query
 
 Params = Mapping[str, Any]
+T = TypeVar("T")
+
+# stdlib logging: the daemon routes it into its JSON stream; the CLI stays silent.
+log = logging.getLogger("dispatcher.store")
+log.addHandler(logging.NullHandler())
+
+BUSY_BACKOFF_MAX = 0.25
+"""Longest pause between two tries of a statement that found the database busy."""
 
 CANCELLED_BEFORE_START = "cancelled before it started"
 
@@ -91,7 +113,17 @@ def wrap_exceptions(path: Path, doing: str = "use") -> Iterator[None]:
     except sqlite3.Error as exc:
         if is_busy(exc):
             raise StoreBusy(f"database {path} is busy: {exc}; try again") from exc
-        raise StoreError(f"cannot {doing} database {path}: {exc}") from exc
+        hint = _WRITE_FAILED_HINT if _primary_code(exc) in _WRITE_FAILED_CODES else ""
+        raise StoreError(f"cannot {doing} database {path}: {exc}{hint}") from exc
+
+
+_WRITE_FAILED_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+_WRITE_FAILED_HINT = " (is the disk full or the file size limited? nothing half-written was kept)"
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 # -- migrations ----------------------------------------------------------------------------
@@ -261,10 +293,17 @@ class SQLiteStore:
         self._path = path
         self._lock = asyncio.Lock()
         self._busy_timeout = 5.0
+        self._busy_patience = 5.0
 
     @classmethod
-    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
-        """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward."""
+    async def open(
+        cls, path: Path, *, busy_timeout_ms: int = 5000, busy_patience: float | None = None
+    ) -> SQLiteStore:
+        """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward.
+
+        `busy_patience` (seconds, default: the busy timeout) bounds how long one call
+        keeps trying while the database is busy before it raises `StoreBusy`.
+        """
         path = Path(path)
         _ensure_parent(path)
         # sqlite3's `timeout` is SQLite's busy timeout; PRAGMA could not bind it.
@@ -283,6 +322,7 @@ class SQLiteStore:
         connection.row_factory = sqlite3.Row
         store = cls(connection, path)
         store._busy_timeout = busy_timeout_ms / 1000
+        store._busy_patience = store._busy_timeout if busy_patience is None else busy_patience
         try:
             await store._configure()
             await store._migrate()
@@ -342,12 +382,52 @@ class SQLiteStore:
         with wrap_exceptions(self._path, doing):
             yield
 
+    async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, tried again while it fails as busy, until `busy_patience` has passed.
+
+        Only for calls that change nothing when they fail as busy: one autocommit
+        statement, or `BEGIN IMMEDIATE`.
+        """
+        started = time.monotonic()
+        delay = 0.005
+        tries = 0
+        next_log = 0.0
+        while True:
+            try:
+                result = await call()
+            except sqlite3.OperationalError as exc:
+                waited = time.monotonic() - started
+                if not is_busy(exc) or waited + delay > self._busy_patience:
+                    raise
+                tries += 1
+                if waited >= next_log:  # at the first busy, then once per busy timeout
+                    log.warning("database_busy", extra=self._busy_fields(exc, waited, tries))
+                    next_log = waited + max(self._busy_timeout, 1.0)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, BUSY_BACKOFF_MAX)
+                continue
+            if tries:
+                waited_ms = round((time.monotonic() - started) * 1000)
+                log.info("database_available", extra={"waited_ms": waited_ms, "tries": tries})
+            return result
+
+    def _busy_fields(self, exc: sqlite3.Error, waited: float, tries: int) -> dict[str, Any]:
+        return {
+            "database": str(self._path),
+            "error": str(exc),
+            "waited_ms": round(waited * 1000),
+            "tries": tries,
+            "patience_ms": round(self._busy_patience * 1000),
+        }
+
     async def _run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
         """One named statement on its own (autocommit): atomic by itself."""
         async with self._lock:
             db = self._connection()
             with self._wrap():
-                return list(await db.execute_fetchall(query(name), params or {}))
+                return list(
+                    await self._patiently(lambda: db.execute_fetchall(query(name), params or {}))
+                )
 
     @asynccontextmanager
     async def _transaction(self, doing: str = "use") -> AsyncIterator[_Tx]:
@@ -357,7 +437,7 @@ class SQLiteStore:
             with self._wrap(doing):
                 try:
                     # Inside the try: a cancelled BEGIN still runs on the worker thread.
-                    await db.execute_fetchall("BEGIN IMMEDIATE")
+                    await self._patiently(lambda: db.execute_fetchall("BEGIN IMMEDIATE"))
                     yield _Tx(db)
                 except BaseException:
                     await db.rollback()
