@@ -180,15 +180,24 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     lines = _read_batch(args.batch)
     news = service.validate_batch(settings, lines)
-    answers = await service.submit_batch(store, SystemClock(), news)
-    failed = 0
-    out = sys.stdout
-    for answer in answers:
-        if isinstance(answer, Reservation):
-            out.write(json.dumps(service.reservation_json(answer)) + "\n")
-        else:
-            failed += 1
-            out.write(json.dumps({"error": str(answer)}) + "\n")
+    answered: list[Reservation | Exception] = []
+
+    def print_chunk(chunk: list[Reservation | Exception]) -> None:
+        for answer in chunk:
+            if isinstance(answer, Reservation):
+                sys.stdout.write(json.dumps(service.reservation_json(answer)) + "\n")
+            else:
+                sys.stdout.write(json.dumps({"error": str(answer)}) + "\n")
+        sys.stdout.flush()
+        answered.extend(chunk)
+
+    try:
+        answers = await service.submit_batch(store, SystemClock(), news, on_chunk=print_chunk)
+    except DispatcherError as exc:
+        if answered:  # earlier chunks are committed: say so, they were answered above
+            exc.message += f" ({len(answered)} of {len(news)} lines saved and answered)"
+        raise
+    failed = sum(not isinstance(answer, Reservation) for answer in answers)
     if failed:
         print(f"dispatcher: error: {failed} of {len(answers)} batch lines refused", file=sys.stderr)
         return BadRequest.exit_code

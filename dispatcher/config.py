@@ -44,6 +44,8 @@ class _Section(BaseModel):
 class DatabaseSettings(_Section):
     path: Path = Path("var/dispatcher.db")
     busy_timeout: Duration = 5.0
+    busy_patience: Duration = 600.0
+    """How long the daemon waits out a busy database before it gives up (exit 75)."""
 
 
 class DaemonSettings(_Section):

@@ -27,7 +27,7 @@ import structlog
 from dispatcher import __version__, logs
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
-from dispatcher.errors import ConfigError, DispatcherError, Unavailable
+from dispatcher.errors import ConfigError, DispatcherError, StoreError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
 from dispatcher.models import Dispatch, DispatchStatus, Instance
 from dispatcher.notify import Notifier
@@ -60,8 +60,14 @@ class InstanceLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+")
+        except OSError as exc:  # e.g. a read-only folder: one line, exit 73, no traceback
+            raise StoreError(
+                f"cannot open database {self.path.with_suffix('')}: cannot open lock file "
+                f"{self.path}: {exc.strerror or exc}"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -446,7 +452,9 @@ async def run_daemon(
     lock.acquire()
     try:
         store = await SQLiteStore.open(
-            settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
+            settings.database.path,
+            busy_timeout_ms=round(settings.database.busy_timeout * 1000),
+            busy_patience=max(settings.database.busy_patience, settings.database.busy_timeout),
         )
         try:
             daemon = Daemon(

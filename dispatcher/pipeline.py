@@ -212,6 +212,10 @@ class Pipeline:
         self, dispatch: Dispatch, index: int, step: Step, flight: InFlight
     ) -> Verdict:
         history = await self._history(dispatch, index)
+        if history.succeeded:
+            # Its success is recorded, but the daemon died before `advance`: never rerun.
+            log.info("step_already_succeeded", step_index=index)
+            return Verdict.SUCCEEDED
         if history.interruptions >= self.settings.daemon.max_interruptions:
             reason = f"step {step.name!r} was interrupted {history.interruptions} times; giving up"
             await self._finish(dispatch, DispatchStatus.FAILED, reason)
@@ -246,7 +250,7 @@ class Pipeline:
         have any: steps run in order, and a failure re-queues the whole dispatch."""
         first = PLAN_STEP_INDEX if dispatch.plan is None else dispatch.current_step
         if not dispatch.resumed or index != first:
-            return StepHistory(attempts=0, failures=0, interruptions=0)
+            return StepHistory(attempts=0, failures=0, interruptions=0, succeeded=False)
         return StepHistory.of(await self._store.step_attempts(dispatch.id, index))
 
     async def _after_failure(

@@ -29,10 +29,13 @@ class StepHistory:
     failures: int
     interruptions: int
     """Attempts cut short by a daemon crash; a graceful shutdown does not count."""
+    succeeded: bool = False
+    """An attempt already succeeded (the daemon died before it recorded the advance)."""
 
     @classmethod
     def of(cls, attempts: list[Attempt]) -> StepHistory:
         return cls(
+            succeeded=any(a.status is AttemptStatus.SUCCEEDED for a in attempts),
             attempts=len(attempts),
             failures=sum(1 for a in attempts if a.status in FAILURE_STATUSES),
             interruptions=sum(

@@ -7,7 +7,7 @@ objects; they never print and never parse command lines.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +22,7 @@ from dispatcher.store.base import Store
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
 MAX_PRIORITY = 2**31 - 1
+"""Priorities are 32-bit: what the API's schema says, well inside SQLite's 64 bits."""
 SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority"})
 
 
@@ -45,8 +46,8 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         raise BadRequest(f"params must be a JSON object, got {type(request.params).__name__}")
     if any(not isinstance(name, str) for name in request.params):
         raise BadRequest("params: names must be strings")
-    if request.key is not None and not (0 < len(request.key) <= MAX_KEY_LENGTH):
-        raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
+    if request.key is not None:
+        _check_key(request.key)
     priority = task.priority if request.priority is None else request.priority
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise BadRequest(f"priority must be an integer, got {priority!r}")
@@ -60,6 +61,15 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         priority=priority,
         gate_key=task_gate_key(request.task, task, request.params),
     )
+
+
+def _check_key(key: str) -> None:
+    if not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # e.g. undecodable bytes in argv, or a lone surrogate in JSON
+        raise BadRequest("key must be valid UTF-8 text") from None
 
 
 async def submit(
@@ -112,12 +122,22 @@ def validate_batch(settings: Settings, lines: Iterable[str]) -> list[NewDispatch
 
 
 async def submit_batch(
-    store: Store, clock: Clock, news: list[NewDispatch]
+    store: Store,
+    clock: Clock,
+    news: list[NewDispatch],
+    on_chunk: Callable[[list[Reservation | Exception]], None] | None = None,
 ) -> list[Reservation | Exception]:
-    """Reserve validated dispatches, one transaction per chunk of `BATCH_CHUNK`."""
+    """Reserve validated dispatches, one transaction per chunk of `BATCH_CHUNK`.
+
+    `on_chunk` sees each chunk's answers once that chunk is committed, so a caller can
+    report what was saved even when a later chunk fails (e.g. the disk is full).
+    """
     answers: list[Reservation | Exception] = []
     for chunk in _chunks(news, BATCH_CHUNK):
-        answers.extend(await store.reserve_many(chunk, clock.now()))
+        saved = await store.reserve_many(chunk, clock.now())
+        answers.extend(saved)
+        if on_chunk is not None:
+            on_chunk(saved)
     return answers
 
 

@@ -31,6 +31,9 @@ from dispatcher.runners.base import LineSink, Outcome
 MAX_LINE = 64 * 1024
 """A longer line reaches `on_line` in pieces of this many bytes (memory stays bounded)."""
 
+MAX_KEPT_STDOUT = 16 * 1024 * 1024
+"""With `keep_stdout` (a planner's plan), more stdout than this fails the run."""
+
 _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 1.0
 """How long to keep reading the pipes after the group is gone (see `_supervise`)."""
@@ -56,7 +59,8 @@ async def run_process(
 
     Each line of stdout and stderr goes to `on_line(stream, line)` (utf-8, invalid bytes
     replaced, newline stripped). `Outcome.output` is the last `tail_bytes` of both
-    streams in arrival order; `Outcome.stdout` is the whole stdout when `keep_stdout`.
+    streams in arrival order; `Outcome.stdout` is the whole stdout when `keep_stdout`
+    (more than `MAX_KEPT_STDOUT` bytes of it fail the run: memory stays bounded).
     A program that cannot be started is a failed Outcome, not an exception. On
     cancellation the process group is stopped (shielded) and the cancellation re-raised.
 
@@ -386,11 +390,16 @@ class _Output:
         self._keep = max(0, tail_bytes)
         self._tail = bytearray()
         self._stdout = bytearray() if keep_stdout else None
+        self.stdout_overflowed = False
 
     def add(self, stream: str, raw: bytes, text: str) -> None:
         """Record one line (or piece of a long line) of `stream`."""
         if self._stdout is not None and stream == "stdout":
-            self._stdout += raw
+            if len(self._stdout) + len(raw) > MAX_KEPT_STDOUT:
+                self.stdout_overflowed = True
+                self._stdout.clear()
+            elif not self.stdout_overflowed:
+                self._stdout += raw
         self._tail += raw
         if len(self._tail) > 2 * self._keep:  # trim in batches: amortised O(1) per byte
             del self._tail[: len(self._tail) - self._keep]
@@ -429,6 +438,8 @@ def _outcome(returncode: int | None, timed_out: bool, timeout: float, output: _O
         status, error = AttemptStatus.TIMED_OUT, f"timed out after {format_duration(timeout)}"
     elif returncode is None:
         error = "did not exit after SIGKILL"
+    elif output.stdout_overflowed:
+        error = f"printed more than {MAX_KEPT_STDOUT // (1024 * 1024)} MiB on stdout"
     elif returncode == 0:
         status = AttemptStatus.SUCCEEDED
     elif returncode > 0:

@@ -1,11 +1,13 @@
-"""The SQLite store: the `Store` protocol on one aiosqlite connection.
+"""The SQLite store: the `Store` protocol on one `sqlite3` connection in WAL mode.
 
-Every statement runs under one `asyncio.Lock`, so coroutines sharing the connection
-never interleave inside each other's transactions. A read-modify-write takes the
-write lock up front (`BEGIN IMMEDIATE`): in WAL mode a deferred transaction that
-upgrades from read to write fails with SQLITE_BUSY_SNAPSHOT, which no busy timeout
-can wait out. Other processes (the CLI beside the daemon) are serialized by SQLite's
-own lock and `busy_timeout`. Driver errors become `StoreBusy` / `StoreError` here.
+Every statement runs on the store's writer thread (`writer.py`), in batches: one
+transaction and one hop back to the event loop for everything that was queued
+together. A read-modify-write runs as one job (or as an exclusive transaction), under
+`BEGIN IMMEDIATE`: in WAL mode a deferred transaction that upgrades from read to write
+fails with SQLITE_BUSY_SNAPSHOT, which no busy timeout can wait out. Other processes
+(the CLI beside the daemon) are serialized by SQLite's own lock and `busy_timeout`;
+a `BEGIN` that still fails as busy is retried by the writer with backoff until
+`busy_patience` has passed. Driver errors become `StoreBusy` / `StoreError` here.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
 from dispatcher.models import (
@@ -48,9 +50,10 @@ from dispatcher.models import (
     Step,
 )
 from dispatcher.store.sql import query
-from dispatcher.store.writer import SQLiteWriter
+from dispatcher.store.writer import SQLiteWriter, is_busy
 
 Params = Mapping[str, Any]
+T = TypeVar("T")
 
 CANCELLED_BEFORE_START = "cancelled before it started"
 
@@ -79,17 +82,6 @@ def _time_or_none(text: str | None) -> datetime | None:
 
 # -- driver errors -------------------------------------------------------------------------
 
-_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-
-
-def is_busy(exc: sqlite3.Error) -> bool:
-    """Whether SQLite gave up waiting for a lock held by another connection."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return (code & 0xFF) in _BUSY_CODES  # extended codes keep the primary in the low byte
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
 
 @contextmanager
 def wrap_exceptions(path: Path, doing: str = "use") -> Iterator[None]:
@@ -99,7 +91,17 @@ def wrap_exceptions(path: Path, doing: str = "use") -> Iterator[None]:
     except sqlite3.Error as exc:
         if is_busy(exc):
             raise StoreBusy(f"database {path} is busy: {exc}; try again") from exc
-        raise StoreError(f"cannot {doing} database {path}: {exc}") from exc
+        hint = _WRITE_FAILED_HINT if _primary_code(exc) in _WRITE_FAILED_CODES else ""
+        raise StoreError(f"cannot {doing} database {path}: {exc}{hint}") from exc
+
+
+_WRITE_FAILED_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+_WRITE_FAILED_HINT = " (is the disk full or the file size limited? nothing half-written was kept)"
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 # -- migrations ----------------------------------------------------------------------------
@@ -296,12 +298,19 @@ class SQLiteStore:
         self._busy_timeout = busy_timeout
 
     @classmethod
-    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> SQLiteStore:
-        """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward."""
+    async def open(
+        cls, path: Path, *, busy_timeout_ms: int = 5000, busy_patience: float | None = None
+    ) -> SQLiteStore:
+        """Connect, configure (WAL, foreign keys, busy timeout) and migrate forward.
+
+        `busy_patience` (seconds, default: the busy timeout) bounds how long one call
+        keeps trying while the database is busy before it raises `StoreBusy`.
+        """
         path = Path(path)
         _ensure_parent(path)
         busy_timeout = busy_timeout_ms / 1000
-        writer = SQLiteWriter(path, busy_timeout)
+        patience = busy_timeout if busy_patience is None else busy_patience
+        writer = SQLiteWriter(path, busy_timeout, busy_patience=patience)
         store = cls(writer, path, busy_timeout)
         try:
             with wrap_exceptions(path, "open"):

@@ -19,24 +19,43 @@ waiting callers with one hop back to the loop:
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
+# stdlib logging for busy waits: the daemon routes it into its JSON stream; the CLI,
+# which configures no logging, stays silent.
+store_log = logging.getLogger("dispatcher.store")
+store_log.addHandler(logging.NullHandler())
 
-log = structlog.get_logger("dispatcher.store")
+BUSY_BACKOFF_MAX = 0.25
+"""Longest pause between two tries of a BEGIN that found the database busy."""
 
 T = TypeVar("T")
 Fn = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 512
 """Jobs in one transaction at most: bounds the time the write lock is held."""
+
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite gave up waiting for a lock held by another connection."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _BUSY_CODES  # extended codes keep the primary in the low byte
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 @dataclass(eq=False, slots=True)
@@ -74,9 +93,10 @@ _STOP = object()
 class SQLiteWriter:
     """Owns the connection and its thread; see the module docstring."""
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
+    def __init__(self, path: Path, busy_timeout: float, busy_patience: float | None = None) -> None:
         self._path = path
         self._busy_timeout = busy_timeout
+        self._busy_patience = busy_timeout if busy_patience is None else busy_patience
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -203,7 +223,7 @@ class SQLiteWriter:
     def _run_batch(self, connection: sqlite3.Connection, batch: list[_Job]) -> None:
         write = any(job.write for job in batch)
         try:
-            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._begin(connection, "BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
             self._settle([(job, exc, False) for job in batch])
             return
@@ -234,7 +254,7 @@ class SQLiteWriter:
 
     def _serve_exclusive(self, connection: sqlite3.Connection, tx: _Exclusive) -> None:
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            self._begin(connection, "BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._deliver([(tx.started, exc, False)])
             return
@@ -255,13 +275,52 @@ class SQLiteWriter:
                 self._deliver([(item.future, *outcome)])
             return
 
+    def _begin(self, connection: sqlite3.Connection, statement: str) -> None:
+        """BEGIN, tried again with backoff while the database is busy, up to the patience.
+
+        SQLite's busy handler already waited `busy_timeout` inside each try; it is not
+        called at all in some cases (WAL recovery, a lock upgrade), hence the loop. A
+        BEGIN that fails changes nothing, so trying again is safe.
+        """
+        started = time.monotonic()
+        delay, tries, next_log = 0.005, 0, 0.0
+        while True:
+            try:
+                connection.execute(statement)
+            except sqlite3.OperationalError as exc:
+                waited = time.monotonic() - started
+                if not is_busy(exc) or waited + delay > self._busy_patience:
+                    raise
+                tries += 1
+                if waited >= next_log:  # at the first busy, then once per busy timeout
+                    self._log_busy(exc, waited, tries)
+                    next_log = waited + max(self._busy_timeout, 1.0)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, BUSY_BACKOFF_MAX)
+                continue
+            if tries:
+                waited_ms = round((time.monotonic() - started) * 1000)
+                store_log.info("database_available", extra={"waited_ms": waited_ms, "tries": tries})
+            return
+
+    def _log_busy(self, exc: sqlite3.Error, waited: float, tries: int) -> None:
+        fields = {
+            "database": str(self._path),
+            "error": str(exc),
+            "waited_ms": round(waited * 1000),
+            "tries": tries,
+            "patience_ms": round(self._busy_patience * 1000),
+        }
+        store_log.warning("database_busy", extra=fields)
+
     def _settle(self, results: list[tuple[_Job, Any, bool]]) -> None:
         delivered = []
         for job, value, ok in results:
             if job.future is not None:
                 delivered.append((job.future, value, ok))
             elif not ok:
-                log.error("store_write_failed", database=str(self._path), error=str(value))
+                fields = {"database": str(self._path), "error": str(value)}
+                store_log.error("store_write_failed", extra=fields)
         if delivered:
             self._deliver(delivered)
 

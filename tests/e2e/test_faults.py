@@ -1,0 +1,286 @@
+"""Faults in the surroundings, each met with a clear log event or one-line error, and
+no lost or corrupt state: a read-only database folder, a full disk, a database locked
+by another process past `busy_timeout`, a step ignoring SIGTERM, a step printing
+megabytes, a planner that hangs."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Daemon, _env, wait_until
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+[database]
+path = "state/dispatcher.db"
+busy_timeout = "{busy}"
+
+[daemon]
+poll_interval = "100ms"
+kill_grace = "500ms"
+heartbeat_interval = "500ms"
+instance_ttl = "3s"
+
+[log]
+child_lines = false
+
+[runners.sh]
+type = "exec"
+
+[runners.noop]
+type = "noop"
+
+[tasks.hello]
+steps = [{{ name = "s", runner = "noop", args = ["{{n}}"] }}]
+
+[[tasks.stubborn.steps]]
+name = "s"
+runner = "sh"
+timeout = "1s"
+args = ["{python}", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"]
+
+[[tasks.chatty.steps]]
+name = "s"
+runner = "sh"
+args = ["{python}", "-c", "import sys; [sys.stdout.write('x' * 1023 + chr(10)) for _ in range(8 * 1024)]; print('the end')"]
+
+[tasks.hung_planner]
+planner = "command"
+command = ["{python}", "-c", "import time; time.sleep(60)"]
+timeout = "1s"
+"""  # noqa: E501
+
+
+def write_config(tmp_path: Path, busy: str = "5s") -> Path:
+    config = tmp_path / "dispatcher.toml"
+    config.write_text(CONFIG.format(busy=busy, python=sys.executable))
+    return config
+
+
+def cli(config: Path, *args: str, stdin: str | None = None, **popen: Any) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", "--config", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=config.parent,
+        env=_env(),
+        **popen,
+    )
+
+
+def db_file(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "dispatcher.db"
+
+
+def integrity(path: Path) -> str:
+    with closing(sqlite3.connect(path)) as db:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+# -- a read-only database folder -------------------------------------------------------------
+
+_PR_CAPBSET_DROP = 24
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_FOWNER = 1, 2, 3
+
+
+def _without_file_privileges() -> None:
+    """preexec: as root, drop the capabilities that ignore file permissions (on exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_FOWNER):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            os._exit(99)
+
+
+def bound_by_permissions() -> dict[str, Any]:
+    """Popen options that make a child obey file permissions, even when we are root."""
+    return {"preexec_fn": _without_file_privileges} if os.geteuid() == 0 else {}
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing-db", "new-db"])
+def test_a_read_only_folder_is_one_line_and_exit_73(tmp_path: Path, exists: bool) -> None:
+    config = write_config(tmp_path)
+    folder = db_file(tmp_path).parent
+    folder.mkdir()
+    if exists:
+        assert cli(config, "submit", "hello", "--param", "n=1").returncode == 0
+    os.chmod(folder, 0o555)
+    try:
+        for command in (["submit", "hello", "--param", "n=2"], ["run"]):
+            result = cli(config, *command, **bound_by_permissions())
+            if result.returncode == 99:
+                pytest.skip("cannot drop root's file capabilities here")
+            assert result.returncode == 73, (command, result.stdout, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("dispatcher: error: cannot open"), lines
+            assert str(folder) in lines[0] and "Traceback" not in result.stdout
+    finally:
+        os.chmod(folder, 0o755)
+    if exists:
+        assert integrity(db_file(tmp_path)) == "ok"
+        assert json.loads(cli(config, "show", "1", "--json").stdout)["status"] == "queued"
+
+
+# -- the disk filling up mid-write -----------------------------------------------------------
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Past the limit a write fails with EFBIG (SIGXFSZ ignored): a full disk, to SQLite.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+def test_a_full_disk_mid_batch_keeps_whole_chunks_only(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert cli(config, "submit", "hello", "--param", "n=first").returncode == 0
+    pad = "p" * 400
+    lines = "".join(
+        json.dumps({"task": "hello", "params": {"n": str(i), "pad": pad}, "key": f"k{i}"}) + "\n"
+        for i in range(5000)
+    )
+    # Room for the first chunk of 1000 lines in the WAL, not for all five.
+    result = cli(
+        config, "submit", "--batch", "-", stdin=lines, preexec_fn=_file_size_limit(1_500_000)
+    )
+
+    assert result.returncode == 73, result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and "disk full or the file size limited" in error[0], error
+    answered = [json.loads(line) for line in result.stdout.splitlines()]
+    assert f"({len(answered)} of 5000 lines saved and answered)" in error[0]
+    assert len(answered) % 1000 == 0  # whole chunks: a failed chunk leaves nothing
+    assert integrity(db_file(tmp_path)) == "ok"
+    with closing(sqlite3.connect(db_file(tmp_path))) as db:
+        (rows,) = db.execute("SELECT COUNT(*) FROM dispatches").fetchone()
+    assert rows == 1 + len(answered)
+    # Without the limit the same batch completes, idempotently.
+    again = cli(config, "submit", "--batch", "-", stdin=lines)
+    assert again.returncode == 0, again.stderr
+    answers = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [a["id"] for a in answers[: len(answered)]] == [a["id"] for a in answered]
+    assert sum(a["created"] for a in answers) == 5000 - len(answered)
+
+
+# -- a database locked by another process ----------------------------------------------------
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[threading.Event]:
+    """Another connection holds `BEGIN EXCLUSIVE` until the yielded event is set."""
+    release, locked = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(60)
+            db.execute("ROLLBACK")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        yield release
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_lock_past_busy_timeout_cli_exits_75_and_the_daemon_waits(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    config = write_config(tmp_path, busy="200ms")
+    daemon: Daemon = make_daemon(config.read_text())
+    daemon.start()
+    lines = [json.dumps({"task": "hello", "params": {"n": f"{i}"}}) for i in range(50)]
+    batch = "\n".join(lines) + "\n"
+    assert daemon.cli("submit", "--batch", "-", stdin=batch).returncode == 0
+
+    with exclusive_lock(db_file(tmp_path)) as release:
+        refused = daemon.cli("submit", "hello", "--param", "n=locked")
+        daemon.wait_for_event("database_busy", timeout=20)
+        release.set()
+
+    assert refused.returncode == 75, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "is busy" in refused.stderr
+    daemon.wait_for_event("database_available", timeout=20)
+    assert daemon.cli("submit", "hello", "--param", "n=after").returncode == 0
+    wait_until(lambda: _statuses(daemon) == {"succeeded": 51}, timeout=60)
+    assert daemon.stop() == 0
+    events = {event["event"] for event in daemon.events()}
+    assert "daemon_crashed" not in events and "dispatch_crashed" not in events
+    assert daemon.cli_json("gates")["rows"]["held"] == 0
+    assert integrity(db_file(tmp_path)) == "ok"
+
+
+def _statuses(daemon: Daemon) -> dict[str, int]:
+    rows = daemon.cli_json("list", "--limit", "1000")
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
+# -- misbehaving steps and planners ------------------------------------------------------------
+
+
+def _finished(daemon: Daemon, dispatch_id: str) -> dict[str, Any]:
+    wait_until(
+        lambda: daemon.cli_json("show", dispatch_id)["status"] in ("succeeded", "failed"),
+        timeout=60,
+    )
+    shown: dict[str, Any] = daemon.cli_json("show", dispatch_id)
+    return shown
+
+
+def test_misbehaving_steps_and_planners_fail_alone_with_a_reason(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    daemon: Daemon = make_daemon(write_config(tmp_path).read_text())
+    daemon.start()
+    ids = {
+        task: daemon.cli_json("submit", task)["id"]
+        for task in ("stubborn", "chatty", "hung_planner")
+    }
+
+    stubborn = _finished(daemon, str(ids["stubborn"]))
+    assert stubborn["status"] == "failed"
+    assert stubborn["error"] == "step 's' failed after 1 attempt: timed out after 1s"
+    assert stubborn["attempts"][0]["status"] == "timed_out"
+    assert stubborn["attempts"][0]["output"].strip() == "ready"
+
+    chatty = _finished(daemon, str(ids["chatty"]))
+    assert chatty["status"] == "succeeded"
+    output = chatty["attempts"][0]["output"]
+    assert len(output.encode()) <= 8192 and output.endswith("the end\n")
+
+    hung = _finished(daemon, str(ids["hung_planner"]))
+    assert hung["status"] == "failed"
+    assert hung["error"] == "planner failed: timed out after 1s"
+    assert hung["plan"] is None
+
+    # Nothing of theirs is left running, and the daemon serves on.
+    assert daemon.cli("submit", "hello", "--param", "n=1", "--wait").returncode == 0
+    assert daemon.stop() == 0
+    assert daemon.cli_json("gates")["rows"]["held"] == 0
+    events = [e for e in daemon.events() if e["event"] == "attempt_finished"]
+    assert {e.get("status") for e in events} >= {"timed_out", "succeeded"}
