@@ -362,11 +362,13 @@ class SQLiteStore:
         with wrap_exceptions(self._path, doing):
             yield
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool = True) -> Any:
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], Any], *, write: bool = True, atomic: bool = False
+    ) -> Any:
         """Run fn on the writer thread in the next batch; errors become store errors."""
         with self._wrap():
             try:
-                return await self._writer.call(fn, write=write)
+                return await self._writer.call(fn, write=write, atomic=atomic)
             except sqlite3.ProgrammingError as exc:
                 raise StoreError(f"database {self._path}: the store is closed") from exc
 
@@ -413,7 +415,7 @@ class SQLiteStore:
 
     async def check_and_reserve(self, new: NewDispatch, now: datetime) -> Reservation:
         """Create a `queued` dispatch, or answer the one already holding `new.key`."""
-        reservation: Reservation = await self._call(lambda db: _reserve(db, new, now))
+        reservation: Reservation = await self._call(lambda db: _reserve(db, new, now), atomic=True)
         return reservation
 
     async def reserve_many(
@@ -432,7 +434,7 @@ class SQLiteStore:
                     answers.append(exc)
             return answers
 
-        result: list[Reservation | Exception] = await self._call(reserve_all)
+        result: list[Reservation | Exception] = await self._call(reserve_all, atomic=True)
         return result
 
     # -- the dispatch loop ------------------------------------------------------------

@@ -6,8 +6,9 @@ work to one thread that runs everything waiting in one transaction and wakes all
 waiting callers with one hop back to the loop:
 
 - `call(fn)`: run `fn(connection)` in the next batch; the await returns once the batch
-  has committed (durable) and answers fn's result or raises its exception. Each job
-  runs under its own SAVEPOINT, so one failing job never undoes its neighbours.
+  has committed (durable) and answers fn's result or raises its exception. A failing
+  job never undoes its neighbours: a single statement is atomic by itself, and a job
+  of several statements (`atomic=True`) runs under its own SAVEPOINT.
 - `post(fn)`: the same without waiting (gate mirror rows: recovery at start releases
   every open row, so they need no durability before the caller proceeds). Jobs run in
   the order they were queued, so a later `call` commits every earlier `post`.
@@ -63,6 +64,9 @@ class _Job:
     fn: Fn
     future: asyncio.Future[Any] | None
     write: bool = True
+    atomic: bool = False
+    """Runs several statements: wrap it in a SAVEPOINT so a failure undoes all of them.
+    (One statement is atomic by itself: a failing statement changes nothing.)"""
 
 
 @dataclass(eq=False)
@@ -113,10 +117,15 @@ class SQLiteWriter:
         self._thread.start()
         await ready
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
-        """Run fn in the next batch; return its result once the batch has committed."""
+    async def call(
+        self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True, atomic: bool = False
+    ) -> T:
+        """Run fn in the next batch; return its result once the batch has committed.
+
+        `atomic`: fn runs several statements that must stand or fall together.
+        """
         future = self._running_loop().create_future()
-        self._queue.put(_Job(fn, future, write))
+        self._queue.put(_Job(fn, future, write, atomic))
         result: T = await future
         return result
 
@@ -227,7 +236,7 @@ class SQLiteWriter:
         except sqlite3.Error as exc:
             self._settle([(job, exc, False) for job in batch])
             return
-        results = [self._run_job(connection, job, len(batch) > 1) for job in batch]
+        results = [self._run_job(connection, job, job.atomic) for job in batch]
         try:
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
