@@ -29,6 +29,7 @@ from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, DispatcherError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
+from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, Instance
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
@@ -134,13 +135,15 @@ class Daemon:
             runners=build_runners(settings),
             instance_id=self.instance_id,
         )
+        self.maintenance = Maintenance(lambda: self.settings, store, self.clock)
 
     async def run(self) -> None:
         """Recover, serve until told to stop, drain; return when everything is released."""
         structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
         await self._start()
         try:
-            async with anyio.create_task_group() as tg:
+            # The scheduler starts after recovery and stops once the work has drained.
+            async with self.maintenance, anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._cancel_watch_loop)
@@ -294,6 +297,7 @@ class Daemon:
         self.pipeline.settings = settings
         self.pipeline.runners = build_runners(settings)
         self.gate.reconfigure(gate_capacities(settings))
+        self.maintenance.reschedule(settings)
         log.info("config_reloaded", gates=gate_capacities(settings))
         self.state.wake.set()
 

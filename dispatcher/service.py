@@ -17,6 +17,7 @@ from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, NotFound
 from dispatcher.models import Attempt, Dispatch, DispatchStatus, NewDispatch, Reservation
 from dispatcher.planners import check_params, task_gate_key
+from dispatcher.purge import gate_cutoff
 from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
@@ -200,8 +201,11 @@ def _capacity(settings: Settings, configured: Mapping[str, int], gate: str) -> i
     return None
 
 
-async def gates_report(settings: Settings, store: Store) -> dict[str, Any]:
-    """Every gate with capacity, held count and holders, from the `gates` rows."""
+async def gates_report(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+    """Every gate with capacity, held count and holders, from the `gates` rows.
+
+    `rows.purgeable`: released rows old enough for the next purge to delete.
+    """
     configured = gate_capacities(settings)
     holders: dict[str, list[str]] = {name: [] for name in configured}
     for row in await store.held_slots():
@@ -216,7 +220,9 @@ async def gates_report(settings: Settings, store: Store) -> dict[str, Any]:
         }
         for name in sorted(holders, key=lambda n: (n != "global", n))
     ]
-    return {"gates": gates, "rows": {"held": counts.held, "released": counts.released}}
+    purgeable = await store.count_purgeable(gate_cutoff(settings, clock.now()))
+    rows = {"held": counts.held, "released": counts.released, "purgeable": purgeable}
+    return {"gates": gates, "rows": rows}
 
 
 async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dispatcher.models import (
     AttemptStatus,
     Dispatch,
     DispatchStatus,
+    ExpiredDispatches,
     GateRowCounts,
     Instance,
     NewDispatch,
@@ -314,6 +315,8 @@ class SQLiteStore:
         async with self._lock:
             db = self._connection()
             with self._wrap("open"):
+                # Before WAL and before any table: only then does a new database take it.
+                await db.execute_fetchall(query("auto_vacuum_incremental"))
                 await self._enable_wal(db)
                 await db.execute_fetchall("PRAGMA synchronous = NORMAL")
                 await db.execute_fetchall("PRAGMA foreign_keys = ON")
@@ -348,6 +351,14 @@ class SQLiteStore:
             db = self._connection()
             with self._wrap():
                 return list(await db.execute_fetchall(query(name), params or {}))
+
+    async def _run_count(self, name: str, params: Params) -> int:
+        """One named write statement on its own (autocommit); answer the rows it changed."""
+        async with self._lock:
+            db = self._connection()
+            with self._wrap():
+                async with db.execute(query(name), params) as cursor:
+                    return max(cursor.rowcount, 0)
 
     @asynccontextmanager
     async def _transaction(self, doing: str = "use") -> AsyncIterator[_Tx]:
@@ -575,6 +586,57 @@ class SQLiteStore:
         row = (await self._run("gate_row_counts"))[0]
         return GateRowCounts(held=row["held"], released=row["released"])
 
+    # -- purge and retention ----------------------------------------------------------
+
+    async def purge_released(self, before: datetime, batch_size: int) -> int:
+        """Delete one batch of gate rows released before `before`, oldest first."""
+        params = {"before": to_db_time(before), "batch_size": batch_size}
+        return await self._run_count("purge_released", params)
+
+    async def count_purgeable(self, before: datetime) -> int:
+        """How many gate rows were released before `before`."""
+        rows = await self._run("count_purgeable", {"before": to_db_time(before)})
+        count: int = rows[0]["n"]
+        return count
+
+    async def purge_finished_dispatches(
+        self, before: datetime, batch_size: int
+    ) -> ExpiredDispatches:
+        """Delete one batch of final dispatches finished before `before`, with attempts."""
+        params = {"before": to_db_time(before), "batch_size": batch_size}
+        async with self._transaction() as tx:
+            attempts = await tx.count("retention_attempts", params)
+            dispatches = await tx.count("retention_dispatches", params)
+        return ExpiredDispatches(dispatches=dispatches, attempts=attempts)
+
+    async def count_expired_dispatches(self, before: datetime) -> ExpiredDispatches:
+        """How many final dispatches finished before `before`, and their attempts."""
+        row = (await self._run("count_expired", {"before": to_db_time(before)}))[0]
+        return ExpiredDispatches(dispatches=row["dispatches"], attempts=row["attempts"])
+
+    async def reclaim_space(self) -> int:
+        """One `incremental_vacuum` step; how many free pages went back to the system."""
+        async with self._lock:
+            db = self._connection()
+            with self._wrap():
+                before = await self._freelist_count(db)
+                if before == 0:
+                    return 0
+                # executescript steps the PRAGMA to the end (see queries.sql).
+                await db.executescript(query("incremental_vacuum"))
+                after = await self._freelist_count(db)
+        return max(before - after, 0)
+
+    @staticmethod
+    async def _freelist_count(db: aiosqlite.Connection) -> int:
+        rows = list(await db.execute_fetchall(query("freelist_count")))
+        count: int = rows[0][0]
+        return count
+
+    async def optimize(self) -> None:
+        """`PRAGMA optimize`: re-analyse the tables whose statistics went stale."""
+        await self._run("optimize")
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def recover(self, instance_id: str, now: datetime) -> RecoveryReport:
@@ -628,6 +690,11 @@ class _Tx:
     async def run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
         """One named statement, all rows fetched (so the statement is reset)."""
         return list(await self._db.execute_fetchall(query(name), params or {}))
+
+    async def count(self, name: str, params: Params) -> int:
+        """One named write statement; the rows it changed."""
+        async with self._db.execute(query(name), params) as cursor:
+            return max(cursor.rowcount, 0)
 
     async def apply(self, migration: Migration) -> None:
         """Every statement of a migration, then its version row."""
