@@ -61,6 +61,7 @@ class Maintenance:
         self._clock = clock
         self._scheduler: AsyncIOScheduler | None = None
         self._running: dict[asyncio.Task[Any], anyio.CancelScope] = {}
+        self._schedule = ""
 
     async def __aenter__(self) -> Maintenance:
         self.start()
@@ -99,6 +100,7 @@ class Maintenance:
             scheduler.add_job(job, cron(settings), id=job_id, name=job_id, next_run_time=first)
         scheduler.start()
         self._scheduler = scheduler
+        self._schedule = settings.purge.schedule
         log.info(
             "maintenance_started",
             schedule=settings.purge.schedule,
@@ -106,9 +108,14 @@ class Maintenance:
         )
 
     def reschedule(self, settings: Settings) -> None:
-        """Apply a new `purge.schedule` (after a config reload)."""
-        if self._scheduler is None:
+        """Apply a new `purge.schedule` (after a config reload); an unchanged one is kept.
+
+        Rescheduling recomputes the next run from the cron, which would drop a pending
+        run after start, hence the check.
+        """
+        if self._scheduler is None or settings.purge.schedule == self._schedule:
             return
+        self._schedule = settings.purge.schedule
         for job_id in (PURGE_GATES, RETENTION):
             self._scheduler.reschedule_job(job_id, trigger=cron(settings))
 
