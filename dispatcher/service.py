@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from dispatcher.clock import Clock
+from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, NotFound
 from dispatcher.models import Attempt, Dispatch, DispatchStatus, NewDispatch, Reservation
@@ -201,7 +201,9 @@ def _capacity(settings: Settings, configured: Mapping[str, int], gate: str) -> i
     return None
 
 
-async def gates_report(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+async def gates_report(
+    settings: Settings, store: Store, clock: Clock | None = None
+) -> dict[str, Any]:
     """Every gate with capacity, held count and holders, from the `gates` rows.
 
     `rows.purgeable`: released rows old enough for the next purge to delete.
@@ -220,7 +222,8 @@ async def gates_report(settings: Settings, store: Store, clock: Clock) -> dict[s
         }
         for name in sorted(holders, key=lambda n: (n != "global", n))
     ]
-    purgeable = await store.count_purgeable(gate_cutoff(settings, clock.now()))
+    now = (clock or SystemClock()).now()
+    purgeable = await store.count_purgeable(gate_cutoff(settings, now))
     rows = {"held": counts.held, "released": counts.released, "purgeable": purgeable}
     return {"gates": gates, "rows": rows}
 
