@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from dispatcher import __version__, service
+from dispatcher import __version__, purge, service
 from dispatcher.clock import SystemClock
 from dispatcher.config import Settings, find_config, load_settings
 from dispatcher.errors import (
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--json", action="store_true")
     gates = sub.add_parser("gates", help="every gate: capacity, held, holders; row counts")
     gates.add_argument("--json", action="store_true")
+    purge = sub.add_parser("purge", help="run the purge and retention jobs once, now")
+    purge.add_argument(
+        "--dry-run", action="store_true", help="report what would go; delete nothing"
+    )
+    purge.add_argument("--json", action="store_true")
     sub.add_parser("check-config", help="validate the configuration and exit")
     health = sub.add_parser("health", help="exit 0 when a live daemon heartbeats here")
     health.add_argument("--json", action="store_true")
@@ -323,7 +328,7 @@ async def _cancel(args: argparse.Namespace, settings: Settings, store: Store) ->
 
 
 async def _gates(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.gates_report(settings, store)
+    data = await service.gates_report(settings, store, SystemClock())
     if args.json:
         _print_json(data)
         return EX_OK
@@ -331,7 +336,38 @@ async def _gates(args: argparse.Namespace, settings: Settings, store: Store) -> 
         holders = ", ".join(gate["holders"][:5]) + (" ..." if len(gate["holders"]) > 5 else "")
         print(f"{gate['name']:<30} {gate['held']:>4}/{gate['capacity']:<4} {holders}")
     rows = data["rows"]
-    print(f"gate rows: {rows['held']} held, {rows['released']} released")
+    print(
+        f"gate rows: {rows['held']} held, {rows['released']} released "
+        f"({rows['purgeable']} purgeable)"
+    )
+    return EX_OK
+
+
+async def _purge(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await purge.purge_now(settings, store, SystemClock(), dry_run=args.dry_run)
+    if args.json:
+        _print_json(data)
+        return EX_OK
+    gates, dispatches = data["gates"], data["dispatches"]
+    if args.dry_run:
+        print(f"would purge {gates['purgeable']} gate rows released before {gates['before']}")
+    else:
+        print(
+            f"purged {gates['deleted']} gate rows released before {gates['before']} "
+            f"in {gates['batches']} batches"
+        )
+    if dispatches["before"] is None:
+        print("dispatches: kept forever (retention.dispatches = 0)")
+    elif args.dry_run:
+        print(
+            f"would delete {dispatches['expired']} dispatches finished before "
+            f"{dispatches['before']} ({dispatches['attempts']} attempts)"
+        )
+    else:
+        print(
+            f"deleted {dispatches['deleted']} dispatches finished before "
+            f"{dispatches['before']} ({dispatches['attempts_deleted']} attempts)"
+        )
     return EX_OK
 
 
@@ -398,6 +434,7 @@ _HANDLERS: dict[str, Handler] = {
     "list": _list,
     "cancel": _cancel,
     "gates": _gates,
+    "purge": _purge,
     "health": _health,
     "status": _status,
 }

@@ -161,6 +161,8 @@ class PurgeSettings(_Section):
     gate_retention: Duration = 7 * 86400.0
     schedule: str = "17 3 * * *"
     batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    startup_delay: Duration = 30.0
+    """The purge and retention jobs also run once this long after the daemon starts."""
 
     @field_validator("schedule")
     @classmethod
@@ -176,6 +178,8 @@ class PurgeSettings(_Section):
 
 class RetentionSettings(_Section):
     dispatches: Duration = 30 * 86400.0
+    """Finished dispatches older than this are deleted with their attempts; 0 keeps them."""
+    batch_size: int = Field(default=1000, ge=1, le=1_000_000)
 
 
 class LogSettings(_Section):

@@ -29,6 +29,7 @@ from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, DispatcherError, StoreError, Unavailable
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
+from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
 from dispatcher.notify import Notifier
 from dispatcher.observe import NullObserver, Observer
@@ -154,13 +155,15 @@ class Daemon:
             instance_id=self.instance_id,
             observer=self.observer,
         )
+        self.maintenance = Maintenance(lambda: self.settings, store, self.clock, self.observer)
 
     async def run(self) -> None:
         """Recover, serve until told to stop, drain; return when everything is released."""
         structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
         await self._start()
         try:
-            async with anyio.create_task_group() as tg:
+            # The scheduler starts after recovery and stops once the work has drained.
+            async with self.maintenance, anyio.create_task_group() as tg:
                 # Signal handlers first: a SIGTERM right after READY must drain, not kill.
                 await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
@@ -362,6 +365,7 @@ class Daemon:
         self.pipeline.settings = settings
         self.pipeline.runners = build_runners(settings)
         self.gate.reconfigure(gate_capacities(settings))
+        self.maintenance.reschedule(settings)
         log.info(
             "config_reloaded",
             gates=gate_capacities(settings),

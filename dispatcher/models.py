@@ -215,3 +215,11 @@ class RecoveryReport:
 class GateRowCounts:
     held: int
     released: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredDispatches:
+    """Finished dispatches removed (or found) by retention, and their attempts."""
+
+    dispatches: int
+    attempts: int

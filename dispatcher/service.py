@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from dispatcher.clock import Clock
+from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, NotFound
 from dispatcher.models import Attempt, Dispatch, DispatchStatus, NewDispatch, Reservation
 from dispatcher.planners import check_params, task_gate_key
+from dispatcher.purge import gate_cutoff
 from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
@@ -232,8 +233,13 @@ def _capacity(settings: Settings, configured: Mapping[str, int], gate: str) -> i
     return None
 
 
-async def gates_report(settings: Settings, store: Store) -> dict[str, Any]:
-    """Every gate with capacity, held count and holders, from the `gates` rows."""
+async def gates_report(
+    settings: Settings, store: Store, clock: Clock | None = None
+) -> dict[str, Any]:
+    """Every gate with capacity, held count and holders, from the `gates` rows.
+
+    `rows.purgeable`: released rows old enough for the next purge to delete.
+    """
     configured = gate_capacities(settings)
     holders: dict[str, list[str]] = {name: [] for name in configured}
     for row in await store.held_slots():
@@ -248,7 +254,10 @@ async def gates_report(settings: Settings, store: Store) -> dict[str, Any]:
         }
         for name in sorted(holders, key=lambda n: (n != "global", n))
     ]
-    return {"gates": gates, "rows": {"held": counts.held, "released": counts.released}}
+    now = (clock or SystemClock()).now()
+    purgeable = await store.count_purgeable(gate_cutoff(settings, now))
+    rows = {"held": counts.held, "released": counts.released, "purgeable": purgeable}
+    return {"gates": gates, "rows": rows}
 
 
 async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dispatcher.models import (
     AttemptStatus,
     Dispatch,
     DispatchStatus,
+    ExpiredDispatches,
     GateRowCounts,
     Instance,
     NewDispatch,
@@ -430,6 +431,68 @@ class InMemoryStore:
         held = sum(1 for row in self.slots.values() if row.released_at is None)
         return GateRowCounts(held=held, released=len(self.slots) - held)
 
+    # -- purge and retention ----------------------------------------------------------
+
+    async def purge_released(self, before: datetime, batch_size: int) -> int:
+        """Delete up to `batch_size` slot rows released before `before`, oldest first."""
+        await asyncio.sleep(0)
+        expired = sorted(self._released_before(_utc(before)), key=_released_order)
+        for row in expired[:batch_size]:
+            del self.slots[row.id]
+        return min(len(expired), batch_size)
+
+    async def count_purgeable(self, before: datetime) -> int:
+        """How many slot rows were released before `before`."""
+        await asyncio.sleep(0)
+        return sum(1 for _ in self._released_before(_utc(before)))
+
+    def _released_before(self, before: datetime) -> list[SlotRow]:
+        return [
+            row
+            for row in self.slots.values()
+            if row.released_at is not None and row.released_at < before
+        ]
+
+    async def purge_finished_dispatches(
+        self, before: datetime, batch_size: int
+    ) -> ExpiredDispatches:
+        """Delete up to `batch_size` final dispatches finished before `before`, with attempts."""
+        await asyncio.sleep(0)
+        batch = self._expired(_utc(before))[:batch_size]
+        ids = {d.id for d in batch}
+        attempts = [a.id for a in self.attempts.values() if a.dispatch_id in ids]
+        for attempt_id in attempts:
+            del self.attempts[attempt_id]
+        for dispatch in batch:
+            del self.dispatches[dispatch.id]
+            if dispatch.key is not None:
+                del self._keys[dispatch.key]
+        return ExpiredDispatches(dispatches=len(batch), attempts=len(attempts))
+
+    async def count_expired_dispatches(self, before: datetime) -> ExpiredDispatches:
+        """How many final dispatches finished before `before`, and their attempts."""
+        await asyncio.sleep(0)
+        ids = {d.id for d in self._expired(_utc(before))}
+        attempts = sum(1 for a in self.attempts.values() if a.dispatch_id in ids)
+        return ExpiredDispatches(dispatches=len(ids), attempts=attempts)
+
+    def _expired(self, before: datetime) -> list[Dispatch]:
+        expired = [
+            d
+            for d in self.dispatches.values()
+            if d.status.is_final and d.finished_at is not None and d.finished_at < before
+        ]
+        return sorted(expired, key=lambda d: (d.finished_at, d.id))
+
+    async def reclaim_space(self) -> int:
+        """Nothing to give back in memory."""
+        await asyncio.sleep(0)
+        return 0
+
+    async def optimize(self) -> None:
+        """Nothing to optimize in memory."""
+        await asyncio.sleep(0)
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def recover(self, instance_id: str, now: datetime) -> RecoveryReport:
@@ -507,6 +570,11 @@ class InMemoryStore:
             i for i in self.instances.values() if i.stopped_at is None and i.heartbeat_at >= since
         ]
         return sorted(rows, key=lambda i: (i.started_at, i.id))
+
+
+def _released_order(row: SlotRow) -> tuple[datetime, int]:
+    assert row.released_at is not None
+    return row.released_at, row.id
 
 
 def _runnable(dispatch: Dispatch, now: datetime, blocked_gates: Collection[str]) -> bool:

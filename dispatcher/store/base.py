@@ -15,6 +15,7 @@ from dispatcher.models import (
     AttemptStatus,
     Dispatch,
     DispatchStatus,
+    ExpiredDispatches,
     GateRowCounts,
     Instance,
     NewDispatch,
@@ -190,6 +191,46 @@ class Store(Protocol):
         ...
 
     async def gate_row_counts(self) -> GateRowCounts: ...
+
+    # -- purge and retention ----------------------------------------------------------
+
+    async def purge_released(self, before: datetime, batch_size: int) -> int:
+        """Delete one batch: up to `batch_size` gate rows released before `before`.
+
+        Oldest first, committed on return; a held row is never deleted. Answers how
+        many rows went (fewer than `batch_size`: nothing older is left).
+        """
+        ...
+
+    async def count_purgeable(self, before: datetime) -> int:
+        """How many gate rows were released before `before`."""
+        ...
+
+    async def purge_finished_dispatches(
+        self, before: datetime, batch_size: int
+    ) -> ExpiredDispatches:
+        """Delete one batch: up to `batch_size` final dispatches finished before `before`.
+
+        Their attempts go with them, in the same transaction; queued and in-flight
+        dispatches are never deleted. Their idempotency keys become free again.
+        """
+        ...
+
+    async def count_expired_dispatches(self, before: datetime) -> ExpiredDispatches:
+        """How many final dispatches finished before `before`, and their attempts."""
+        ...
+
+    async def reclaim_space(self) -> int:
+        """Give one step of free pages back to the file system; answer how many went.
+
+        0 when nothing is free or the backend cannot (SQLite without incremental
+        auto-vacuum). Callers loop, yielding between steps, until it answers 0.
+        """
+        ...
+
+    async def optimize(self) -> None:
+        """Refresh the planner's statistics after large changes (cheap when current)."""
+        ...
 
     # -- lifecycle --------------------------------------------------------------------
 

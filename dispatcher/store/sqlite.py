@@ -40,6 +40,7 @@ from dispatcher.models import (
     AttemptStatus,
     Dispatch,
     DispatchStatus,
+    ExpiredDispatches,
     GateRowCounts,
     Instance,
     NewDispatch,
@@ -251,6 +252,21 @@ def _new_dispatch_params(new: NewDispatch, now: datetime) -> dict[str, Any]:
     }
 
 
+def _incremental_vacuum(db: sqlite3.Connection) -> int:
+    """One step of incremental vacuum (outside a transaction); pages given back."""
+    before: int = db.execute(query("freelist_count")).fetchall()[0][0]
+    if before == 0:
+        return 0
+    # executescript steps the PRAGMA to the end (see queries.sql).
+    db.executescript(query("incremental_vacuum"))
+    after: int = db.execute(query("freelist_count")).fetchall()[0][0]
+    return max(before - after, 0)
+
+
+def _auto_vacuum(db: sqlite3.Connection) -> None:
+    db.execute(query("auto_vacuum_incremental")).fetchall()
+
+
 def _wal(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode = WAL").fetchall()
 
@@ -335,6 +351,8 @@ class SQLiteStore:
 
     async def _configure(self) -> None:
         with self._wrap("open"):
+            # Before WAL and before any table: only then does a new database take it.
+            await self._writer.outside_transaction(_auto_vacuum)
             await self._enable_wal()
             await self._writer.outside_transaction(_pragmas)
 
@@ -385,6 +403,12 @@ class SQLiteStore:
         """Queue one named write without waiting; the next awaited write commits it."""
         sql = query(name)
         self._writer.post(lambda db: db.execute(sql, params))
+
+    async def _run_count(self, name: str, params: Params) -> int:
+        """One named write statement (in the next batch); answer the rows it changed."""
+        sql = query(name)
+        count: int = await self._call(lambda db: max(db.execute(sql, params).rowcount, 0))
+        return count
 
     @asynccontextmanager
     async def _transaction(self, doing: str = "use") -> AsyncIterator[_Tx]:
@@ -652,6 +676,44 @@ class SQLiteStore:
         row = (await self._run("gate_row_counts"))[0]
         return GateRowCounts(held=row["held"], released=row["released"])
 
+    # -- purge and retention ----------------------------------------------------------
+
+    async def purge_released(self, before: datetime, batch_size: int) -> int:
+        """Delete one batch of gate rows released before `before`, oldest first."""
+        params = {"before": to_db_time(before), "batch_size": batch_size}
+        return await self._run_count("purge_released", params)
+
+    async def count_purgeable(self, before: datetime) -> int:
+        """How many gate rows were released before `before`."""
+        rows = await self._run("count_purgeable", {"before": to_db_time(before)})
+        count: int = rows[0]["n"]
+        return count
+
+    async def purge_finished_dispatches(
+        self, before: datetime, batch_size: int
+    ) -> ExpiredDispatches:
+        """Delete one batch of final dispatches finished before `before`, with attempts."""
+        params = {"before": to_db_time(before), "batch_size": batch_size}
+        async with self._transaction() as tx:
+            attempts = await tx.count("retention_attempts", params)
+            dispatches = await tx.count("retention_dispatches", params)
+        return ExpiredDispatches(dispatches=dispatches, attempts=attempts)
+
+    async def count_expired_dispatches(self, before: datetime) -> ExpiredDispatches:
+        """How many final dispatches finished before `before`, and their attempts."""
+        row = (await self._run("count_expired", {"before": to_db_time(before)}))[0]
+        return ExpiredDispatches(dispatches=row["dispatches"], attempts=row["attempts"])
+
+    async def reclaim_space(self) -> int:
+        """One `incremental_vacuum` step; how many free pages went back to the system."""
+        with self._wrap():
+            freed: int = await self._writer.outside_transaction(_incremental_vacuum)
+        return freed
+
+    async def optimize(self) -> None:
+        """`PRAGMA optimize`: re-analyse the tables whose statistics went stale."""
+        await self._run("optimize")
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def recover(self, instance_id: str, now: datetime) -> RecoveryReport:
@@ -708,6 +770,12 @@ class _Tx:
         bound = params or {}
         rows: list[sqlite3.Row] = await self._run(lambda db: db.execute(sql, bound).fetchall())
         return rows
+
+    async def count(self, name: str, params: Params) -> int:
+        """One named write statement; the rows it changed."""
+        sql = query(name)
+        count: int = await self._run(lambda db: max(db.execute(sql, params).rowcount, 0))
+        return count
 
     async def apply(self, migration: Migration) -> None:
         """Every statement of a migration, then its version row."""

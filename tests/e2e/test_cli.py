@@ -43,7 +43,7 @@ def test_idempotent_submit(daemon: Any) -> None:
     shown = daemon.cli_json("show", "1")
     assert shown["attempts"] == [] and shown["plan"] is None
     # reserving never takes a slot
-    assert daemon.cli_json("gates")["rows"] == {"held": 0, "released": 0}
+    assert daemon.cli_json("gates")["rows"] == {"held": 0, "released": 0, "purgeable": 0}
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,7 @@ def test_exactly_global_n_steps_run_at_once(tmp_path: Path, make_daemon: Any, ca
     assert len(attempts) == len(starts)
     assert {a["runner"] for a in attempts} == {"py"}
     gates = daemon.cli_json("gates")
-    assert gates["rows"] == {"held": 0, "released": cap * 4}
+    assert gates["rows"] == {"held": 0, "released": cap * 4, "purgeable": 0}
     assert all(gate["held"] == 0 for gate in gates["gates"])
 
 
@@ -122,7 +122,7 @@ def test_runner_cap_is_held_per_step(tmp_path: Path, make_daemon: Any) -> None:
     assert peak_concurrency(read_records(tmp_path / "steps.log")) == 2
     gates = daemon.cli_json("gates")
     # 8 global slots + 8 runner slots, all released
-    assert gates["rows"] == {"held": 0, "released": 16}
+    assert gates["rows"] == {"held": 0, "released": 16, "purgeable": 0}
 
 
 def _alive(pid: int) -> bool:

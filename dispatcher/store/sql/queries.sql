@@ -180,3 +180,64 @@ RETURNING *;
 
 -- name: mirror_close
 UPDATE gates SET released_at = :now WHERE id = :id AND released_at IS NULL;
+
+-- name: purge_released
+-- One batch of the purge: the oldest released rows before the cutoff. The inner SELECT
+-- is a range scan of gates_released_at; `released_at < :before` never matches a held
+-- row (NULL compares as unknown).
+DELETE FROM gates
+WHERE id IN (
+    SELECT id FROM gates
+    WHERE released_at < :before
+    ORDER BY released_at
+    LIMIT :batch_size
+);
+
+-- name: count_purgeable
+SELECT COUNT(*) AS n FROM gates WHERE released_at < :before;
+
+-- name: retention_attempts
+-- The attempts of the batch that retention_dispatches deletes next, in the same
+-- transaction (same ORDER BY and LIMIT, so the same dispatches). `+status` keeps the
+-- planner off dispatches_status (it would sort every finished dispatch): the range
+-- scan of dispatches_finished_at is the cheap plan, already in order.
+DELETE FROM attempts
+WHERE dispatch_id IN (
+    SELECT id FROM dispatches
+    WHERE finished_at < :before AND +status IN ('succeeded', 'failed', 'cancelled')
+    ORDER BY finished_at, id
+    LIMIT :batch_size
+);
+
+-- name: retention_dispatches
+DELETE FROM dispatches
+WHERE id IN (
+    SELECT id FROM dispatches
+    WHERE finished_at < :before AND +status IN ('succeeded', 'failed', 'cancelled')
+    ORDER BY finished_at, id
+    LIMIT :batch_size
+);
+
+-- name: count_expired
+SELECT COUNT(*) AS dispatches,
+       COALESCE(SUM((SELECT COUNT(*) FROM attempts WHERE attempts.dispatch_id = d.id)), 0)
+           AS attempts
+FROM dispatches AS d
+WHERE finished_at < :before AND +status IN ('succeeded', 'failed', 'cancelled');
+
+-- name: freelist_count
+PRAGMA freelist_count;
+
+-- name: incremental_vacuum
+-- Returns up to 1000 free pages (4 MB at the default page size) to the file system.
+-- Run with executescript: a plain execute steps this PRAGMA once, freeing one page.
+-- A no-op unless the database has auto_vacuum = INCREMENTAL.
+PRAGMA incremental_vacuum(1000);
+
+-- name: optimize
+PRAGMA optimize;
+
+-- name: auto_vacuum_incremental
+-- Takes effect only on a database without tables (a new one), and must come before
+-- journal_mode = WAL; on an existing database it only takes effect after a VACUUM.
+PRAGMA auto_vacuum = INCREMENTAL;
