@@ -169,7 +169,17 @@ class _Child:
         preexec = None
         if setpriv is not None:
             _check_executable(argv[0], env, cwd)
-            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+            argv = [
+                setpriv,
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "/bin/sh",
+                "-c",
+                _ORPHAN_GUARD,
+                str(os.getpid()),
+                *argv,
+            ]
         else:
             preexec = _die_with_parent(os.getpid())
         transport, protocol = await loop.subprocess_exec(
@@ -243,9 +253,16 @@ class _Child:
             await self._process.wait()
 
 
+_ORPHAN_GUARD = 'if [ "$PPID" != "$0" ]; then exit 125; fi; exec "$@"'
+"""Run by `/bin/sh` after setpriv set the parent-death signal, before the step: if the
+daemon died before that (the race prctl(2) describes), the shell was already
+re-parented; it exits instead of starting an orphan step. `$0` is the daemon's pid."""
+
+
 @functools.cache
 def _setpriv() -> str | None:
-    """util-linux `setpriv`, which sets the parent-death signal and execs the step.
+    """util-linux `setpriv`, which sets the parent-death signal and execs the step
+    (through `_ORPHAN_GUARD`).
 
     Preferred over a Python `preexec_fn`: that forces a full `fork()` and runs Python
     in the child, and makes spawning a step about twice as slow.
