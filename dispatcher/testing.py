@@ -188,13 +188,8 @@ class InMemoryStore:
         self, instance_id: str, now: datetime, blocked_gates: Collection[str]
     ) -> Dispatch | None:
         """Take the next runnable `queued` dispatch: highest priority, then oldest."""
-        await asyncio.sleep(0)
-        now = _utc(now)
-        runnable = [d for d in self.dispatches.values() if _runnable(d, now, blocked_gates)]
-        if not runnable:
-            return None
-        chosen = min(runnable, key=lambda d: (-d.priority, d.id))
-        return self._claim(chosen, instance_id, now)
+        claimed = await self.claim_many(instance_id, now, blocked_gates, 1)
+        return claimed[0] if claimed else None
 
     def _claim(self, chosen: Dispatch, instance_id: str, now: datetime) -> Dispatch:
         status = DispatchStatus.PLANNING if chosen.plan is None else DispatchStatus.RUNNING

@@ -467,15 +467,8 @@ class SQLiteStore:
         self, instance_id: str, now: datetime, blocked_gates: Collection[str]
     ) -> Dispatch | None:
         """Take the next runnable `queued` dispatch (priority, then age) in one statement."""
-        rows = await self._run(
-            "claim_next",
-            {
-                "instance_id": instance_id,
-                "now": to_db_time(now),
-                "blocked_gates": _json_list(sorted(blocked_gates)),
-            },
-        )
-        return dispatch_from_row(rows[0]) if rows else None
+        claimed = await self.claim_many(instance_id, now, blocked_gates, 1)
+        return claimed[0] if claimed else None
 
     async def claim_many(
         self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int

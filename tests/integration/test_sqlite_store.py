@@ -244,10 +244,10 @@ async def test_timestamps_are_fixed_width_utc_text(open_store: Opener, db_path: 
 
 async def test_claim_is_served_by_the_claim_index(open_store: Opener, db_path: Path) -> None:
     await open_store()
-    params = {"instance_id": "i", "now": to_db_time(NOW), "blocked_gates": "[]"}
+    params = {"instance_id": "i", "now": to_db_time(NOW), "blocked_gates": "[]", "limit": 16}
 
     with raw(db_path) as db:
-        plan = db.execute("EXPLAIN QUERY PLAN " + query("claim_next"), params).fetchall()
+        plan = db.execute("EXPLAIN QUERY PLAN " + query("claim_many"), params).fetchall()
 
     assert any("dispatches_claim" in row[-1] for row in plan), plan
 

@@ -25,26 +25,6 @@ RETURNING id, status;
 -- name: dispatch_by_key
 SELECT id, status, fingerprint FROM dispatches WHERE key = :key;
 
--- name: claim_next
--- One statement, so the pick and the update are atomic: a write statement takes the
--- write lock before it reads, and two claimers can never take the same row.
-UPDATE dispatches
-SET status = CASE WHEN plan IS NULL THEN 'planning' ELSE 'running' END,
-    instance_id = :instance_id,
-    started_at = COALESCE(started_at, :now),
-    claims = claims + 1,
-    updated_at = :now
-WHERE id = (
-    SELECT id FROM dispatches
-    WHERE status = 'queued'
-      AND (not_before IS NULL OR not_before <= :now)
-      AND (gate_key IS NULL
-           OR gate_key NOT IN (SELECT value FROM json_each(:blocked_gates)))
-    ORDER BY priority DESC, id
-    LIMIT 1
-)
-RETURNING *;
-
 -- name: save_plan
 UPDATE dispatches
 SET plan = :plan, status = 'running', current_step = 0, updated_at = :now
@@ -159,7 +139,8 @@ WHERE stopped_at IS NULL AND heartbeat_at >= :since
 ORDER BY started_at, id;
 
 -- name: claim_many
--- One statement, so the pick and the update are atomic (see claim_next). RETURNING
+-- One statement, so the pick and the update are atomic: a write statement takes the
+-- write lock before it reads, and two claimers can never take the same row. RETURNING
 -- gives no order, so the caller sorts by (priority DESC, id).
 UPDATE dispatches
 SET status = CASE WHEN plan IS NULL THEN 'planning' ELSE 'running' END,
