@@ -437,7 +437,7 @@ async def run_daemon(
     systemd's notification variables are read (and removed from the environment, so
     steps don't inherit them) unless a `notifier` is given.
     """
-    from dispatcher.store.sqlite import SQLiteStore
+    from dispatcher.store import open_store
 
     side_tasks: list[SideTask] = []
     observer: Observer | None = None
@@ -448,14 +448,12 @@ async def run_daemon(
         side_tasks.append(api.serve)
         observer = api.metrics
     notifier = notifier or Notifier.from_environ()
-    lock = InstanceLock(settings.database.path)
-    lock.acquire()
+    # On PostgreSQL several daemons share the database: leases replace the OS lock.
+    lock = InstanceLock(settings.database.path) if settings.database.url is None else None
+    if lock is not None:
+        lock.acquire()
     try:
-        store = await SQLiteStore.open(
-            settings.database.path,
-            busy_timeout_ms=round(settings.database.busy_timeout * 1000),
-            busy_patience=max(settings.database.busy_patience, settings.database.busy_timeout),
-        )
+        store = await open_store(settings, daemon=True)
         try:
             daemon = Daemon(
                 settings,
@@ -473,4 +471,5 @@ async def run_daemon(
             with anyio.CancelScope(shield=True):
                 await store.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()

@@ -180,3 +180,35 @@ RETURNING *;
 
 -- name: mirror_close
 UPDATE gates SET released_at = :now WHERE id = :id AND released_at IS NULL;
+
+-- name: gate_held_count
+SELECT COUNT(*) AS n FROM gates WHERE gate = :gate AND released_at IS NULL;
+
+-- name: reap_slots
+-- Rows of instances that are neither :keep nor live (heartbeat at or after :since).
+UPDATE gates SET released_at = :now, recovered = 1
+WHERE released_at IS NULL AND instance_id IS NOT :keep
+  AND NOT EXISTS (SELECT 1 FROM instances i
+                  WHERE i.id = gates.instance_id AND i.stopped_at IS NULL
+                    AND i.heartbeat_at >= :since)
+RETURNING id;
+
+-- name: reap_attempts
+UPDATE attempts SET status = 'interrupted', ended_at = :now
+WHERE status = 'running' AND instance_id IS NOT :keep
+  AND NOT EXISTS (SELECT 1 FROM instances i
+                  WHERE i.id = attempts.instance_id AND i.stopped_at IS NULL
+                    AND i.heartbeat_at >= :since)
+RETURNING id;
+
+-- name: reap_dispatches
+UPDATE dispatches SET status = 'queued', instance_id = NULL, updated_at = :now
+WHERE status IN ('planning', 'running') AND instance_id IS NOT :keep
+  AND NOT EXISTS (SELECT 1 FROM instances i
+                  WHERE i.id = dispatches.instance_id AND i.stopped_at IS NULL
+                    AND i.heartbeat_at >= :since)
+RETURNING id;
+
+-- name: reap_instances
+UPDATE instances SET stopped_at = :now
+WHERE stopped_at IS NULL AND heartbeat_at < :since AND id IS NOT :keep;
