@@ -9,6 +9,7 @@ from dispatcher.models import AttemptStatus, DispatchStatus, Instance
 from dispatcher.store.base import Store
 from dispatcher.store.postgres import PostgresStore
 from dispatcher.testing import FakeClock
+from tests.helpers import postgres
 
 from .conftest import Reserve, all_slot_rows
 
@@ -128,3 +129,29 @@ async def test_concurrent_slot_takers_never_oversubscribe(
             await other.close()
     assert sum(answer is not None for answer in answers) == 4
     assert len(await store.held_slots()) == 4
+
+
+async def test_a_submission_elsewhere_wakes_a_subscriber(
+    pg_url: str, store: Store, reserve: Reserve
+) -> None:
+    if not isinstance(store, PostgresStore):
+        return
+    woken = asyncio.Event()
+    listener = await PostgresStore.open(pg_url)
+    try:
+        await listener.subscribe(woken.set)
+        await reserve()  # through the other store: another process, as far as NOTIFY cares
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        await listener.close()
+
+
+async def test_concurrent_starters_migrate_a_new_database_once() -> None:
+    postgres.server_or_skip()
+    url = postgres.create_database()
+    try:
+        stores = await asyncio.gather(*(PostgresStore.open(url) for _ in range(4)))
+        for opened in stores:
+            await opened.close()
+    finally:
+        postgres.drop_database(url)
