@@ -132,11 +132,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[int]]) -> int:
-    from dispatcher.store.sqlite import SQLiteStore
+    from dispatcher.store import open_store
 
-    store = await SQLiteStore.open(
-        settings.database.path, busy_timeout_ms=round(settings.database.busy_timeout * 1000)
-    )
+    store = await open_store(settings)
     try:
         return await work(store)
     finally:

@@ -46,6 +46,18 @@ class DatabaseSettings(_Section):
     busy_timeout: Duration = 5.0
     busy_patience: Duration = 600.0
     """How long the daemon waits out a busy database before it gives up (exit 75)."""
+    url: str | None = None
+    """`postgresql://user@host/db`: several daemons share this database (`path` is then
+    ignored). Unset: the SQLite file at `path`."""
+    pool_size: int = Field(default=10, ge=1, le=1000)
+    """PostgreSQL connections per process (with `url`)."""
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user@host:port/database URL")
+        return value
 
 
 class DaemonSettings(_Section):

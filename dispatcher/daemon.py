@@ -145,6 +145,7 @@ class Daemon:
             self.instance_id,
             gate_capacities(settings),
             on_demand=lambda name: task_gate_capacity(self.settings, name),
+            poll_interval=settings.daemon.poll_interval,
         )
         self.pipeline = Pipeline(
             settings=settings,
@@ -161,6 +162,7 @@ class Daemon:
         """Recover, serve until told to stop, drain; return when everything is released."""
         structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
         await self._start()
+        await self._subscribe()
         try:
             # The scheduler starts after recovery and stops once the work has drained.
             async with self.maintenance, anyio.create_task_group() as tg:
@@ -211,6 +213,18 @@ class Daemon:
         """New work may be there: claim at once instead of at the next poll."""
         self.state.wake.set()
 
+    def _database_changed(self) -> None:
+        """NOTIFY from another process: a dispatch was inserted or a slot released."""
+        self.gate.db_changed()
+        self.wake()
+
+    async def _subscribe(self) -> None:
+        """Listen for other processes' changes (PostgreSQL); polling stays the fallback."""
+        try:
+            await self.store.subscribe(self._database_changed)
+        except DispatcherError as exc:
+            log.warning("listen_failed", error=str(exc), fallback="polling")
+
     # -- start -------------------------------------------------------------------------
 
     async def _start(self) -> None:
@@ -234,13 +248,17 @@ class Daemon:
             )
         )
 
+    def _database_name(self) -> str:
+        url = getattr(self.store, "url", None)
+        return str(url) if url is not None else str(self.settings.database.path)
+
     def _started(self) -> None:
         """Recovered, registered, signal handlers in place: accepting work."""
         log.info(
             "daemon_started",
             version=__version__,
             pid=os.getpid(),
-            database=str(self.settings.database.path),
+            database=self._database_name(),
             gates=gate_capacities(self.settings),
         )
         self.notifier.ready(status=self._inflight_summary())
@@ -263,7 +281,8 @@ class Daemon:
                 places = 1
                 while self.gate.try_acquire_place(GLOBAL):
                     places += 1
-                claimed = await self._claim(places)
+                places = await self._limit_to_room(places)
+                claimed = await self._claim(places) if places else []
                 for _ in range(places - len(claimed)):
                     self.gate.give_back(GLOBAL)
                 for dispatch in claimed:
@@ -273,6 +292,18 @@ class Daemon:
             await self._drain()
 
     _stop_waiting: anyio.CancelScope | None = None
+
+    async def _limit_to_room(self, places: int) -> int:
+        """On a shared store, claim no more than the database's `global` gate has room
+        for (other daemons hold places too); the rest of the places go back."""
+        try:
+            room = max(await self.gate.room(GLOBAL), 0)
+        except DispatcherError as exc:
+            log.warning("claim_failed", error=str(exc))
+            room = 0
+        for _ in range(places - min(places, room)):
+            self.gate.give_back(GLOBAL)
+        return min(places, room)
 
     async def _claim(self, limit: int) -> list[Dispatch]:
         try:
@@ -298,11 +329,29 @@ class Daemon:
                 await self.store.requeue(dispatch.id, self.clock.now())
                 return
             task_slot = await self.gate.bind(dispatch.gate_key, holder)
-        global_slot = await self.gate.bind(GLOBAL, holder)
+        global_slot = await self._bind_global(dispatch, holder)
+        if global_slot is None:
+            if task_slot is not None:
+                await self.gate.release(task_slot)
+            return
         flight = InFlight(dispatch.id)
         self.state.inflight[dispatch.id] = flight
         log.debug("dispatch_claimed", dispatch_id=dispatch.id, task=dispatch.task)
         work.start_soon(self._run_dispatch, dispatch, flight, global_slot, task_slot)
+
+    async def _bind_global(self, dispatch: Dispatch, holder: str) -> Slot | None:
+        """The `global` row; on a shared store another daemon may have taken the last
+        place since the claim: the dispatch then goes back to the queue."""
+        try:
+            slot = await self.gate.try_bind(GLOBAL, holder)
+        except DispatcherError as exc:
+            log.warning("claim_failed", error=str(exc))
+            slot = None
+        if slot is None:
+            self.gate.give_back(GLOBAL)
+            with suppress(DispatcherError):
+                await self.store.requeue(dispatch.id, self.clock.now())
+        return slot
 
     async def _run_dispatch(
         self, dispatch: Dispatch, flight: InFlight, global_slot: Slot, task_slot: Slot | None
@@ -385,10 +434,27 @@ class Daemon:
             beats += 1
             try:
                 await self.store.heartbeat(self.instance_id, self.clock.now())
+                if self.store.shared:
+                    await self._reap_dead_instances()
                 if beats % SELF_CHECK_EVERY == 0:
                     await self.gate.self_check()
             except DispatcherError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
+
+    async def _reap_dead_instances(self) -> None:
+        """Leases: free what instances silent for over `instance_ttl` hold (any live
+        daemon does it, so a dead host never keeps slots)."""
+        report = await self.store.reap_dead_instances(
+            self.instance_id, self.clock.now(), self.settings.daemon.instance_ttl
+        )
+        if report.slots_released or report.attempts_interrupted or report.dispatches_requeued:
+            log.warning(
+                "dead_instances_reaped",
+                slots_released=report.slots_released,
+                attempts_interrupted=report.attempts_interrupted,
+                dispatches_requeued=report.dispatches_requeued,
+            )
+            self._database_changed()
 
     async def _cancel_watch_loop(self) -> None:
         """Cancel in-flight dispatches that `dispatcher cancel` flagged in the database."""
@@ -441,7 +507,7 @@ async def run_daemon(
     systemd's notification variables are read (and removed from the environment, so
     steps don't inherit them) unless a `notifier` is given.
     """
-    from dispatcher.store.sqlite import SQLiteStore
+    from dispatcher.store import open_store
 
     side_tasks: list[SideTask] = []
     observer: Observer | None = None
@@ -452,14 +518,12 @@ async def run_daemon(
         side_tasks.append(api.serve)
         observer = api.metrics
     notifier = notifier or Notifier.from_environ()
-    lock = InstanceLock(settings.database.path)
-    lock.acquire()
+    # On PostgreSQL several daemons share the database: leases replace the OS lock.
+    lock = InstanceLock(settings.database.path) if settings.database.url is None else None
+    if lock is not None:
+        lock.acquire()
     try:
-        store = await SQLiteStore.open(
-            settings.database.path,
-            busy_timeout_ms=round(settings.database.busy_timeout * 1000),
-            busy_patience=max(settings.database.busy_patience, settings.database.busy_timeout),
-        )
+        store = await open_store(settings, daemon=True)
         try:
             daemon = Daemon(
                 settings,
@@ -477,4 +541,5 @@ async def run_daemon(
             with anyio.CancelScope(shield=True):
                 await store.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()

@@ -6,12 +6,19 @@ to the longest waiter at once.
 
 Gate names: `global` (dispatches in flight), `runner:NAME` (steps of one runner) and
 `task:NAME` / `task:NAME:VALUE` (per-task caps, made on demand, dropped when idle).
+
+On a shared store (PostgreSQL, several daemons) the semaphore is only the local fast
+path: a place of `global` or `runner:*` is granted when the database agrees too
+(`Store.try_take_slot` counts the held rows of every daemon under a lock), and a
+waiter retries when woken (`db_changed`: NOTIFY of a released row) or every
+`poll_interval`. Per-task gates stay per daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -117,8 +124,12 @@ class ConcurrencyGate:
         instance_id: str,
         capacities: Mapping[str, int],
         on_demand: Callable[[str], int | None] = lambda name: None,
+        poll_interval: float = 1.0,
     ) -> None:
         self._store = store
+        self._shared = bool(getattr(store, "shared", False))
+        self._poll_interval = poll_interval
+        self._db_changed = asyncio.Event()
         self._clock = clock
         self._instance_id = instance_id
         self._configured: dict[str, int] = dict(capacities)
@@ -177,7 +188,35 @@ class ConcurrencyGate:
         """Wait for a place (in arrival order), then write its row."""
         sem = self._semaphore(name)
         await sem.acquire()
+        if self._is_shared(name):
+            try:
+                return await self._take_shared(name, holder)
+            except BaseException:
+                self.give_back(name)
+                raise
         return await self._mirror(name, holder)
+
+    def db_changed(self) -> None:
+        """Another daemon may have released a slot: shared waiters ask again at once."""
+        self._db_changed.set()
+
+    async def room(self, name: str) -> int:
+        """Places the database would still grant for `name` (all daemons together); a
+        large number where the gate is not shared."""
+        if not self._is_shared(name):
+            return 1 << 30
+        held = sum(1 for row in await self._store.held_slots() if row.gate == name)
+        return self._sems[name].capacity - held
+
+    async def try_bind(self, name: str, holder: str) -> Slot | None:
+        """`bind`, except that on a shared gate the database may refuse (None: the
+        place taken by `wait_free` must then be given back)."""
+        if not self._is_shared(name):
+            return await self._mirror(name, holder)
+        row_id = await self._store.try_take_slot(
+            name, holder, self._instance_id, self._sems[name].capacity, self._clock.now()
+        )
+        return None if row_id is None else self._own(name, holder, row_id)
 
     async def wait_free(self, name: str) -> None:
         """Take a place without a holder yet; follow with `bind` or `give_back`."""
@@ -258,6 +297,26 @@ class ConcurrencyGate:
         except BaseException:
             await self.release(slot)
             raise
+        return slot
+
+    def _is_shared(self, name: str) -> bool:
+        return self._shared and (name == GLOBAL or name.startswith("runner:"))
+
+    async def _take_shared(self, name: str, holder: str) -> Slot:
+        """Ask the database until it grants a place, waking on `db_changed` or a poll."""
+        while True:
+            self._db_changed.clear()
+            row_id = await self._store.try_take_slot(
+                name, holder, self._instance_id, self._sems[name].capacity, self._clock.now()
+            )
+            if row_id is not None:
+                return self._own(name, holder, row_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._db_changed.wait(), self._poll_interval)
+
+    def _own(self, name: str, holder: str, row_id: int) -> Slot:
+        slot = Slot(gate=name, holder=holder, mirror=SlotHandle(name, holder, row_id))
+        self._holders[name].add(slot)
         return slot
 
     def _drop_if_idle(self, name: str) -> None:

@@ -181,7 +181,12 @@ class Maintenance:
         with anyio.CancelScope() as scope:
             self._running[task] = scope
             try:
-                result = await work()
+                # Several daemons on one PostgreSQL database: one of them purges.
+                async with self._store.maintenance_lock(job) as mine:
+                    if mine:
+                        result = await work()
+                    else:
+                        log.info("maintenance_job_skipped", job=job, reason="another instance")
             except DispatcherError as exc:
                 log.warning("maintenance_job_failed", job=job, error=str(exc))
             finally:

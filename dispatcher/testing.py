@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -104,6 +105,8 @@ class InMemoryStore:
     Each method completes without suspending after its first await, so a method is
     as atomic as a transaction of the SQLite store.
     """
+
+    shared = False
 
     def __init__(self) -> None:
         self.dispatches: dict[int, Dispatch] = {}
@@ -565,6 +568,68 @@ class InMemoryStore:
             i for i in self.instances.values() if i.stopped_at is None and i.heartbeat_at >= since
         ]
         return sorted(rows, key=lambda i: (i.started_at, i.id))
+
+    # -- several daemons (issue 8) ----------------------------------------------------
+
+    async def try_take_slot(
+        self, gate: str, holder: str, instance_id: str, capacity: int, now: datetime
+    ) -> int | None:
+        """Insert a held row only while fewer than `capacity` of `gate` are held."""
+        await asyncio.sleep(0)
+        held = sum(1 for r in self.slots.values() if r.gate == gate and r.released_at is None)
+        if held >= capacity:
+            return None
+        return await self.open_slot(gate, holder, instance_id, now)
+
+    async def reap_dead_instances(
+        self, instance_id: str, now: datetime, ttl: float
+    ) -> RecoveryReport:
+        """Recovery for instances other than `instance_id` silent for over `ttl` seconds."""
+        await asyncio.sleep(0)
+        now = _utc(now)
+        since = now - timedelta(seconds=ttl)
+        live = {i.id for i in self.instances.values() if i.stopped_at is None}
+        live = {i for i in live if self.instances[i].heartbeat_at >= since} | {instance_id}
+        report = RecoveryReport(
+            slots_released=self._reap_slots(live, now),
+            attempts_interrupted=self._reap_attempts(live, now),
+            dispatches_requeued=self._reap_dispatches(live, now),
+        )
+        for row in list(self.instances.values()):
+            if row.id not in live and row.stopped_at is None:
+                self.instances[row.id] = dataclasses.replace(row, stopped_at=now)
+        return report
+
+    def _reap_slots(self, live: set[str], now: datetime) -> int:
+        dead = [r for r in self.slots.values() if r.released_at is None]
+        dead = [r for r in dead if r.instance_id not in live]
+        for row in dead:
+            self.slots[row.id] = dataclasses.replace(row, released_at=now, recovered=True)
+        return len(dead)
+
+    def _reap_attempts(self, live: set[str], now: datetime) -> int:
+        dead = [r for r in self.attempts.values() if r.status is AttemptStatus.RUNNING]
+        dead = [r for r in dead if r.instance_id not in live]
+        for row in dead:
+            self.attempts[row.id] = dataclasses.replace(
+                row, status=AttemptStatus.INTERRUPTED, ended_at=now
+            )
+        return len(dead)
+
+    def _reap_dispatches(self, live: set[str], now: datetime) -> int:
+        dead = [d for d in self.dispatches.values() if d.status in _IN_FLIGHT]
+        dead = [d for d in dead if d.instance_id not in live]
+        for dispatch in dead:
+            self._update(dispatch, now, status=DispatchStatus.QUEUED, instance_id=None)
+        return len(dead)
+
+    @asynccontextmanager
+    async def maintenance_lock(self, name: str) -> AsyncIterator[bool]:
+        """Always granted: one process, one instance."""
+        yield True
+
+    async def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Nothing to listen to in memory."""
 
 
 def _released_order(row: SlotRow) -> tuple[datetime, int]:

@@ -1,5 +1,31 @@
 """Persistence. Only this package speaks SQL; everyone else calls `Store` verbs."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from dispatcher.store.base import Store
 
-__all__ = ["Store"]
+if TYPE_CHECKING:
+    from dispatcher.config import Settings
+
+__all__ = ["Store", "open_store"]
+
+
+async def open_store(settings: Settings, *, daemon: bool = False) -> Store:
+    """The store the configuration names: PostgreSQL with `[database] url`, else the
+    SQLite file at `[database] path`. `daemon` selects the daemon's longer patience
+    with a busy SQLite database."""
+    db = settings.database
+    if db.url is not None:
+        from dispatcher.store.postgres import PostgresStore
+
+        return await PostgresStore.open(
+            db.url, instance_ttl=settings.daemon.instance_ttl, max_size=db.pool_size
+        )
+    from dispatcher.store.sqlite import SQLiteStore
+
+    patience = max(db.busy_patience, db.busy_timeout) if daemon else None
+    return await SQLiteStore.open(
+        db.path, busy_timeout_ms=round(db.busy_timeout * 1000), busy_patience=patience
+    )

@@ -6,7 +6,8 @@ passes `now` from the injected clock so that tests control time.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
@@ -29,6 +30,11 @@ from dispatcher.models import (
 
 class Store(Protocol):
     """Everything the daemon, pipeline, gate and CLI need from the database."""
+
+    shared: bool
+    """True when several daemons may use this database at once (PostgreSQL): the gate
+    then asks `try_take_slot` before granting a place, and recovery spares live
+    instances. False for SQLite (one daemon, an OS lock) and the in-memory store."""
 
     async def close(self) -> None:
         """Close connections; idempotent."""
@@ -250,4 +256,33 @@ class Store(Protocol):
 
     async def live_instances(self, since: datetime) -> list[Instance]:
         """Instances not stopped whose heartbeat is at or after `since`."""
+        ...
+
+    # -- several daemons (issue 8) ------------------------------------------------------
+
+    async def try_take_slot(
+        self, gate: str, holder: str, instance_id: str, capacity: int, now: datetime
+    ) -> int | None:
+        """Insert a held row for `gate` only while fewer than `capacity` rows of that gate
+        are held (by any instance), atomically; the row id, or None when full."""
+        ...
+
+    async def reap_dead_instances(
+        self, instance_id: str, now: datetime, ttl: float
+    ) -> RecoveryReport:
+        """Recovery for instances other than `instance_id` whose heartbeat is older than
+        `ttl` seconds (or that never registered): their held rows released (recovered),
+        running attempts interrupted, in-flight dispatches requeued; they are marked
+        stopped. Rows of live instances are never touched."""
+        ...
+
+    def maintenance_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """`async with store.maintenance_lock("purge") as mine:` -- `mine` is True on
+        exactly one instance at a time (a PostgreSQL advisory lock); always True where
+        only one daemon can run."""
+        ...
+
+    async def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` when another process inserted a dispatch or released a slot
+        (PostgreSQL LISTEN/NOTIFY); a no-op where polling is all there is."""
         ...

@@ -29,7 +29,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -307,6 +307,9 @@ class SQLiteStore:
 
     All statements run on one writer thread in batches (see `writer.py`).
     """
+
+    shared = False
+    """One daemon per file (the instance lock): the in-memory gate alone decides."""
 
     def __init__(self, writer: SQLiteWriter, path: Path, busy_timeout: float) -> None:
         self._writer = writer
@@ -749,6 +752,49 @@ class SQLiteStore:
         """Instances not stopped whose heartbeat is at or after `since`."""
         rows = await self._run("live_instances", {"since": to_db_time(since)})
         return [instance_from_row(row) for row in rows]
+
+    # -- several daemons (issue 8) ----------------------------------------------------
+
+    async def try_take_slot(
+        self, gate: str, holder: str, instance_id: str, capacity: int, now: datetime
+    ) -> int | None:
+        """Insert a held row only while fewer than `capacity` of `gate` are held."""
+        params = {"gate": gate, "holder": holder, "instance_id": instance_id}
+        async with self._transaction() as tx:
+            held: int = (await tx.run("gate_held_count", {"gate": gate}))[0]["n"]
+            if held >= capacity:
+                return None
+            rows = await tx.run("open_slot", {**params, "now": to_db_time(now)})
+        slot_id: int = rows[0]["id"]
+        return slot_id
+
+    async def reap_dead_instances(
+        self, instance_id: str, now: datetime, ttl: float
+    ) -> RecoveryReport:
+        """Recovery for instances other than `instance_id` silent for over `ttl` seconds."""
+        params = {
+            "keep": instance_id,
+            "now": to_db_time(now),
+            "since": to_db_time(now - timedelta(seconds=ttl)),
+        }
+        async with self._transaction() as tx:
+            slots = await tx.run("reap_slots", params)
+            attempts = await tx.run("reap_attempts", params)
+            dispatches = await tx.run("reap_dispatches", params)
+            await tx.run("reap_instances", params)
+        return RecoveryReport(
+            slots_released=len(slots),
+            attempts_interrupted=len(attempts),
+            dispatches_requeued=len(dispatches),
+        )
+
+    @asynccontextmanager
+    async def maintenance_lock(self, name: str) -> AsyncIterator[bool]:
+        """Always granted: the instance lock already makes this daemon the only one."""
+        yield True
+
+    async def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Nothing to listen to in SQLite: the daemon polls."""
 
 
 class _Tx:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -12,22 +12,40 @@ import pytest
 
 from dispatcher.models import NewDispatch, Reservation, SlotRow
 from dispatcher.store.base import Store
+from dispatcher.store.postgres import PostgresStore, slot_from_record
 from dispatcher.store.sqlite import SQLiteStore, slot_from_row
 from dispatcher.testing import FakeClock, InMemoryStore
+from tests.helpers import postgres
 
 Reserve = Callable[..., Awaitable[Reservation]]
 
 
-async def _open(backend: str, tmp_path: Path) -> Store:
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """One migrated PostgreSQL database for the session (tables emptied per test)."""
+    postgres.server_or_skip()
+    url = postgres.create_database()
+    try:
+        yield url
+    finally:
+        postgres.drop_database(url)
+
+
+async def _open(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
     if backend == "sqlite":
         return await SQLiteStore.open(tmp_path / "var" / "dispatcher.db")
+    if backend == "postgres":
+        url: str = request.getfixturevalue("pg_url")
+        opened = await PostgresStore.open(url)
+        await postgres.truncate(url)
+        return opened
     return InMemoryStore()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A fresh, empty store of each backend, closed after the test."""
-    opened = await _open(request.param, tmp_path)
+    opened = await _open(request.param, tmp_path, request)
     try:
         yield opened
     finally:
@@ -52,10 +70,15 @@ def reserve(store: Store, clock: FakeClock) -> Reserve:
     return _reserve
 
 
-def all_slot_rows(store: Store) -> list[SlotRow]:
+async def all_slot_rows(store: Store) -> list[SlotRow]:
     """Every gate row, released ones too (the protocol lists held rows only)."""
     if isinstance(store, InMemoryStore):
         return [store.slots[slot_id] for slot_id in sorted(store.slots)]
+    if isinstance(store, PostgresStore):
+        await store.held_slots()  # writes the queued mirror rows first
+        async with store._pool.acquire() as con:
+            rows = await con.fetch("SELECT * FROM gates ORDER BY id")
+        return [slot_from_record(row) for row in rows]
     assert isinstance(store, SQLiteStore)
     with closing(sqlite3.connect(store.path)) as db:
         db.row_factory = sqlite3.Row

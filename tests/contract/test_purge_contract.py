@@ -55,8 +55,8 @@ async def test_purge_deletes_only_rows_released_before_the_cutoff(
 
     assert await store.count_purgeable(cutoff) == 1
     assert await store.purge_released(cutoff, 100) == 1
-    assert [row.id for row in all_slot_rows(store)] == [at_cutoff, young]
-    assert old not in {row.id for row in all_slot_rows(store)}
+    assert [row.id for row in await all_slot_rows(store)] == [at_cutoff, young]
+    assert old not in {row.id for row in await all_slot_rows(store)}
     assert await store.count_purgeable(cutoff) == 0
 
 
@@ -75,11 +75,11 @@ async def test_purge_takes_one_batch_oldest_first(store: Store, clock: FakeClock
         clock.advance(1)
 
     assert await store.purge_released(clock.now(), 2) == 2
-    assert [row.id for row in all_slot_rows(store)] == slots[2:]
+    assert [row.id for row in await all_slot_rows(store)] == slots[2:]
     assert await store.purge_released(clock.now(), 2) == 2
     assert await store.purge_released(clock.now(), 2) == 1
     assert await store.purge_released(clock.now(), 2) == 0
-    assert all_slot_rows(store) == []
+    assert await all_slot_rows(store) == []
 
 
 async def test_a_purged_slot_id_is_never_reused(store: Store, clock: FakeClock) -> None:

@@ -1,4 +1,4 @@
-"""The behaviour every `Store` backend must share (SQLite and in-memory, via `store`)."""
+"""The behaviour every `Store` backend must share (SQLite, in-memory, PostgreSQL: `store`)."""
 
 from __future__ import annotations
 
@@ -395,7 +395,7 @@ async def test_recover_marks_released_rows_as_recovered(store: Store, clock: Fak
 
     await store.recover(NEW, clock.now())
 
-    rows = {row.id: row for row in all_slot_rows(store)}
+    rows = {row.id: row for row in await all_slot_rows(store)}
     assert (rows[stale].released_at, rows[stale].recovered) == (clock.now(), True)
     assert rows[given_back].recovered is False
     assert rows[given_back].released_at == clock.now() - timedelta(seconds=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import postgres
 
 STEP = Path(__file__).with_name("step.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,12 +161,24 @@ def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1) -> No
     raise AssertionError("condition not met in time")
 
 
+_SQLITE_PATH = re.compile(r'^path = "[^"]*dispatcher\.db"$', re.MULTILINE)
+
+
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Any]:
+    """`make(config_text)`: a daemon on that configuration. With DISPATCHER_E2E_PG=1 the
+    SQLite `[database] path` is swapped for a fresh PostgreSQL database (opt-in: tests
+    of the SQLite-only instance lock and file faults do not apply there)."""
     daemons: list[Daemon] = []
+    databases: list[str] = []
 
     def make(config_text: str) -> Daemon:
         config = tmp_path / "dispatcher.toml"
+        if os.environ.get("DISPATCHER_E2E_PG") == "1" and _SQLITE_PATH.search(config_text):
+            if not databases:
+                postgres.server_or_skip()
+                databases.append(postgres.create_database())
+            config_text = _SQLITE_PATH.sub(f'url = "{databases[0]}"', config_text)
         config.write_text(config_text)
         daemon = Daemon(config, tmp_path)
         daemons.append(daemon)
@@ -172,3 +187,5 @@ def make_daemon(tmp_path: Path) -> Iterator[Any]:
     yield make
     for daemon in daemons:
         daemon.close()
+    for url in databases:
+        postgres.drop_database(url)

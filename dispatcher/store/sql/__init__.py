@@ -1,7 +1,8 @@
 """Named SQL blocks, read once from `queries.sql`.
 
 A block starts with a line `-- name: NAME`; everything up to the next such line is
-the statement. Statements take named parameters (`:now`) only, never formatted values.
+the statement. `queries.sql` serves SQLite, `postgres.sql` PostgreSQL. Statements
+take named parameters (`:now`) only, never formatted values.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def parse_queries(text: str) -> dict[str, str]:
 
 
 @functools.cache
-def queries() -> dict[str, str]:
-    """Every named statement of `queries.sql`, loaded on first use."""
-    text = resources.files(__name__).joinpath("queries.sql").read_text(encoding="utf-8")
+def queries(filename: str = "queries.sql") -> dict[str, str]:
+    """Every named statement of `filename` (default: the SQLite store's), loaded once."""
+    text = resources.files(__name__).joinpath(filename).read_text(encoding="utf-8")
     return parse_queries(text)
 
 

@@ -222,3 +222,35 @@ PRAGMA optimize;
 -- Takes effect only on a database without tables (a new one), and must come before
 -- journal_mode = WAL; on an existing database it only takes effect after a VACUUM.
 PRAGMA auto_vacuum = INCREMENTAL;
+
+-- name: gate_held_count
+SELECT COUNT(*) AS n FROM gates WHERE gate = :gate AND released_at IS NULL;
+
+-- name: reap_slots
+-- Rows of instances that are neither :keep nor live (heartbeat at or after :since).
+UPDATE gates SET released_at = :now, recovered = 1
+WHERE released_at IS NULL AND instance_id IS NOT :keep
+  AND NOT EXISTS (SELECT 1 FROM instances i
+                  WHERE i.id = gates.instance_id AND i.stopped_at IS NULL
+                    AND i.heartbeat_at >= :since)
+RETURNING id;
+
+-- name: reap_attempts
+UPDATE attempts SET status = 'interrupted', ended_at = :now
+WHERE status = 'running' AND instance_id IS NOT :keep
+  AND NOT EXISTS (SELECT 1 FROM instances i
+                  WHERE i.id = attempts.instance_id AND i.stopped_at IS NULL
+                    AND i.heartbeat_at >= :since)
+RETURNING id;
+
+-- name: reap_dispatches
+UPDATE dispatches SET status = 'queued', instance_id = NULL, updated_at = :now
+WHERE status IN ('planning', 'running') AND instance_id IS NOT :keep
+  AND NOT EXISTS (SELECT 1 FROM instances i
+                  WHERE i.id = dispatches.instance_id AND i.stopped_at IS NULL
+                    AND i.heartbeat_at >= :since)
+RETURNING id;
+
+-- name: reap_instances
+UPDATE instances SET stopped_at = :now
+WHERE stopped_at IS NULL AND heartbeat_at < :since AND id IS NOT :keep;

@@ -1,0 +1,157 @@
+"""Store verbs for several daemons on one database (issue 8), on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from dispatcher.models import AttemptStatus, DispatchStatus, Instance
+from dispatcher.store.base import Store
+from dispatcher.store.postgres import PostgresStore
+from dispatcher.testing import FakeClock
+from tests.helpers import postgres
+
+from .conftest import Reserve, all_slot_rows
+
+LIVE = "instance-live"
+DEAD = "instance-dead"
+ME = "instance-me"
+
+
+def _instance(instance_id: str, clock: FakeClock) -> Instance:
+    now = clock.now()
+    return Instance(instance_id, "host", 1, "0", now, now, None)
+
+
+async def test_try_take_slot_grants_only_below_capacity(store: Store, clock: FakeClock) -> None:
+    first = await store.try_take_slot("global", "a", ME, 2, clock.now())
+    second = await store.try_take_slot("global", "b", LIVE, 2, clock.now())
+    refused = await store.try_take_slot("global", "c", ME, 2, clock.now())
+    other_gate = await store.try_take_slot("runner:shell", "c", ME, 1, clock.now())
+
+    assert first is not None and second is not None and other_gate is not None
+    assert refused is None
+    held = await store.held_slots()
+    assert [(r.gate, r.holder) for r in held] == [
+        ("global", "a"),
+        ("global", "b"),
+        ("runner:shell", "c"),
+    ]
+    assert await store.close_slot(first, clock.now())
+    assert await store.try_take_slot("global", "c", ME, 2, clock.now()) is not None
+
+
+async def test_reap_releases_what_silent_instances_hold_and_spares_live_ones(
+    store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    for instance_id in (LIVE, DEAD, ME):
+        await store.register_instance(_instance(instance_id, clock))
+    mine, live, dead = (await reserve()).id, (await reserve()).id, (await reserve()).id
+    for instance_id, dispatch_id in ((ME, mine), (LIVE, live), (DEAD, dead)):
+        assert await store.claim_next(instance_id, clock.now(), ()) is not None
+        await store.start_attempt(dispatch_id, 0, "s", "shell", 1, instance_id, clock.now())
+        await store.open_slot("global", f"dispatch:{dispatch_id}", instance_id, clock.now())
+    clock.advance(20)
+    await store.heartbeat(LIVE, clock.now())
+    clock.advance(20)
+
+    report = await store.reap_dead_instances(ME, clock.now(), ttl=30)
+
+    assert (report.slots_released, report.attempts_interrupted, report.dispatches_requeued) == (
+        1,
+        1,
+        1,
+    )
+    statuses = {i: getattr(await store.get_dispatch(i), "status", None) for i in (mine, live, dead)}
+    assert statuses == {
+        mine: DispatchStatus.PLANNING,
+        live: DispatchStatus.PLANNING,
+        dead: DispatchStatus.QUEUED,
+    }
+    assert [a.status for a in await store.list_attempts(dead)] == [AttemptStatus.INTERRUPTED]
+    assert [a.status for a in await store.list_attempts(live)] == [AttemptStatus.RUNNING]
+    held = {row.holder for row in await store.held_slots()}
+    assert held == {f"dispatch:{mine}", f"dispatch:{live}"}
+    recovered = [row for row in await all_slot_rows(store) if row.recovered]
+    assert [row.holder for row in recovered] == [f"dispatch:{dead}"]
+    live_ids = {i.id for i in await store.live_instances(clock.now() - timedelta(days=1))}
+    assert live_ids == {LIVE, ME}
+    again = await store.reap_dead_instances(ME, clock.now(), ttl=30)
+    assert again.slots_released == again.dispatches_requeued == 0
+
+
+async def test_maintenance_lock_is_granted_to_one_holder(store: Store) -> None:
+    async with store.maintenance_lock("purge") as mine:
+        assert mine
+
+
+# -- PostgreSQL only: two daemons' stores on one database ------------------------------
+
+
+async def test_two_stores_never_claim_the_same_dispatch(
+    pg_url: str, store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    if not isinstance(store, PostgresStore):
+        return
+    ids = {(await reserve()).id for _ in range(60)}
+    other = await PostgresStore.open(pg_url)
+    try:
+
+        async def drain(s: Store, name: str) -> list[int]:
+            taken: list[int] = []
+            while claimed := await s.claim_many(name, clock.now(), (), 3):
+                taken += [d.id for d in claimed]
+            return taken
+
+        a, b = await asyncio.gather(drain(store, "a"), drain(other, "b"))
+    finally:
+        await other.close()
+    assert sorted(a + b) == sorted(ids)
+
+
+async def test_concurrent_slot_takers_never_oversubscribe(
+    pg_url: str, store: Store, clock: FakeClock
+) -> None:
+    if not isinstance(store, PostgresStore):
+        return
+    others = [await PostgresStore.open(pg_url) for _ in range(3)]
+    try:
+        stores = [store, *others]
+        answers = await asyncio.gather(
+            *(
+                s.try_take_slot("global", f"h{i}", f"i{n}", 4, clock.now())
+                for n, s in enumerate(stores)
+                for i in range(10)
+            )
+        )
+    finally:
+        for other in others:
+            await other.close()
+    assert sum(answer is not None for answer in answers) == 4
+    assert len(await store.held_slots()) == 4
+
+
+async def test_a_submission_elsewhere_wakes_a_subscriber(
+    pg_url: str, store: Store, reserve: Reserve
+) -> None:
+    if not isinstance(store, PostgresStore):
+        return
+    woken = asyncio.Event()
+    listener = await PostgresStore.open(pg_url)
+    try:
+        await listener.subscribe(woken.set)
+        await reserve()  # through the other store: another process, as far as NOTIFY cares
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        await listener.close()
+
+
+async def test_concurrent_starters_migrate_a_new_database_once() -> None:
+    postgres.server_or_skip()
+    url = postgres.create_database()
+    try:
+        stores = await asyncio.gather(*(PostgresStore.open(url) for _ in range(4)))
+        for opened in stores:
+            await opened.close()
+    finally:
+        postgres.drop_database(url)

@@ -1,0 +1,125 @@
+"""Several daemons on one PostgreSQL database share the queue and the caps (issue 8).
+
+Three `dispatcher run` processes, `gate.global = 4`, a few hundred dispatches: the
+steps' own timestamps must never show more than 4 running at once across all three,
+every dispatch must complete exactly once, and a daemon killed with SIGKILL mid-run
+must lose nothing: a live daemon reaps its slots and requeues its work.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import postgres
+
+from .conftest import STEP, peak_concurrency, read_records, wait_until
+
+pytestmark = pytest.mark.slow
+
+GLOBAL = 4
+COUNT = 300
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    postgres.server_or_skip()
+    url = postgres.create_database()
+    try:
+        yield url
+    finally:
+        postgres.drop_database(url)
+
+
+def config(url: str, log: Path) -> str:
+    step = f'"{sys.executable}", "{STEP}", "{log}"'
+    return f"""
+[database]
+url = "{url}"
+
+[daemon]
+poll_interval = "500ms"
+shutdown_grace = "10s"
+kill_grace = "1s"
+heartbeat_interval = "500ms"
+instance_ttl = "3s"
+
+[gate]
+global = {GLOBAL}
+
+[runners.py]
+type = "exec"
+
+[tasks.one]
+steps = [{{ name = "s1", runner = "py", args = [{step}, "{{n}}", "{{secs}}"] }}]
+"""
+
+
+def _finished(daemon: Any) -> int:
+    rows = daemon.cli_json("list", "--limit", "100000")
+    return sum(row["status"] in ("succeeded", "failed", "cancelled") for row in rows)
+
+
+def _reaped_events(daemons: list[Any]) -> list[dict[str, Any]]:
+    return [e for d in daemons for e in d.events() if e.get("event") == "dead_instances_reaped"]
+
+
+def test_three_daemons_share_one_global_cap_and_survive_a_sigkill(
+    tmp_path: Path, make_daemon: Any, pg_database: str
+) -> None:
+    log = tmp_path / "steps.log"
+    daemons = [make_daemon(config(pg_database, log)) for _ in range(3)]
+    lines = [
+        json.dumps({"task": "one", "params": {"n": f"d{n}", "secs": "0.05"}}) for n in range(COUNT)
+    ]
+    submitted = daemons[0].cli("submit", "--batch", "-", stdin="\n".join(lines) + "\n")
+    assert submitted.returncode == 0, submitted.stderr
+    started = time.time()
+    for daemon in daemons:
+        daemon.start()
+
+    wait_until(lambda: _finished(daemons[0]) >= COUNT // 3, timeout=240, interval=0.2)
+    victim, survivors = daemons[2], daemons[:2]
+    killed_at = time.time()
+    victim.kill()
+    wait_until(lambda: _finished(daemons[0]) == COUNT, timeout=300, interval=0.5)
+    finished_at = time.time()
+    for daemon in survivors:
+        assert daemon.stop() == 0
+
+    records = read_records(log)
+    peak = peak_concurrency(records, killed_at=killed_at)
+    assert peak == GLOBAL
+    rows = daemons[0].cli_json("list", "--limit", "100000")
+    assert len(rows) == COUNT
+    assert {row["status"] for row in rows} == {"succeeded"}
+    ended = Counter(r.label for r in records if r.kind == "end")
+    assert set(ended) == {f"d{n}" for n in range(COUNT)}
+    assert max(ended.values()) == 1  # no step ran to completion twice
+    gates = daemons[0].cli_json("gates")
+    assert gates["rows"]["held"] == 0
+
+    reaped = _reaped_events(survivors)
+    assert reaped, "no surviving daemon reaped the killed one"
+    assert sum(e["slots_released"] for e in reaped) >= 1
+    first_reap = min(_epoch(e["timestamp"]) for e in reaped)
+    starts = sum(r.kind == "start" for r in records)
+    print(
+        f"\nscaling figures: {COUNT} dispatches, 3 daemons, global={GLOBAL}: "
+        f"peak {peak}, step starts {starts}, wall {finished_at - started:.1f}s, "
+        f"kill -> slots reaped {first_reap - killed_at:.1f}s (instance_ttl 3s), "
+        f"reaped {[(e['slots_released'], e['dispatches_requeued']) for e in reaped]}"
+    )
+
+
+def _epoch(timestamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
