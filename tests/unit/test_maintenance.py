@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -122,3 +124,26 @@ async def test_reschedule_applies_a_new_cron() -> None:
         job = maintenance.scheduler.get_job(RETENTION)
         fields = {f.name: str(f) for f in job.trigger.fields}
         assert (fields["minute"], fields["hour"], fields["day_of_week"]) == ("5", "1", "0")
+
+
+class LockedElsewhereStore(InMemoryStore):
+    """Another daemon on the same (shared) database holds the maintenance locks."""
+
+    @contextlib.asynccontextmanager
+    async def maintenance_lock(self, name: str) -> AsyncIterator[bool]:
+        yield False
+
+
+async def test_a_job_another_instance_holds_is_skipped_and_deletes_nothing() -> None:
+    store, clock = LockedElsewhereStore(), FakeClock()
+    old = clock.now() - timedelta(days=8)
+    slot = await store.open_slot("global", "dispatch:1", "i", old)
+    await store.close_slot(slot, old)
+
+    with capture_logs() as logs:
+        async with Maintenance(lambda: settings(startup_delay="0"), store, clock):
+            await wait_for(lambda: len(events(logs, "maintenance_job_skipped")) == 2)
+
+    assert {e["job"] for e in events(logs, "maintenance_job_skipped")} == {PURGE_GATES, RETENTION}
+    assert events(logs, "gates_purged") == []
+    assert list(store.slots) == [slot]
