@@ -9,6 +9,7 @@ must lose nothing: a live daemon reaps its slots and requeues its work.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -62,6 +63,19 @@ steps = [{{ name = "s1", runner = "py", args = [{step}, "{{n}}", "{{secs}}"] }}]
 """
 
 
+def _held_by(url: str, instance_id: str) -> int:
+    """Gate rows the instance holds, read straight from the database."""
+    query = "SELECT count(*) FROM gates WHERE released_at IS NULL AND instance_id = :'id'"
+    result = subprocess.run(
+        ["psql", url, "-tA", "-v", f"id={instance_id}"],
+        input=query,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(result.stdout.strip() or 0)
+
+
 def _finished(daemon: Any) -> int:
     rows = daemon.cli_json("list", "--limit", "100000")
     return sum(row["status"] in ("succeeded", "failed", "cancelled") for row in rows)
@@ -87,6 +101,9 @@ def test_three_daemons_share_one_global_cap_and_survive_a_sigkill(
 
     wait_until(lambda: _finished(daemons[0]) >= COUNT // 3, timeout=240, interval=0.2)
     victim, survivors = daemons[2], daemons[:2]
+    victim_id = victim.wait_for_event("daemon_started")["instance_id"]
+    # Kill it while it holds a slot, so that there is something to reap.
+    wait_until(lambda: _held_by(pg_database, victim_id) >= 1, timeout=60, interval=0.005)
     killed_at = time.time()
     victim.kill()
     wait_until(lambda: _finished(daemons[0]) == COUNT, timeout=300, interval=0.5)
