@@ -91,7 +91,7 @@ def test_three_daemons_share_one_global_cap_and_survive_a_sigkill(
     log = tmp_path / "steps.log"
     daemons = [make_daemon(config(pg_database, log)) for _ in range(3)]
     lines = [
-        json.dumps({"task": "one", "params": {"n": f"d{n}", "secs": "0.05"}}) for n in range(COUNT)
+        json.dumps({"task": "one", "params": {"n": f"d{n}", "secs": "0.2"}}) for n in range(COUNT)
     ]
     submitted = daemons[0].cli("submit", "--batch", "-", stdin="\n".join(lines) + "\n")
     assert submitted.returncode == 0, submitted.stderr
