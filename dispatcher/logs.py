@@ -6,11 +6,15 @@ locals) so one event stays one line.
 
 from __future__ import annotations
 
+import atexit
+import contextvars
+import json
 import logging
 import sys
 import threading
 import time
-from typing import TextIO
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 import anyio
 import structlog
@@ -53,6 +57,51 @@ def _renderer(fmt: str) -> list[Processor]:
     ]
 
 
+_METHOD_LEVELS = {"warn": "warning", "exception": "error", "fatal": "critical"}
+_CONTEXT_PREFIX = "structlog_"
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+class _JSONLine:
+    """The JSON chain of `_shared_processors` + `_renderer("json")` in one step.
+
+    An event without an exception or a stack (nearly all of them, and every one on the
+    dispatch path) is rendered here directly, with the same fields in the same order,
+    at a fraction of the chain's cost; any other goes through the chain itself.
+    """
+
+    def __init__(self, chain: list[Processor]) -> None:
+        self._chain = chain
+        self._encode = json.JSONEncoder(default=_json_default).encode
+
+    def __call__(self, logger: Any, method_name: str, event: EventDict) -> Any:
+        if "exc_info" in event or "stack_info" in event or "exception" in event:
+            rendered: Any = event
+            for processor in self._chain:
+                rendered = processor(logger, method_name, rendered)
+            return rendered
+        line = {
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "level": _METHOD_LEVELS.get(method_name, method_name),
+            "event": event.pop("event", None),
+        }
+        line.update(event)
+        for var, value in contextvars.copy_context().items():
+            key = var.name
+            if key.startswith(_CONTEXT_PREFIX) and value is not Ellipsis:
+                line.setdefault(key[len(_CONTEXT_PREFIX) :], value)
+        if "logger" not in line:
+            name = getattr(logger, "name", None)
+            if name is not None:
+                line["logger"] = name
+        return self._encode(line)
+
+
 FLUSH_INTERVAL = 0.1
 """Lines are flushed at most this long after they were written (see `_Sink`)."""
 
@@ -60,43 +109,64 @@ FLUSH_INTERVAL = 0.1
 class _Sink:
     """Where every line goes: one stream and one lock, shared with the stdlib handler.
 
-    A flush is a system call, and at a few thousand events a second one per line costs
-    more than rendering them. So lines are flushed when `FLUSH_INTERVAL` has passed
-    since the last flush, and `flush_loop` flushes what an idle daemon left behind: a
-    reader (journald, `docker logs`) sees every line within 0.1 s. A SIGKILL can lose
-    the lines of that last 0.1 s.
+    Lines collect in memory and are written out together: when `FLUSH_INTERVAL` has
+    passed since the last write, when `MAX_PENDING` characters are waiting, and from
+    `flush_loop`, so a reader (journald, `docker logs`) sees every line within 0.1 s.
+    A write is a system call, during which the store's thread takes the GIL and the
+    loop then waits for it back: one per line would cost more than rendering them.
+    A SIGKILL can lose the lines of that last 0.1 s.
     """
+
+    MAX_PENDING = 64 * 1024
 
     def __init__(self) -> None:
         self.stream: TextIO = sys.stdout
         self.lock = threading.RLock()
-        self._flushed_at = 0.0
-        self._dirty = False
+        self._pending: list[str] = []
+        self._size = 0
+        self._written_at = 0.0
 
     def write(self, line: str) -> None:
         with self.lock:
-            self.stream.write(line + "\n")
+            self._pending.append(line)
+            self._size += len(line)
             now = time.monotonic()
-            if now - self._flushed_at >= FLUSH_INTERVAL:
-                self._flush(now)
-            else:
-                self._dirty = True
+            if now - self._written_at >= FLUSH_INTERVAL or self._size >= self.MAX_PENDING:
+                self._write_out(now)
 
     def flush(self) -> None:
         with self.lock:
-            if self._dirty:
-                self._flush(time.monotonic())
+            self._write_out(time.monotonic())
 
-    def _flush(self, now: float) -> None:
-        self._flushed_at = now
-        self._dirty = False
+    def _write_out(self, now: float) -> None:
+        self._written_at = now
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        self._size = 0
         try:
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stream must not stop the daemon
             pass
 
 
+class _SinkStream:
+    """The stdlib handler's stream: its records join the same pending lines."""
+
+    def write(self, text: str) -> None:
+        if text.endswith("\n"):
+            text = text[:-1]
+        if text:
+            _SINK.write(text)
+
+    def flush(self) -> None:
+        """Nothing: the sink writes within `FLUSH_INTERVAL` (and at exit)."""
+
+
 _SINK = _Sink()
+atexit.register(_SINK.flush)
 
 
 class _LineLogger:
@@ -146,7 +216,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         foreign_pre_chain=_shared_processors(),
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_renderer(fmt)],
     )
-    handler = logging.StreamHandler(_SINK.stream)
+    handler = logging.StreamHandler(_SinkStream())
     handler.setFormatter(formatter)
     handler.lock = _SINK.lock  # one lock for both writers: lines never interleave
     root = logging.getLogger()
@@ -154,12 +224,13 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     root.setLevel(_LEVELS[level])
     # Library chatter below WARNING is noise for an operator.
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    chain: list[Processor] = [
+        *_shared_processors(),
+        structlog.processors.StackInfoRenderer(),
+        *_renderer(fmt),
+    ]
     structlog.configure(
-        processors=[
-            *_shared_processors(),
-            structlog.processors.StackInfoRenderer(),
-            *_renderer(fmt),
-        ],
+        processors=[_JSONLine(chain)] if fmt == "json" else chain,
         logger_factory=_line_logger_factory,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=False,

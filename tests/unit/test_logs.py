@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,11 @@ def stream() -> Iterator[io.StringIO]:
     structlog.reset_defaults()
 
 
+def written(stream: io.StringIO) -> str:
+    logs.flush()
+    return stream.getvalue()
+
+
 def _fail() -> None:
     raise ValueError("line one\nline two")
 
@@ -36,7 +42,7 @@ def test_exceptions_are_structured_one_line_events(stream: io.StringIO) -> None:
         _fail()
     except ValueError:
         logging.getLogger("some.library").exception("library trouble")
-    lines = stream.getvalue().splitlines()
+    lines = written(stream).splitlines()
     assert len(lines) == 2
     ours, theirs = (json.loads(line) for line in lines)
     assert ours["event"] == "dispatch_crashed" and ours["dispatch_id"] == 7
@@ -52,7 +58,21 @@ def test_exceptions_are_structured_one_line_events(stream: io.StringIO) -> None:
 
 def test_event_names_lead_each_line(stream: io.StringIO) -> None:
     structlog.get_logger("dispatcher.test").info("daemon_started", pid=1)
-    line = stream.getvalue()
+    line = written(stream)
     assert (
         line.startswith('{"timestamp": ') and '"level": "info", "event": "daemon_started"' in line
     )
+
+
+def test_lines_are_written_together_and_promptly(stream: io.StringIO) -> None:
+    log = structlog.get_logger("dispatcher.test")
+    time.sleep(logs.FLUSH_INTERVAL)
+    log.info("first")  # the first line after a quiet spell goes out at once
+    assert stream.getvalue().count("\n") == 1
+    for n in range(100):
+        log.info("burst", n=n)
+    assert stream.getvalue().count("\n") == 1  # held back, not one write per line
+    time.sleep(logs.FLUSH_INTERVAL)
+    log.info("later")  # the interval has passed: everything pending goes out
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["first", *["burst"] * 100, "later"]
