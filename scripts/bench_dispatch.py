@@ -145,6 +145,7 @@ def huey_python() -> Path:
 
 
 def drain_huey(count: int) -> float:
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
     script = BENCH_DIR / "huey_drain.py"
     script.write_text(HUEY_SCRIPT)
     result = subprocess.run(
