@@ -74,6 +74,8 @@ class AttemptSpec:
     step: str
     runner: str
     number: int
+    effects: bool = True
+    """Make the start durable before the work begins (see `Runner.effects`)."""
 
 
 class Verdict(Enum):
@@ -147,7 +149,7 @@ class Pipeline:
         flight.step = PLAN_STEP_NAME
         spec = AttemptSpec(
             dispatch.id, PLAN_STEP_INDEX, PLAN_STEP_NAME, PLANNER_RUNNER, history.next_attempt
-        )
+        )  # a planner (a process or user code) has effects
         plans: list[tuple[Step, ...]] = []
         outcome = await self._attempt(spec, flight, lambda: self._run_planner(dispatch, plans))
         if not outcome.ok:
@@ -236,7 +238,9 @@ class Pipeline:
             kwargs=step.kwargs,
             on_line=lines,
         )
-        spec = AttemptSpec(dispatch.id, index, step.name, step.runner, history.next_attempt)
+        spec = AttemptSpec(
+            dispatch.id, index, step.name, step.runner, history.next_attempt, runner.effects
+        )
         try:
             outcome = await self._attempt(spec, flight, lambda: runner.run(request))
         finally:
@@ -286,6 +290,8 @@ class Pipeline:
             self._instance_id,
             self._clock.now(),
         )
+        if spec.effects:
+            await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
         started = self._clock.now()
         try:

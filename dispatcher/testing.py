@@ -281,6 +281,10 @@ class InMemoryStore:
 
     # -- attempts ---------------------------------------------------------------------
 
+    async def flush(self) -> None:
+        """Every write here is done when its method returns."""
+        await asyncio.sleep(0)
+
     async def start_attempt(
         self,
         dispatch_id: int,

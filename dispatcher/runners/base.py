@@ -51,6 +51,10 @@ class Runner(Protocol):
     """Executes steps. Cancellation must stop the work and re-raise."""
 
     name: str
+    effects: bool
+    """Whether a step can act on the world (start a process, run user code). The start
+    of such an attempt is made durable before it runs, so that a crash meanwhile is
+    counted as an interruption and every execution has its attempt row."""
 
     async def run(self, request: RunRequest) -> Outcome:
         """Run one step to an Outcome; on timeout return status `timed_out`.

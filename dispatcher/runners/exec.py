@@ -17,6 +17,8 @@ class ExecRunner:
     SIGTERM, then SIGKILL after `kill_grace` seconds.
     """
 
+    effects = True
+
     def __init__(
         self,
         name: str,

@@ -11,6 +11,8 @@ from dispatcher.runners.base import Outcome, RunRequest
 class NoopRunner:
     """Returns a succeeded Outcome (exit code 0) without doing anything."""
 
+    effects = False
+
     def __init__(self, name: str = "noop") -> None:
         self.name = name
 

@@ -73,6 +73,8 @@ class PythonRunner:
     `error` is "ValueError: message" and whose `output` is the end of the traceback.
     """
 
+    effects = True
+
     def __init__(self, name: str, *, output_limit: int = 8192) -> None:
         self.name = name
         self.output_limit = output_limit

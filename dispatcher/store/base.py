@@ -88,9 +88,9 @@ class Store(Protocol):
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0.
 
-        `save_plan`, `advance` and `finish_attempt` may return once the write is queued:
-        writes keep their order, and the next awaited write (`start_attempt`,
-        `finish_dispatch`, `requeue`) commits them with it.
+        `save_plan`, `advance`, `start_attempt`, `finish_attempt` and `finish_dispatch`
+        may return once the write is queued: writes keep their order, every later
+        statement sees them, and `flush` (or any awaited write) makes them durable.
         """
         ...
 
@@ -122,6 +122,10 @@ class Store(Protocol):
         ...
 
     # -- attempts -------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Return once every write queued before the call is durable."""
+        ...
 
     async def start_attempt(
         self,

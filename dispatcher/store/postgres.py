@@ -492,6 +492,9 @@ class PostgresStore:
 
     # -- attempts ---------------------------------------------------------------------
 
+    async def flush(self) -> None:
+        """Every write of this store is awaited until it has committed: nothing to do."""
+
     async def start_attempt(
         self,
         dispatch_id: int,

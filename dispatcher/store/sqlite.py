@@ -63,6 +63,8 @@ CANCELLED_BEFORE_START = "cancelled before it started"
 
 def to_db_time(value: datetime) -> str:
     """`2026-11-29T02:35:45.123456Z`: fixed width, so text order is time order."""
+    if value.tzinfo is UTC:  # the clock's own times: the cheap way
+        return value.isoformat(timespec="microseconds")[:-6] + "Z"
     if value.utcoffset() is None:
         raise ValueError(f"naive datetime {value!r}: the store takes timezone-aware times")
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
@@ -271,6 +273,10 @@ def _wal(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode = WAL").fetchall()
 
 
+def _nothing(_db: sqlite3.Connection) -> None:
+    return None
+
+
 def _pragmas(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA foreign_keys = ON")
@@ -315,6 +321,12 @@ class SQLiteStore:
         self._writer = writer
         self._path = path
         self._busy_timeout = busy_timeout
+        self._next_attempt_id: int | None = None
+        # Queued writes folded into an earlier or later one of the same row while both
+        # wait in the queue (see `start_attempt`, `advance`, `mirror_open`).
+        self._attempt_ends: dict[int, dict[str, Any]] = {}
+        self._pending_steps: dict[int, int] = {}
+        self._slot_releases: dict[SlotHandle, str] = {}
 
     @classmethod
     async def open(
@@ -498,7 +510,16 @@ class SQLiteStore:
     async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
         """Record that every step before `next_step` has succeeded."""
         params = {"id": dispatch_id, "next_step": next_step, "now": to_db_time(now)}
-        self._post("advance", params)
+        sql = query("advance")
+        steps = self._pending_steps
+        steps[dispatch_id] = next_step
+
+        def update(db: sqlite3.Connection) -> None:
+            latest = steps.pop(dispatch_id, None)  # None: finish_dispatch took it
+            if latest is not None:
+                db.execute(sql, {**params, "next_step": latest})
+
+        self._writer.post(update)
 
     async def requeue(
         self, dispatch_id: int, now: datetime, not_before: datetime | None = None
@@ -517,8 +538,15 @@ class SQLiteStore:
         """Stamp a final status; a dispatch already final is left alone."""
         if not status.is_final:
             raise ValueError(f"finish_dispatch needs a final status, not {status}")
-        params = {"id": dispatch_id, "status": str(status), "now": to_db_time(now), "error": error}
-        await self._run("finish_dispatch", params)
+        params = {
+            "id": dispatch_id,
+            "status": str(status),
+            "now": to_db_time(now),
+            "error": error,
+            # An `advance` still queued is written with the final status.
+            "current_step": self._pending_steps.pop(dispatch_id, None),
+        }
+        self._post("finish_dispatch", params)
 
     async def request_cancel(self, dispatch_id: int, now: datetime) -> Dispatch:
         """Cancel a `queued` dispatch at once; flag an in-flight one; raise `NotFound`."""
@@ -540,6 +568,10 @@ class SQLiteStore:
 
     # -- attempts ---------------------------------------------------------------------
 
+    async def flush(self) -> None:
+        """Commit what is queued; return once it is durable."""
+        await self._call(_nothing)
+
     async def start_attempt(
         self,
         dispatch_id: int,
@@ -550,8 +582,19 @@ class SQLiteStore:
         instance_id: str,
         now: datetime,
     ) -> int:
-        """Insert a `running` attempt row and return its id."""
+        """Queue the insert of a `running` attempt row; return the id it will have.
+
+        Ids come from a counter read once from the table (the instance lock makes this
+        daemon the only one writing attempts), so nothing waits for the insert.
+        """
+        if self._next_attempt_id is None:
+            rows = await self._run("max_attempt_id")
+            if self._next_attempt_id is None:  # not set by a concurrent first call
+                self._next_attempt_id = int(rows[0]["id"]) + 1
+        attempt_id = self._next_attempt_id
+        self._next_attempt_id += 1
         params = {
+            "id": attempt_id,
             "dispatch_id": dispatch_id,
             "step_index": step_index,
             "step": step,
@@ -560,8 +603,17 @@ class SQLiteStore:
             "instance_id": instance_id,
             "now": to_db_time(now),
         }
-        rows = await self._run("start_attempt", params)
-        attempt_id: int = rows[0]["id"]
+        start_sql, done_sql = query("start_attempt"), query("insert_finished_attempt")
+        ends = self._attempt_ends
+
+        def insert(db: sqlite3.Connection) -> None:
+            end = ends.pop(attempt_id, None)
+            if end is None:
+                db.execute(start_sql, params)
+            else:  # the attempt ended before its row was written: one row, complete
+                db.execute(done_sql, {**params, **end})
+
+        self._writer.post(insert)
         return attempt_id
 
     async def finish_attempt(
@@ -577,15 +629,25 @@ class SQLiteStore:
         """Stamp the attempt's final status; only a `running` attempt is changed."""
         if status is AttemptStatus.RUNNING:
             raise ValueError("finish_attempt needs a final status, not running")
-        params = {
-            "id": attempt_id,
+        end = {
             "status": str(status),
-            "now": to_db_time(now),
+            "ended_at": to_db_time(now),
             "exit_code": exit_code,
             "error": error,
             "output": output,
         }
-        self._post("finish_attempt", params)
+        sql = query("finish_attempt")
+        ends = self._attempt_ends
+        ends.setdefault(attempt_id, end)  # a second end changes nothing (as in the SQL)
+
+        def update(db: sqlite3.Connection) -> None:
+            # Whichever of the insert and this pops the end writes it (dict.pop is
+            # atomic): written once, by the insert when it had not run yet.
+            popped = ends.pop(attempt_id, None)
+            if popped is not None:
+                db.execute(sql, {"id": attempt_id, **popped})
+
+        self._writer.post(update)
 
     async def step_attempts(self, dispatch_id: int, step_index: int) -> list[Attempt]:
         """Every attempt of one step, oldest first."""
@@ -642,11 +704,15 @@ class SQLiteStore:
     def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
         """Queue the insert of a held row; the handle learns its id when it is written."""
         handle = SlotHandle(gate, holder)
-        sql = query("open_slot")
-        params = {"gate": gate, "holder": holder, "instance_id": instance_id}
+        sql = query("mirror_open")
+        params: dict[str, Any] = {"gate": gate, "holder": holder, "instance_id": instance_id}
         params["now"] = to_db_time(now)
 
+        releases = self._slot_releases
+
         def insert(db: sqlite3.Connection) -> None:
+            # Released before its row was written: one row, with both times.
+            params["released_at"] = releases.pop(handle, None)
             handle.row_id = db.execute(sql, params).fetchall()[0]["id"]
 
         self._writer.post(insert)
@@ -656,10 +722,14 @@ class SQLiteStore:
         """Queue the release of the row (after its insert: the queue keeps order)."""
         sql = query("mirror_close")
         released_at = to_db_time(now)
+        releases = self._slot_releases
+        releases.setdefault(handle, released_at)
 
         def release(db: sqlite3.Connection) -> None:
-            if handle.row_id is not None:
-                db.execute(sql, {"id": handle.row_id, "now": released_at})
+            # As for attempts: the insert or this, whichever pops first, writes it.
+            popped = releases.pop(handle, None)
+            if popped is not None and handle.row_id is not None:
+                db.execute(sql, {"id": handle.row_id, "now": popped})
 
         self._writer.post(release)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -256,19 +257,31 @@ async def test_schema_constraints_hold(open_store: Opener, db_path: Path) -> Non
     store = await open_store()
     answer = await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)
     await store.start_attempt(answer.id, 0, "s", "r", 1, "i", NOW)
+    await store.flush()
 
     with raw(db_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone() == (1,)
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             db.execute("UPDATE dispatches SET status = 'sleeping'")
         db.execute("DELETE FROM dispatches WHERE id = ?", (answer.id,))
         assert db.execute("SELECT COUNT(*) FROM attempts").fetchone() == (0,)
 
 
-async def test_a_foreign_key_failure_is_a_store_error(open_store: Opener) -> None:
+async def test_a_queued_write_that_breaks_a_foreign_key_is_logged_and_dropped(
+    open_store: Opener, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`start_attempt` is queued: nobody waits for it, so its failure cannot be raised;
+    it is logged (`store_write_failed`) and writes nothing."""
     store = await open_store()
 
-    with pytest.raises(StoreError, match="FOREIGN KEY"):
+    with caplog.at_level(logging.ERROR, logger="dispatcher.store"):
         await store.start_attempt(999, 0, "s", "r", 1, "i", NOW)
+        await store.flush()
+
+    (record,) = [r for r in caplog.records if r.getMessage() == "store_write_failed"]
+    assert "FOREIGN KEY" in record.__dict__["error"]
+    with raw(db_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone() == (0,)
 
 
 def test_split_statements_follows_sqlite_tokens() -> None:

@@ -28,6 +28,7 @@ class ScriptedRunner:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     running: int = 0
     peak: int = 0
+    effects: bool = True
 
     async def run(self, request: RunRequest) -> Outcome:
         self.calls.append(request)
@@ -46,6 +47,7 @@ class ScriptedRunner:
 
 class CrashingRunner:
     name = "crash"
+    effects = True
 
     async def run(self, request: RunRequest) -> Outcome:
         raise RuntimeError("boom")

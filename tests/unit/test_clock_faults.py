@@ -27,6 +27,7 @@ class TimeTravellingRunner:
     name: str
     clock: FakeClock
     script: list[Outcome]
+    effects: bool = True
 
     async def run(self, request: RunRequest) -> Outcome:
         self.clock.set(self.clock.now() - DAY)

@@ -40,7 +40,8 @@ WHERE id = :id AND status IN ('planning', 'running');
 
 -- name: finish_dispatch
 UPDATE dispatches
-SET status = :status, error = :error, finished_at = :now, updated_at = :now
+SET status = :status, error = :error, finished_at = :now, updated_at = :now,
+    current_step = COALESCE(:current_step, current_step)
 WHERE id = :id AND status NOT IN ('succeeded', 'failed', 'cancelled');
 
 -- name: request_cancel
@@ -72,15 +73,26 @@ SELECT * FROM dispatches WHERE status = :status ORDER BY id DESC LIMIT :limit;
 -- name: count_by_status
 SELECT status, COUNT(*) AS n FROM dispatches GROUP BY status;
 
+-- name: max_attempt_id
+-- The highest attempt id ever given (AUTOINCREMENT never reuses one), 0 for none.
+SELECT max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'attempts'), 0),
+           COALESCE((SELECT max(id) FROM attempts), 0)) AS id;
+
 -- name: start_attempt
-INSERT INTO attempts (dispatch_id, step_index, step, runner, attempt, status, started_at,
-                      instance_id)
-VALUES (:dispatch_id, :step_index, :step, :runner, :attempt, 'running', :now, :instance_id)
-RETURNING id;
+INSERT INTO attempts (id, dispatch_id, step_index, step, runner, attempt, status,
+                      started_at, instance_id)
+VALUES (:id, :dispatch_id, :step_index, :step, :runner, :attempt, 'running', :now,
+        :instance_id);
+
+-- name: insert_finished_attempt
+INSERT INTO attempts (id, dispatch_id, step_index, step, runner, attempt, status,
+                      started_at, ended_at, exit_code, error, output, instance_id)
+VALUES (:id, :dispatch_id, :step_index, :step, :runner, :attempt, :status, :now,
+        :ended_at, :exit_code, :error, :output, :instance_id);
 
 -- name: finish_attempt
 UPDATE attempts
-SET status = :status, ended_at = :now, exit_code = :exit_code, error = :error,
+SET status = :status, ended_at = :ended_at, exit_code = :exit_code, error = :error,
     output = :output
 WHERE id = :id AND status = 'running';
 
@@ -158,6 +170,13 @@ WHERE id IN (
     LIMIT :limit
 )
 RETURNING *;
+
+-- name: mirror_open
+-- A gate row queued by the gate; `released_at` is set when it was released before the
+-- insert was written.
+INSERT INTO gates (gate, holder, instance_id, acquired_at, released_at)
+VALUES (:gate, :holder, :instance_id, :now, :released_at)
+RETURNING id;
 
 -- name: mirror_close
 UPDATE gates SET released_at = :now WHERE id = :id AND released_at IS NULL;
