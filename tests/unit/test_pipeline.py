@@ -49,9 +49,9 @@ CONFIG: dict[str, Any] = {
 
 
 class Harness:
-    def __init__(self, runners: dict[str, Runner]) -> None:
+    def __init__(self, runners: dict[str, Runner], store: InMemoryStore | None = None) -> None:
         self.settings = Settings.model_validate(CONFIG)
-        self.store = InMemoryStore()
+        self.store = store or InMemoryStore()
         self.clock = FakeClock()
         self.gate = ConcurrencyGate(
             self.store,
@@ -263,3 +263,40 @@ async def test_not_before_is_respected_by_claim(advance: int) -> None:
     claimed = await h.store.claim_next("inst", h.clock.now(), set())
     assert (claimed is not None) == bool(advance)
     assert dispatch_id == d.id
+
+
+class JournalStore(InMemoryStore):
+    """Notes attempt starts and flushes in one journal with the runner's own runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.journal: list[str] = []
+
+    async def start_attempt(self, *args: Any, **kwargs: Any) -> int:
+        self.journal.append("start_attempt")
+        return await super().start_attempt(*args, **kwargs)
+
+    async def flush(self) -> None:
+        self.journal.append("flush")
+        await super().flush()
+
+
+@pytest.mark.parametrize("effects", [True, False])
+async def test_a_step_with_effects_runs_only_after_its_attempt_start_is_durable(
+    effects: bool,
+) -> None:
+    store = JournalStore()
+    work = ScriptedRunner("work", effects=effects)
+    original_run = work.run
+
+    async def run(request: Any) -> Any:
+        store.journal.append("run")
+        return await original_run(request)
+
+    work.run = run  # type: ignore[method-assign]
+    h = Harness({"work": work}, store=store)
+    await h.submit("three", x="1")
+
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    expected = ["start_attempt", "flush", "run"] if effects else ["start_attempt", "run"]
+    assert store.journal == expected * 3

@@ -1,0 +1,197 @@
+"""The SQLite store's queued writes: what nobody waits for still lands, once, in order.
+
+A no-op dispatch awaits no write of its own (issue 7): its attempt's start and end,
+its gate row's insert and release, its `advance` and final status are all queued, and
+two queued writes of one row that meet in the queue become one statement. These tests
+read the file with a separate connection and watch the statements the writer runs.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dispatcher.models import AttemptStatus, DispatchStatus, NewDispatch, Step
+from dispatcher.store.sqlite import SQLiteStore
+
+NOW = datetime(2026, 11, 29, 6, 0, 0, tzinfo=UTC)
+LATER = NOW + timedelta(seconds=2)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    opened = await SQLiteStore.open(tmp_path / "d.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@contextmanager
+def raw(store: SQLiteStore) -> Iterator[sqlite3.Connection]:
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+        yield db
+
+
+async def statements(store: SQLiteStore) -> list[str]:
+    """Every statement the writer's connection runs from now on (first word + table)."""
+    seen: list[str] = []
+
+    def watch(db: sqlite3.Connection) -> None:
+        db.set_trace_callback(seen.append)
+
+    await store._writer.outside_transaction(watch)
+    return seen
+
+
+def writes_to(seen: list[str], table: str) -> list[str]:
+    """INSERT / UPDATE, in order, of the statements on `table`."""
+    kinds = []
+    for text in seen:
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+        match = re.match(r"\s*(INSERT INTO|UPDATE)\s+(\w+)", code)
+        if match and match.group(2) == table:
+            kinds.append(match.group(1).split()[0])
+    return kinds
+
+
+async def running_dispatch(store: SQLiteStore) -> int:
+    reservation = await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)
+    claimed = await store.claim_next("me", NOW, ())
+    assert claimed is not None and claimed.id == reservation.id
+    return claimed.id
+
+
+async def test_an_attempt_that_ends_before_its_insert_is_written_as_one_complete_row(
+    store: SQLiteStore,
+) -> None:
+    dispatch_id = await running_dispatch(store)
+    seen = await statements(store)
+
+    attempt_id = await store.start_attempt(dispatch_id, 0, "a", "noop", 1, "me", NOW)
+    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER, exit_code=0)
+    await store.flush()
+
+    assert writes_to(seen, "attempts") == ["INSERT"]
+    with raw(store) as db:
+        row = db.execute(
+            "SELECT id, status, started_at, ended_at, exit_code FROM attempts"
+        ).fetchone()
+    assert row == (attempt_id, "succeeded", "2026-11-29T06:00:00.000000Z",
+                   "2026-11-29T06:00:02.000000Z", 0)  # fmt: skip
+
+
+async def test_a_durable_start_is_updated_by_its_end(store: SQLiteStore) -> None:
+    dispatch_id = await running_dispatch(store)
+    attempt_id = await store.start_attempt(dispatch_id, 0, "a", "exec", 1, "me", NOW)
+    await store.flush()
+    with raw(store) as db:  # what a step with effects may rely on before it runs
+        assert db.execute("SELECT status FROM attempts").fetchall() == [("running",)]
+    seen = await statements(store)
+
+    await store.finish_attempt(attempt_id, AttemptStatus.FAILED, LATER, exit_code=3, error="x")
+    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER)  # too late
+    await store.flush()
+
+    assert writes_to(seen, "attempts") == ["UPDATE"]
+    with raw(store) as db:
+        assert db.execute("SELECT status, exit_code, error FROM attempts").fetchall() == [
+            ("failed", 3, "x")
+        ]
+
+
+async def test_attempt_ids_are_never_reused_even_after_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    store = await SQLiteStore.open(path)
+    dispatch_id = await running_dispatch(store)
+    first = await store.start_attempt(dispatch_id, 0, "a", "noop", 1, "me", NOW)
+    second = await store.start_attempt(dispatch_id, 0, "a", "noop", 2, "me", NOW)
+    await store.close()
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("DELETE FROM attempts WHERE id = ?", (second,))
+
+    store = await SQLiteStore.open(path)
+    try:
+        third = await store.start_attempt(dispatch_id, 0, "a", "noop", 3, "me", NOW)
+        await store.flush()
+    finally:
+        await store.close()
+
+    assert (first, second, third) == (first, first + 1, first + 2)
+    with closing(sqlite3.connect(path)) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM attempts ORDER BY id")]
+    assert ids == [first, third]
+
+
+async def test_a_gate_row_released_before_its_insert_is_written_once_with_both_times(
+    store: SQLiteStore,
+) -> None:
+    seen = await statements(store)
+
+    handle = store.mirror_open("global", "dispatch:1", "me", NOW)
+    store.mirror_close(handle, LATER)
+    store.mirror_close(handle, LATER + timedelta(seconds=5))  # released once only
+    await store.flush()
+
+    assert writes_to(seen, "gates") == ["INSERT"]
+    with raw(store) as db:
+        rows = db.execute("SELECT gate, acquired_at, released_at FROM gates").fetchall()
+    assert rows == [("global", "2026-11-29T06:00:00.000000Z", "2026-11-29T06:00:02.000000Z")]
+
+
+async def test_a_gate_row_written_held_is_released_by_an_update(store: SQLiteStore) -> None:
+    handle = store.mirror_open("global", "dispatch:1", "me", NOW)
+    await store.flush()
+    with raw(store) as db:
+        assert db.execute("SELECT released_at FROM gates").fetchall() == [(None,)]
+
+    store.mirror_close(handle, LATER)
+    await store.flush()
+
+    with raw(store) as db:
+        released = db.execute("SELECT released_at FROM gates").fetchall()
+    assert released == [("2026-11-29T06:00:02.000000Z",)]
+
+
+async def test_the_last_advance_is_written_with_the_final_status(store: SQLiteStore) -> None:
+    dispatch_id = await running_dispatch(store)
+    plan = [Step(name="a", runner="noop"), Step(name="b", runner="noop")]
+    await store.save_plan(dispatch_id, plan, NOW)
+    await store.advance(dispatch_id, 1, NOW)
+    await store.flush()
+    seen = await statements(store)
+
+    await store.advance(dispatch_id, 2, LATER)
+    await store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, LATER)
+    await store.flush()
+
+    assert writes_to(seen, "dispatches") == ["UPDATE"]
+    final = await store.get_dispatch(dispatch_id)
+    assert final is not None
+    assert (final.status, final.current_step) == (DispatchStatus.SUCCEEDED, 2)
+
+
+async def test_queued_writes_are_seen_by_the_next_read_and_survive_close(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.db"
+    store = await SQLiteStore.open(path)
+    dispatch_id = await running_dispatch(store)
+    attempt_id = await store.start_attempt(dispatch_id, 0, "a", "noop", 1, "me", NOW)
+
+    (attempt,) = await store.list_attempts(dispatch_id)  # ordered after the insert
+    assert attempt.id == attempt_id
+
+    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER)
+    await store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, LATER)
+    await store.close()  # nothing awaited them: close writes them
+
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT status FROM attempts").fetchall() == [("succeeded",)]
+        assert db.execute("SELECT status FROM dispatches").fetchall() == [("succeeded",)]
