@@ -66,38 +66,43 @@ async def run_process(
     """
     if not argv:
         return Outcome(AttemptStatus.FAILED, error="cannot execute an empty command")
-    try:
-        child = await _Child.spawn(argv, stdin=stdin is not None, env=env, cwd=cwd)
-    except (OSError, ValueError) as exc:
-        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
     output = _Output(on_line, tail_bytes, keep_stdout)
     try:
-        timed_out = await _supervise(child, stdin, output, timeout, kill_grace)
+        child = await _Child.spawn(argv, output, stdin=stdin is not None, env=env, cwd=cwd)
+    except (OSError, ValueError) as exc:
+        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
+    try:
+        timed_out = await _supervise(child, stdin, timeout, kill_grace)
     finally:
         await _shielded(child.close(kill_grace))
     return _outcome(child.returncode, timed_out, timeout, output)
 
 
-async def _supervise(
-    child: _Child, stdin: bytes | None, output: _Output, limit: float, kill_grace: float
-) -> bool:
-    """Read the pipes while waiting for the exit; stop the group on timeout.
+async def _supervise(child: _Child, stdin: bytes | None, limit: float, kill_grace: float) -> bool:
+    """Wait for the exit (feeding stdin meanwhile); stop the group on timeout.
 
-    Returns whether the step timed out.
+    The pipes are read by the protocol as data arrives. Returns whether the step
+    timed out.
     """
+    if stdin is None:
+        return await _wait_and_drain(child, limit, kill_grace)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_pump, child.stdout, "stdout", output)
-        tg.start_soon(_pump, child.stderr, "stderr", output)
-        if stdin is not None:
-            tg.start_soon(_feed, child.stdin, stdin)
-        timed_out = not await child.wait_exit(limit)
-        if timed_out:
-            await child.terminate(kill_grace)
-        # The step is over: background members of its group go with it.
-        child.signal_group(signal.SIGKILL)
-        # What they wrote is still in the pipes; read it. A grandchild that left the
-        # group (setsid) could hold a pipe open for ever, hence the deadline.
-        tg.cancel_scope.deadline = anyio.current_time() + _DRAIN_TIMEOUT
+        tg.start_soon(_feed, child.stdin, stdin)
+        timed_out = await _wait_and_drain(child, limit, kill_grace)
+        tg.cancel_scope.cancel()  # a child that neither reads nor exits its stdin
+    return timed_out
+
+
+async def _wait_and_drain(child: _Child, limit: float, kill_grace: float) -> bool:
+    timed_out = not await child.wait_exit(limit)
+    if timed_out:
+        await child.terminate(kill_grace)
+    # The step is over: background members of its group go with it.
+    child.signal_group(signal.SIGKILL)
+    # What they wrote is still in the pipes; read it. A grandchild that left the
+    # group (setsid) could hold a pipe open for ever, hence the deadline.
+    with anyio.move_on_after(_DRAIN_TIMEOUT):
+        await child.drained()
     return timed_out
 
 
@@ -122,19 +127,47 @@ async def _shielded(cleanup: Coroutine[Any, Any, None]) -> None:
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """The stock stream protocol, plus an event set as soon as the process exits.
+    """The stock stream protocol (for stdin), but stdout and stderr go straight into
+    `output` as they arrive (no reader tasks), plus two events: the process exited,
+    and both output pipes reached their end.
 
     `Process.wait()` also waits until the pipes close, which a background grandchild
-    can put off indefinitely; this event lets the runner act on the exit itself.
+    can put off indefinitely; `exited` lets the runner act on the exit itself.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, output: _Output) -> None:
         super().__init__(limit=_CHUNK, loop=loop)
         self.exited = asyncio.Event()
+        self.drained = asyncio.Event()
+        self._output = output
+        self._lines = {1: ("stdout", _Lines()), 2: ("stderr", _Lines())}
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        entry = self._lines.get(fd)
+        if entry is None:
+            return  # detached
+        stream, lines = entry
+        assert isinstance(data, bytes)
+        for raw, text in lines.feed(data):
+            self._output.add(stream, raw, text)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self._lines:
+            stream, lines = self._lines.pop(fd)
+            for raw, text in lines.finish():
+                self._output.add(stream, raw, text)
+            if not self._lines:
+                self.drained.set()
+        super().pipe_connection_lost(fd, exc)
 
     def process_exited(self) -> None:
         super().process_exited()
         self.exited.set()
+
+    def detach(self) -> None:
+        """No more output: the run's result is being made (late pipe callbacks after
+        a drain timeout must not reach the line sink)."""
+        self._lines.clear()
 
 
 class _Child:
@@ -155,6 +188,7 @@ class _Child:
     async def spawn(
         cls,
         argv: Sequence[str],
+        output: _Output,
         *,
         stdin: bool,
         env: Mapping[str, str] | None,
@@ -167,7 +201,7 @@ class _Child:
         orphan_guard.start()  # before the first fork: every step carries the token
         # No preexec_fn: CPython then starts the child with vfork, the fast path.
         transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(loop),
+            lambda: _Protocol(loop, output),
             *argv,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -183,16 +217,6 @@ class _Child:
             await _shielded(child.close(0.0))
             raise
         return child
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        assert self._protocol.stdout is not None
-        return self._protocol.stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        assert self._protocol.stderr is not None
-        return self._protocol.stderr
 
     @property
     def stdin(self) -> asyncio.StreamWriter:
@@ -213,6 +237,10 @@ class _Child:
             os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    async def drained(self) -> None:
+        """Wait until stdout and stderr reached their end (everything was read)."""
+        await self._protocol.drained.wait()
 
     async def wait_exit(self, seconds: float) -> bool:
         """Wait up to `seconds` for the main process to exit; True if it has."""
@@ -237,21 +265,13 @@ class _Child:
         """
         await self.terminate(kill_grace)
         self.signal_group(signal.SIGKILL)
+        self._protocol.detach()
         self._transport.close()
-        with anyio.move_on_after(_REAP_TIMEOUT):
-            await self._process.wait()
+        if self.returncode is None:
+            with anyio.move_on_after(_REAP_TIMEOUT):
+                await self._process.wait()
         # Every member had SIGKILL: the group is over for the guardian too.
         process_guard().discard(self.pid)
-
-
-async def _pump(reader: asyncio.StreamReader, stream: str, output: _Output) -> None:
-    """Read one pipe to its end in chunks, so no line length can overrun a buffer."""
-    lines = _Lines()
-    while chunk := await reader.read(_CHUNK):
-        for raw, text in lines.feed(chunk):
-            output.add(stream, raw, text)
-    for raw, text in lines.finish():
-        output.add(stream, raw, text)
 
 
 async def _feed(writer: asyncio.StreamWriter, data: bytes) -> None:
