@@ -1,24 +1,22 @@
 """Run one subprocess from an argv list (never a shell) and turn its end into an Outcome.
 
-The child runs in its own session and process group, and gets SIGKILL when the daemon
-dies (Linux parent-death signal), so no step outlives the daemon. Timeout and
-cancellation both stop the whole group: SIGTERM, then SIGKILL after `kill_grace`.
-When the main process exits, whatever is left of its group is killed too.
+The step is spawned directly (no wrapper, no `preexec_fn`, so CPython takes its vfork
+path) in its own session and process group. It dies with the daemon, even when the
+daemon is SIGKILLed: the group is registered with this process's guardian
+(`dispatcher.runners.guard`) as soon as it exists, and the step carries the daemon's
+token in its environment; once the daemon is gone the guardian kills the group and
+every process carrying the token, grandchildren included. Timeout and cancellation
+both stop the whole group: SIGTERM, then SIGKILL after `kill_grace`. When the main
+process exits, whatever is left of its group is killed too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import ctypes
-import errno
-import functools
 import os
-import shutil
 import signal
-import subprocess
-import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -27,6 +25,7 @@ import structlog
 from dispatcher.durations import format_duration
 from dispatcher.models import AttemptStatus
 from dispatcher.runners.base import LineSink, Outcome
+from dispatcher.runners.guard import GuardError, process_guard
 
 MAX_LINE = 64 * 1024
 """A longer line reaches `on_line` in pieces of this many bytes (memory stays bounded)."""
@@ -38,7 +37,6 @@ _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 1.0
 """How long to keep reading the pipes after the group is gone (see `_supervise`)."""
 _REAP_TIMEOUT = 5.0
-_PR_SET_PDEATHSIG = 1
 
 _log = structlog.get_logger(__name__)
 
@@ -64,43 +62,47 @@ async def run_process(
     A program that cannot be started is a failed Outcome, not an exception. On
     cancellation the process group is stopped (shielded) and the cancellation re-raised.
 
-    The parent-death signal fires when the *thread* that started the child ends, so
-    call this from the event loop thread of the daemon, which lives as long as it does.
+    An explicit `env` gets the daemon's guard token added (see `dispatcher.runners.guard`).
     """
     if not argv:
         return Outcome(AttemptStatus.FAILED, error="cannot execute an empty command")
-    try:
-        child = await _Child.spawn(argv, stdin=stdin is not None, env=env, cwd=cwd)
-    except (OSError, ValueError) as exc:
-        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
     output = _Output(on_line, tail_bytes, keep_stdout)
     try:
-        timed_out = await _supervise(child, stdin, output, timeout, kill_grace)
+        child = await _Child.spawn(argv, output, stdin=stdin is not None, env=env, cwd=cwd)
+    except (OSError, ValueError) as exc:
+        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
+    try:
+        timed_out = await _supervise(child, stdin, timeout, kill_grace)
     finally:
         await _shielded(child.close(kill_grace))
     return _outcome(child.returncode, timed_out, timeout, output)
 
 
-async def _supervise(
-    child: _Child, stdin: bytes | None, output: _Output, limit: float, kill_grace: float
-) -> bool:
-    """Read the pipes while waiting for the exit; stop the group on timeout.
+async def _supervise(child: _Child, stdin: bytes | None, limit: float, kill_grace: float) -> bool:
+    """Wait for the exit (feeding stdin meanwhile); stop the group on timeout.
 
-    Returns whether the step timed out.
+    The pipes are read by the protocol as data arrives. Returns whether the step
+    timed out.
     """
+    if stdin is None:
+        return await _wait_and_drain(child, limit, kill_grace)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_pump, child.stdout, "stdout", output)
-        tg.start_soon(_pump, child.stderr, "stderr", output)
-        if stdin is not None:
-            tg.start_soon(_feed, child.stdin, stdin)
-        timed_out = not await child.wait_exit(limit)
-        if timed_out:
-            await child.terminate(kill_grace)
-        # The step is over: background members of its group go with it.
-        child.signal_group(signal.SIGKILL)
-        # What they wrote is still in the pipes; read it. A grandchild that left the
-        # group (setsid) could hold a pipe open for ever, hence the deadline.
-        tg.cancel_scope.deadline = anyio.current_time() + _DRAIN_TIMEOUT
+        tg.start_soon(_feed, child.stdin, stdin)
+        timed_out = await _wait_and_drain(child, limit, kill_grace)
+        tg.cancel_scope.cancel()  # a child that neither reads nor exits its stdin
+    return timed_out
+
+
+async def _wait_and_drain(child: _Child, limit: float, kill_grace: float) -> bool:
+    timed_out = not await child.wait_exit(limit)
+    if timed_out:
+        await child.terminate(kill_grace)
+    # The step is over: background members of its group go with it.
+    child.signal_group(signal.SIGKILL)
+    # What they wrote is still in the pipes; read it. A grandchild that left the
+    # group (setsid) could hold a pipe open for ever, hence the deadline.
+    with anyio.move_on_after(_DRAIN_TIMEOUT):
+        await child.drained()
     return timed_out
 
 
@@ -125,19 +127,47 @@ async def _shielded(cleanup: Coroutine[Any, Any, None]) -> None:
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """The stock stream protocol, plus an event set as soon as the process exits.
+    """The stock stream protocol (for stdin), but stdout and stderr go straight into
+    `output` as they arrive (no reader tasks), plus two events: the process exited,
+    and both output pipes reached their end.
 
     `Process.wait()` also waits until the pipes close, which a background grandchild
-    can put off indefinitely; this event lets the runner act on the exit itself.
+    can put off indefinitely; `exited` lets the runner act on the exit itself.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, output: _Output) -> None:
         super().__init__(limit=_CHUNK, loop=loop)
         self.exited = asyncio.Event()
+        self.drained = asyncio.Event()
+        self._output = output
+        self._lines = {1: ("stdout", _Lines()), 2: ("stderr", _Lines())}
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        entry = self._lines.get(fd)
+        if entry is None:
+            return  # detached
+        stream, lines = entry
+        assert isinstance(data, bytes)
+        for raw, text in lines.feed(data):
+            self._output.add(stream, raw, text)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self._lines:
+            stream, lines = self._lines.pop(fd)
+            for raw, text in lines.finish():
+                self._output.add(stream, raw, text)
+            if not self._lines:
+                self.drained.set()
+        super().pipe_connection_lost(fd, exc)
 
     def process_exited(self) -> None:
         super().process_exited()
         self.exited.set()
+
+    def detach(self) -> None:
+        """No more output: the run's result is being made (late pipe callbacks after
+        a drain timeout must not reach the line sink)."""
+        self._lines.clear()
 
 
 class _Child:
@@ -158,52 +188,35 @@ class _Child:
     async def spawn(
         cls,
         argv: Sequence[str],
+        output: _Output,
         *,
         stdin: bool,
         env: Mapping[str, str] | None,
         cwd: str | None,
     ) -> _Child:
-        """Start `argv` in a new session; raises OSError when it cannot be executed."""
+        """Start `argv` in a new session, guarded; raises OSError when it cannot be
+        executed (or when no guardian can be started: nothing is run then)."""
         loop = asyncio.get_running_loop()
-        setpriv = _setpriv()
-        preexec = None
-        if setpriv is not None:
-            _check_executable(argv[0], env, cwd)
-            argv = [
-                setpriv,
-                "--pdeathsig",
-                "KILL",
-                "--",
-                "/bin/sh",
-                "-c",
-                _ORPHAN_GUARD,
-                str(os.getpid()),
-                *argv,
-            ]
-        else:
-            preexec = _die_with_parent(os.getpid())
+        orphan_guard = process_guard()
+        orphan_guard.start()  # before the first fork: every step carries the token
+        # No preexec_fn: CPython then starts the child with vfork, the fast path.
         transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(loop),
+            lambda: _Protocol(loop, output),
             *argv,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(env) if env is not None else None,
+            env=orphan_guard.environment(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=preexec,
         )
-        return cls(transport, protocol, loop)
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        assert self._protocol.stdout is not None
-        return self._protocol.stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        assert self._protocol.stderr is not None
-        return self._protocol.stderr
+        child = cls(transport, protocol, loop)
+        try:
+            orphan_guard.add(child.pid)  # no await between the spawn and this
+        except GuardError:
+            await _shielded(child.close(0.0))
+            raise
+        return child
 
     @property
     def stdin(self) -> asyncio.StreamWriter:
@@ -224,6 +237,10 @@ class _Child:
             os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    async def drained(self) -> None:
+        """Wait until stdout and stderr reached their end (everything was read)."""
+        await self._protocol.drained.wait()
 
     async def wait_exit(self, seconds: float) -> bool:
         """Wait up to `seconds` for the main process to exit; True if it has."""
@@ -248,102 +265,13 @@ class _Child:
         """
         await self.terminate(kill_grace)
         self.signal_group(signal.SIGKILL)
+        self._protocol.detach()
         self._transport.close()
-        with anyio.move_on_after(_REAP_TIMEOUT):
-            await self._process.wait()
-
-
-_ORPHAN_GUARD = 'if [ "$PPID" != "$0" ]; then exit 125; fi; exec "$@"'
-"""Run by `/bin/sh` after setpriv set the parent-death signal, before the step: if the
-daemon died before that (the race prctl(2) describes), the shell was already
-re-parented; it exits instead of starting an orphan step. `$0` is the daemon's pid."""
-
-
-@functools.cache
-def _setpriv() -> str | None:
-    """util-linux `setpriv`, which sets the parent-death signal and execs the step
-    (through `_ORPHAN_GUARD`).
-
-    Preferred over a Python `preexec_fn`: that forces a full `fork()` and runs Python
-    in the child, and makes spawning a step about twice as slow.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    found = shutil.which("setpriv")
-    if found is None:
-        return None
-    probe = subprocess.run(
-        [found, "--pdeathsig", "KILL", "--", "true"], capture_output=True, check=False
-    )
-    return found if probe.returncode == 0 else None
-
-
-def _check_executable(program: str, env: Mapping[str, str] | None, cwd: str | None) -> None:
-    """Raise the OSError exec would raise, so the step fails with the same one line.
-
-    (Behind `setpriv`, a missing program would otherwise be its exit status 127.)
-    """
-    if cwd is not None and not os.path.isdir(cwd):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cwd)
-    if "/" in program:
-        path = os.path.join(cwd or os.getcwd(), program)
-        if not os.path.exists(path):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-        if os.path.isdir(path) or not os.access(path, os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
-    else:
-        search = (env if env is not None else os.environ).get("PATH", os.defpath)
-        found = shutil.which(program, path=search)
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-        path = found
-    # execvp (in setpriv) would hand a file that is neither a binary nor a script to
-    # /bin/sh; exec proper refuses it. Keep exec's answer.
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"\x7fELF" and not magic.startswith(b"#!"):
-        raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), program)
-
-
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, loaded once in the parent (never between fork and exec)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn making the child get SIGKILL when `parent_pid` dies (Linux only)."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        # Runs in the child between fork and exec: two system calls, nothing more.
-        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            # The parent died before prctl took effect (the race prctl(2) describes).
-            os._exit(1)
-
-    return preexec
-
-
-async def _pump(reader: asyncio.StreamReader, stream: str, output: _Output) -> None:
-    """Read one pipe to its end in chunks, so no line length can overrun a buffer."""
-    lines = _Lines()
-    while chunk := await reader.read(_CHUNK):
-        for raw, text in lines.feed(chunk):
-            output.add(stream, raw, text)
-    for raw, text in lines.finish():
-        output.add(stream, raw, text)
+        if self.returncode is None:
+            with anyio.move_on_after(_REAP_TIMEOUT):
+                await self._process.wait()
+        # Every member had SIGKILL: the group is over for the guardian too.
+        process_guard().discard(self.pid)
 
 
 async def _feed(writer: asyncio.StreamWriter, data: bytes) -> None:

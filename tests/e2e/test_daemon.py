@@ -170,7 +170,7 @@ def test_sigkill_then_restart_loses_nothing(tmp_path: Path, make_daemon: Any) ->
         and not any(e.kind == "end" and e.pid == r.pid for e in read_records(log))
     ]
     assert running, "the kill should have caught steps mid-flight"
-    # Children die with the daemon (parent-death signal): no orphan runs beside the next one.
+    # Children die with the daemon (its guardian kills them): no orphan runs beside the next one.
     wait_until(lambda: not any(_alive(r.pid) for r in running), timeout=5)
 
     daemon.start()
