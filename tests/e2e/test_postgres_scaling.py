@@ -76,6 +76,22 @@ def _held_by(url: str, instance_id: str) -> int:
     return int(result.stdout.strip() or 0)
 
 
+def _running_on(url: str, instance_id: str) -> int:
+    """Dispatches the instance has claimed and not finished, read from the database."""
+    query = (
+        "SELECT count(*) FROM dispatches"
+        " WHERE status IN ('planning', 'running') AND instance_id = :'id'"
+    )
+    result = subprocess.run(
+        ["psql", url, "-tA", "-v", f"id={instance_id}"],
+        input=query,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(result.stdout.strip() or 0)
+
+
 def _finished(daemon: Any) -> int:
     rows = daemon.cli_json("list", "--limit", "100000")
     return sum(row["status"] in ("succeeded", "failed", "cancelled") for row in rows)
@@ -106,6 +122,10 @@ def test_three_daemons_share_one_global_cap_and_survive_a_sigkill(
     wait_until(lambda: _held_by(pg_database, victim_id) >= 1, timeout=60, interval=0.005)
     killed_at = time.time()
     victim.kill()
+    # What the dead daemon left behind, frozen from now on until a survivor reaps it
+    # (a step may have ended between the poll above and the kill).
+    held_at_kill = _held_by(pg_database, victim_id)
+    running_at_kill = _running_on(pg_database, victim_id)
     wait_until(lambda: _finished(daemons[0]) == COUNT, timeout=300, interval=0.5)
     finished_at = time.time()
     for daemon in survivors:
@@ -119,20 +139,30 @@ def test_three_daemons_share_one_global_cap_and_survive_a_sigkill(
     assert {row["status"] for row in rows} == {"succeeded"}
     ended = Counter(r.label for r in records if r.kind == "end")
     assert set(ended) == {f"d{n}" for n in range(COUNT)}
-    assert max(ended.values()) == 1  # no step ran to completion twice
+    # No step ran to completion twice, except across the kill: a step of the victim
+    # that ended just before it, before its success was recorded, runs again (at least
+    # once). Such a first end is in the moment before the kill.
+    twice = sorted(label for label, n in ended.items() if n > 1)
+    for label in twice:
+        first_end = min(r.at for r in records if r.kind == "end" and r.label == label)
+        assert killed_at - 1.0 <= first_end <= killed_at + 0.1, (label, first_end, killed_at)
+    assert len(twice) <= GLOBAL
     gates = daemons[0].cli_json("gates")
     assert gates["rows"]["held"] == 0
 
     reaped = _reaped_events(survivors)
+    assert held_at_kill + running_at_kill >= 1, "the victim held nothing when it was killed"
     assert reaped, "no surviving daemon reaped the killed one"
-    assert sum(e["slots_released"] for e in reaped) >= 1
+    assert sum(e["slots_released"] for e in reaped) == held_at_kill
+    assert sum(e["dispatches_requeued"] for e in reaped) == running_at_kill
     first_reap = min(_epoch(e["timestamp"]) for e in reaped)
     starts = sum(r.kind == "start" for r in records)
     print(
         f"\nscaling figures: {COUNT} dispatches, 3 daemons, global={GLOBAL}: "
         f"peak {peak}, step starts {starts}, wall {finished_at - started:.1f}s, "
         f"kill -> slots reaped {first_reap - killed_at:.1f}s (instance_ttl 3s), "
-        f"reaped {[(e['slots_released'], e['dispatches_requeued']) for e in reaped]}"
+        f"reaped {[(e['slots_released'], e['dispatches_requeued']) for e in reaped]}, "
+        f"ran twice across the kill {twice}"
     )
 
 
