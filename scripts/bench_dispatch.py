@@ -3,7 +3,8 @@
 
 usage: scripts/bench_dispatch.py [--quick] [--rounds R] [--only NAME ...] [--write]
 
-Sections (figures are medians of R rounds; ratios are ours / baseline):
+Sections (figures are medians of R rounds, ours and the baseline taking turns within
+each round; ratios are ours / baseline):
   drain    N no-op dispatches through the real daemon process (gate.global 16) against
            Huey's SqliteHuey with 4 workers draining N no-op tasks (Huey is installed
            into a throwaway venv under var/bench/, never into the project)
@@ -330,8 +331,14 @@ def rss(pid: int) -> float:
 # -- running ----------------------------------------------------------------------------
 
 
-def median_of(rounds: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(rounds))
+def medians_of(rounds: int, *measures: Callable[[], float]) -> list[float]:
+    """Median of each measure over `rounds` rounds, the measures taking turns within a
+    round: a change in the machine's load then falls on all of them, not on one."""
+    results: list[list[float]] = [[] for _ in measures]
+    for _ in range(rounds):
+        for values, measure in zip(results, measures, strict=True):
+            values.append(measure())
+    return [statistics.median(values) for values in results]
 
 
 def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
@@ -341,8 +348,7 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     want = set(args.only or ["drain", "latency", "exec", "gate", "idle"])
     if "drain" in want:
         count = 5000 if quick else 20000
-        ours = median_of(rounds, lambda: drain_ours(count))
-        huey = median_of(rounds, lambda: drain_huey(count))
+        ours, huey = medians_of(rounds, lambda: drain_ours(count), lambda: drain_huey(count))
         rows.append(
             (
                 f"drain {count} no-op dispatches",
@@ -365,8 +371,9 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             )
     if "exec" in want:
         count = 500 if quick else 2000
-        ours = median_of(rounds, lambda: asyncio.run(exec_ours(count)))
-        bare = median_of(rounds, lambda: asyncio.run(exec_bare(count)))
+        ours, bare = medians_of(
+            rounds, lambda: asyncio.run(exec_ours(count)), lambda: asyncio.run(exec_bare(count))
+        )
         rows.append(
             (
                 f"exec /bin/true x{count}, concurrency 16",
@@ -377,9 +384,12 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         )
     if "gate" in want:
         count = 5000 if quick else 20000
-        ours = median_of(rounds, lambda: asyncio.run(gate_ours(count)))
-        raw = median_of(rounds, lambda: gate_sqlite3(count))
-        sem = median_of(rounds, lambda: asyncio.run(gate_semaphore(count)))
+        ours, raw, sem = medians_of(
+            rounds,
+            lambda: asyncio.run(gate_ours(count)),
+            lambda: gate_sqlite3(count),
+            lambda: asyncio.run(gate_semaphore(count)),
+        )
         rows.append(
             (
                 "gate acquire+release with mirror row",
