@@ -149,10 +149,12 @@ def test_sigkill_then_restart_loses_nothing(tmp_path: Path, make_daemon: Any) ->
     daemon.start()
     log = tmp_path / "steps.log"
     wait_until(lambda: sum(r.kind == "end" for r in read_records(log)) >= 5, timeout=30)
-    # Kill while steps are mid-flight (a start with no end yet).
+    # Kill while steps are mid-flight: a start with no end yet, and far from its end
+    # (steps take 0.4 s), so that it cannot end between this check and the kill.
     wait_until(
         lambda: any(
             r.kind == "start"
+            and 0.02 < time.time() - r.at < 0.25
             and not any(
                 e.kind == "end" and e.label == r.label and e.pid == r.pid for e in read_records(log)
             )
