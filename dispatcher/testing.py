@@ -381,6 +381,18 @@ class InMemoryStore:
     async def open_slot(self, gate: str, holder: str, instance_id: str, now: datetime) -> int:
         """Insert a held slot row and return its id."""
         await asyncio.sleep(0)
+        return self._insert_slot(gate, holder, instance_id, now)
+
+    async def close_slot(self, slot_id: int, now: datetime) -> bool:
+        """Stamp `released_at` on a held row; False when it was already released."""
+        await asyncio.sleep(0)
+        return self._release_slot(slot_id, now)
+
+    def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
+        """Insert a held slot row at once (nothing to queue in memory)."""
+        return SlotHandle(gate, holder, self._insert_slot(gate, holder, instance_id, now))
+
+    def _insert_slot(self, gate: str, holder: str, instance_id: str, now: datetime) -> int:
         row = SlotRow(
             id=self._new_id("slot"),
             gate=gate,
@@ -393,34 +405,17 @@ class InMemoryStore:
         self.slots[row.id] = row
         return row.id
 
-    async def close_slot(self, slot_id: int, now: datetime) -> bool:
-        """Stamp `released_at` on a held row; False when it was already released."""
-        await asyncio.sleep(0)
+    def _release_slot(self, slot_id: int, now: datetime) -> bool:
         row = self.slots.get(slot_id)
         if row is None or row.released_at is not None:
             return False
         self.slots[slot_id] = dataclasses.replace(row, released_at=_utc(now))
         return True
 
-    def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
-        """Insert a held slot row at once (nothing to queue in memory)."""
-        handle = SlotHandle(gate, holder, self._new_id("slot"))
-        self.slots[handle.row_id or 0] = SlotRow(
-            id=handle.row_id or 0,
-            gate=gate,
-            holder=holder,
-            instance_id=instance_id,
-            acquired_at=_utc(now),
-            released_at=None,
-            recovered=False,
-        )
-        return handle
-
     def mirror_close(self, handle: SlotHandle, now: datetime) -> None:
         """Release the row, exactly once."""
-        row = self.slots.get(handle.row_id or 0)
-        if row is not None and row.released_at is None:
-            self.slots[row.id] = dataclasses.replace(row, released_at=_utc(now))
+        if handle.row_id is not None:
+            self._release_slot(handle.row_id, now)
 
     async def held_slots(self) -> list[SlotRow]:
         """Every row with `released_at` None, oldest first."""

@@ -44,7 +44,9 @@ T = TypeVar("T")
 Fn = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 512
-"""Jobs in one transaction at most: bounds the time the write lock is held."""
+"""A batch takes no more from the queue once it has this many jobs: bounds the time the
+write lock is held. (One turn of the loop's queued writes arrive as one item, so a
+batch can pass it by that many.)"""
 
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})

@@ -63,9 +63,8 @@ steps = [{{ name = "s1", runner = "py", args = [{step}, "{{n}}", "{{secs}}"] }}]
 """
 
 
-def _held_by(url: str, instance_id: str) -> int:
-    """Gate rows the instance holds, read straight from the database."""
-    query = "SELECT count(*) FROM gates WHERE released_at IS NULL AND instance_id = :'id'"
+def _count(url: str, instance_id: str, query: str) -> int:
+    """A count about one instance (`:'id'`), read straight from the database."""
     result = subprocess.run(
         ["psql", url, "-tA", "-v", f"id={instance_id}"],
         input=query,
@@ -76,20 +75,19 @@ def _held_by(url: str, instance_id: str) -> int:
     return int(result.stdout.strip() or 0)
 
 
+def _held_by(url: str, instance_id: str) -> int:
+    """Gate rows the instance holds."""
+    query = "SELECT count(*) FROM gates WHERE released_at IS NULL AND instance_id = :'id'"
+    return _count(url, instance_id, query)
+
+
 def _running_on(url: str, instance_id: str) -> int:
-    """Dispatches the instance has claimed and not finished, read from the database."""
+    """Dispatches the instance has claimed and not finished."""
     query = (
         "SELECT count(*) FROM dispatches"
         " WHERE status IN ('planning', 'running') AND instance_id = :'id'"
     )
-    result = subprocess.run(
-        ["psql", url, "-tA", "-v", f"id={instance_id}"],
-        input=query,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(result.stdout.strip() or 0)
+    return _count(url, instance_id, query)
 
 
 def _finished(daemon: Any) -> int:

@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -67,18 +66,6 @@ async def read_pids(path: Path, count: int, within: float = 5.0) -> list[int]:
             if len(lines) >= count:
                 return [int(line) for line in lines]
             await anyio.sleep(0.02)
-
-
-@pytest.fixture
-def stray_pids() -> Iterator[list[int]]:
-    """Pids a test may leave behind on failure; killed at teardown."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def request(*args: str, timeout: float = 10, sink: Lines | None = None) -> RunRequest:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,18 +27,6 @@ pytestmark = pytest.mark.slow
 
 PY = sys.executable
 GUARDIAN = [PY, "-I", "-S", guardian.__file__]
-
-
-@pytest.fixture
-def stray_pids() -> Iterator[list[int]]:
-    """Pids a test may leave behind on failure; killed at teardown."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_for_pids(path: Path, count: int, within: float = 10.0) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -76,3 +78,19 @@ def test_lines_are_written_together_and_promptly(stream: io.StringIO) -> None:
     log.info("later")  # the interval has passed: everything pending goes out
     events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
     assert events == ["first", *["burst"] * 100, "later"]
+
+
+def test_lines_still_pending_are_written_at_exit() -> None:
+    """Lines are held back for up to 0.1 s: a process that exits before then (the CLI,
+    a daemon's last lines) still writes them all."""
+    script = (
+        "import structlog\n"
+        "from dispatcher import logs\n"
+        "logs.configure('info', 'json')\n"
+        "log = structlog.get_logger('dispatcher.test')\n"
+        "for n in range(50):\n"
+        "    log.info('burst', n=n)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["n"] for line in done.stdout.splitlines()] == list(range(50))
