@@ -396,12 +396,17 @@ class SQLiteStore:
             yield
 
     async def _call(
-        self, fn: Callable[[sqlite3.Connection], Any], *, write: bool = True, atomic: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        *,
+        write: bool = True,
+        atomic: bool = False,
+        first: bool = False,
     ) -> Any:
         """Run fn on the writer thread in the next batch; errors become store errors."""
         with self._wrap():
             try:
-                return await self._writer.call(fn, write=write, atomic=atomic)
+                return await self._writer.call(fn, write=write, atomic=atomic, first=first)
             except sqlite3.ProgrammingError as exc:
                 raise StoreError(f"database {self._path}: the store is closed") from exc
 
@@ -488,16 +493,19 @@ class SQLiteStore:
     async def claim_many(
         self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int
     ) -> list[Dispatch]:
-        """Up to `limit` runnable dispatches in one statement, in claim order."""
-        rows = await self._run(
-            "claim_many",
-            {
-                "instance_id": instance_id,
-                "now": to_db_time(now),
-                "blocked_gates": _json_list(sorted(blocked_gates)),
-                "limit": limit,
-            },
-        )
+        """Up to `limit` runnable dispatches in one statement, in claim order.
+
+        The claim runs ahead of queued writes (none of them touches a queued dispatch):
+        the loop has nothing to run until it returns, and they have nobody waiting.
+        """
+        sql = query("claim_many")
+        params = {
+            "instance_id": instance_id,
+            "now": to_db_time(now),
+            "blocked_gates": _json_list(sorted(blocked_gates)),
+            "limit": limit,
+        }
+        rows = await self._call(lambda db: db.execute(sql, params).fetchall(), first=True)
         claimed = [dispatch_from_row(row) for row in rows]
         claimed.sort(key=lambda d: (-d.priority, d.id))
         return claimed

@@ -11,7 +11,10 @@ waiting callers with one hop back to the loop:
   of several statements (`atomic=True`) runs under its own SAVEPOINT.
 - `post(fn)`: the same without waiting (gate mirror rows: recovery at start releases
   every open row, so they need no durability before the caller proceeds). Jobs run in
-  the order they were queued, so a later `call` commits every earlier `post`.
+  the order they were queued, so a later `call` commits every earlier `post`, except:
+- `call(fn, first=True)`: runs ahead of the posts queued with it, in a transaction of
+  its own (the claim: the loop waits for it, while the writes of the dispatches it
+  has just run have nobody waiting).
 - `exclusive()`: a transaction of several awaited statements (read-modify-write) that
   nothing else interleaves with: the thread finishes its batch, runs `BEGIN IMMEDIATE`
   and then only this transaction's statements until it commits or rolls back.
@@ -69,6 +72,9 @@ class _Job:
     atomic: bool = False
     """Runs several statements: wrap it in a SAVEPOINT so a failure undoes all of them.
     (One statement is atomic by itself: a failing statement changes nothing.)"""
+    first: bool = False
+    """Runs ahead of the posts it was queued with, in a transaction of its own (see
+    `SQLiteWriter.call`)."""
 
 
 @dataclass(eq=False)
@@ -121,15 +127,24 @@ class SQLiteWriter:
         await ready
 
     async def call(
-        self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True, atomic: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = True,
+        atomic: bool = False,
+        first: bool = False,
     ) -> T:
         """Run fn in the next batch; return its result once the batch has committed.
 
         `atomic`: fn runs several statements that must stand or fall together.
+        `first`: fn runs before the posts queued with it, and commits on its own: its
+        caller waits while nobody waits for them. Only for a statement whose result no
+        queued post can change (the claim reads queued dispatches; posts write running
+        ones, attempts and gate rows). Calls keep their order among themselves.
         """
         future = self._running_loop().create_future()
         self._hand_over()
-        self._queue.put(_Job(fn, future, write, atomic))
+        self._queue.put(_Job(fn, future, write, atomic, first))
         result: T = await future
         return result
 
@@ -249,7 +264,12 @@ class SQLiteWriter:
                 else:
                     pending = nxt
                     break
-            self._run_batch(connection, batch)
+            ahead = [job for job in batch if job.first]
+            if ahead:
+                self._run_batch(connection, ahead)
+                batch = [job for job in batch if not job.first]
+            if batch:
+                self._run_batch(connection, batch)
 
     def _run_batch(self, connection: sqlite3.Connection, batch: list[_Job]) -> None:
         write = any(job.write for job in batch)

@@ -8,8 +8,10 @@ read the file with a separate connection and watch the statements the writer run
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -195,3 +197,44 @@ async def test_queued_writes_are_seen_by_the_next_read_and_survive_close(
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT status FROM attempts").fetchall() == [("succeeded",)]
         assert db.execute("SELECT status FROM dispatches").fetchall() == [("succeeded",)]
+
+
+async def test_a_claim_runs_ahead_of_queued_writes_and_commits_on_its_own(
+    store: SQLiteStore,
+) -> None:
+    """The loop waits for its claim while the writes of the work it just ran have nobody
+    waiting: the claim goes first, committed alone, and the writes follow."""
+    finished = await running_dispatch(store)
+    waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
+    seen = await statements(store)
+    release = threading.Event()
+    held = asyncio.ensure_future(store._writer.outside_transaction(lambda db: release.wait(10)))
+    await asyncio.sleep(0)  # the writer is held; what follows meets in its queue
+
+    await store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
+    claim = asyncio.ensure_future(store.claim_many("me", NOW, (), 5))
+    await asyncio.sleep(0)
+    release.set()
+    claimed = await claim
+    await held
+    await store.flush()
+
+    assert [d.id for d in claimed] == [waiting]
+    assert transactions(seen) == [["claim"], ["update dispatches"]]
+    with raw(store) as db:
+        rows = db.execute("SELECT id, status FROM dispatches ORDER BY id").fetchall()
+    assert rows == [(finished, "succeeded"), (waiting, "planning")]
+
+
+def transactions(seen: list[str]) -> list[list[str]]:
+    """The writes of each transaction, in order; the claim by name."""
+    found: list[list[str]] = []
+    for text in seen:
+        code = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+        if code.startswith("BEGIN"):
+            found.append([])
+        elif "claims = claims + 1" in code:
+            found[-1].append("claim")
+        elif match := re.match(r"\s*(INSERT INTO|UPDATE)\s+(\w+)", code):
+            found[-1].append(f"{match.group(1).split()[0].lower()} {match.group(2)}")
+    return [writes for writes in found if writes]
