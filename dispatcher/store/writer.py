@@ -251,25 +251,29 @@ class SQLiteWriter:
             if isinstance(item, _Raw):
                 self._settle([self._run_job(connection, _Job(item.fn, item.future), False)])
                 continue
-            batch = item if isinstance(item, list) else [item]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(nxt, list):
-                    batch.extend(nxt)
-                elif isinstance(nxt, _Job):
-                    batch.append(nxt)
-                else:
-                    pending = nxt
-                    break
+            batch, pending = self._collect(item if isinstance(item, list) else [item])
             ahead = [job for job in batch if job.first]
             if ahead:
                 self._run_batch(connection, ahead)
                 batch = [job for job in batch if not job.first]
             if batch:
                 self._run_batch(connection, batch)
+
+    def _collect(self, batch: list[_Job]) -> tuple[list[_Job], Any]:
+        """Add the jobs waiting behind the batch's first; answer the batch and the item
+        that ended it (served next), if any."""
+        while len(batch) < MAX_BATCH:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(nxt, list):
+                batch.extend(nxt)
+            elif isinstance(nxt, _Job):
+                batch.append(nxt)
+            else:
+                return batch, nxt
+        return batch, None
 
     def _run_batch(self, connection: sqlite3.Connection, batch: list[_Job]) -> None:
         write = any(job.write for job in batch)
