@@ -323,8 +323,9 @@ class SQLiteStore:
         self._busy_timeout = busy_timeout
         self._next_attempt_id: int | None = None
         # Queued writes folded into an earlier or later one of the same row while both
-        # wait in the queue (see `start_attempt`, `advance`, `mirror_open`).
+        # wait in the queue (see `start_attempt`, `save_plan`, `advance`, `mirror_open`).
         self._attempt_ends: dict[int, dict[str, Any]] = {}
+        self._pending_plans: dict[int, str] = {}
         self._pending_steps: dict[int, int] = {}
         self._slot_releases: dict[SlotHandle, str] = {}
 
@@ -512,8 +513,17 @@ class SQLiteStore:
 
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0."""
-        plan_json = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
-        self._post("save_plan", {"id": dispatch_id, "plan": plan_json, "now": to_db_time(now)})
+        plans = self._pending_plans
+        plans[dispatch_id] = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
+        sql = query("save_plan")
+        params = {"id": dispatch_id, "now": to_db_time(now)}
+
+        def update(db: sqlite3.Connection) -> None:
+            plan_json = plans.pop(dispatch_id, None)  # None: finish_dispatch took it
+            if plan_json is not None:
+                db.execute(sql, {**params, "plan": plan_json})
+
+        self._writer.post(update)
 
     async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
         """Record that every step before `next_step` has succeeded."""
@@ -551,7 +561,8 @@ class SQLiteStore:
             "status": str(status),
             "now": to_db_time(now),
             "error": error,
-            # An `advance` still queued is written with the final status.
+            # A plan or an `advance` still queued is written with the final status.
+            "plan": self._pending_plans.pop(dispatch_id, None),
             "current_step": self._pending_steps.pop(dispatch_id, None),
         }
         self._post("finish_dispatch", params)

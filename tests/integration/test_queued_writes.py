@@ -179,6 +179,29 @@ async def test_the_last_advance_is_written_with_the_final_status(store: SQLiteSt
     assert (final.status, final.current_step) == (DispatchStatus.SUCCEEDED, 2)
 
 
+@pytest.mark.parametrize(
+    ("advanced", "status", "step"),
+    [(True, DispatchStatus.SUCCEEDED, 1), (False, DispatchStatus.FAILED, 0)],
+)
+async def test_a_plan_still_queued_is_written_with_the_final_status(
+    store: SQLiteStore, advanced: bool, status: DispatchStatus, step: int
+) -> None:
+    dispatch_id = await running_dispatch(store)
+    seen = await statements(store)
+
+    await store.save_plan(dispatch_id, [Step(name="a", runner="noop")], NOW)
+    if advanced:
+        await store.advance(dispatch_id, 1, NOW)
+    await store.finish_dispatch(dispatch_id, status, LATER)
+    await store.flush()
+
+    assert writes_to(seen, "dispatches") == ["UPDATE"]
+    final = await store.get_dispatch(dispatch_id)
+    assert final is not None
+    assert (final.status, final.current_step) == (status, step)
+    assert final.plan == (Step(name="a", runner="noop"),)
+
+
 async def test_queued_writes_are_seen_by_the_next_read_and_survive_close(
     tmp_path: Path,
 ) -> None:

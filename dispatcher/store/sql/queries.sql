@@ -39,9 +39,12 @@ SET status = 'queued', instance_id = NULL, not_before = :not_before, updated_at 
 WHERE id = :id AND status IN ('planning', 'running');
 
 -- name: finish_dispatch
+-- :plan and :current_step are a save_plan and an advance that were still queued
+-- (NULL: none was); a plan saved here starts at step 0 like save_plan's.
 UPDATE dispatches
 SET status = :status, error = :error, finished_at = :now, updated_at = :now,
-    current_step = COALESCE(:current_step, current_step)
+    plan = COALESCE(:plan, plan),
+    current_step = COALESCE(:current_step, CASE WHEN :plan IS NULL THEN current_step ELSE 0 END)
 WHERE id = :id AND status NOT IN ('succeeded', 'failed', 'cancelled');
 
 -- name: request_cancel
