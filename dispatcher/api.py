@@ -16,11 +16,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from dispatcher import __version__, service, statuspage
+from dispatcher import __version__, logs, service, statuspage
 from dispatcher.config import Settings, split_listen
 from dispatcher.errors import (
     BadRequest,
@@ -38,7 +37,7 @@ from dispatcher.pipeline import CancelReason
 if TYPE_CHECKING:
     from dispatcher.daemon import Daemon
 
-log = structlog.get_logger("dispatcher.api")
+log = logs.get_logger("dispatcher.api")
 
 MAX_DISPATCH_ID = 2**63 - 1
 READY_TIMEOUT = 2.0

@@ -42,7 +42,7 @@ from dispatcher.runners.python import PythonRunner
 from dispatcher.service import gate_capacities
 from dispatcher.store.base import Store
 
-log = structlog.get_logger("dispatcher.daemon")
+log = logs.get_logger("dispatcher.daemon")
 
 SELF_CHECK_EVERY = 12
 """Heartbeats between two gate self-checks (a minute at the default interval)."""

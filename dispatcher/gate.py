@@ -23,13 +23,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import structlog
-
+from dispatcher import logs
 from dispatcher.clock import Clock
 from dispatcher.models import SlotHandle
 from dispatcher.store.base import Store
 
-log = structlog.get_logger("dispatcher.gate")
+log = logs.get_logger("dispatcher.gate")
 
 GLOBAL = "global"
 

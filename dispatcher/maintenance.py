@@ -23,18 +23,17 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
-import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from dispatcher import purge
+from dispatcher import logs, purge
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
 from dispatcher.observe import NullObserver, Observer
 from dispatcher.store.base import Store
 
-log = structlog.get_logger("dispatcher.maintenance")
+log = logs.get_logger("dispatcher.maintenance")
 
 PURGE_GATES = "purge_gates"
 RETENTION = "retention"

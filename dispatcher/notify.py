@@ -17,9 +17,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 
 import anyio
-import structlog
 
-log = structlog.get_logger("dispatcher.notify")
+from dispatcher import logs
+
+log = logs.get_logger("dispatcher.notify")
 
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
+from dispatcher import logs
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
@@ -39,7 +40,7 @@ from dispatcher.runners.process import run_process
 from dispatcher.runners.python import resolve_callable
 from dispatcher.store.base import Store
 
-log = structlog.get_logger("dispatcher.pipeline")
+log = logs.get_logger("dispatcher.pipeline")
 
 
 class CancelReason(Enum):

@@ -31,8 +31,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-import structlog
-
+from dispatcher import logs
 from dispatcher.runners import guardian
 
 VARIABLE = guardian.VARIABLE
@@ -41,7 +40,7 @@ VARIABLE = guardian.VARIABLE
 _RESTART_SPACING = 1.0
 """The watcher thread starts a guardian at most once a second (one that dies at once)."""
 
-_log = structlog.get_logger(__name__)
+_log = logs.get_logger(__name__)
 
 
 class GuardError(OSError):

@@ -20,8 +20,8 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
-import structlog
 
+from dispatcher import logs
 from dispatcher.durations import format_duration
 from dispatcher.models import AttemptStatus
 from dispatcher.runners.base import LineSink, Outcome
@@ -38,7 +38,7 @@ _DRAIN_TIMEOUT = 1.0
 """How long to keep reading the pipes after the group is gone (see `_supervise`)."""
 _REAP_TIMEOUT = 5.0
 
-_log = structlog.get_logger(__name__)
+_log = logs.get_logger(__name__)
 
 
 async def run_process(

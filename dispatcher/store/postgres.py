@@ -33,8 +33,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import structlog
 
+from dispatcher import logs
 from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
 from dispatcher.models import (
     Attempt,
@@ -53,7 +53,7 @@ from dispatcher.models import (
 )
 from dispatcher.store.sql import queries
 
-log = structlog.get_logger("dispatcher.store.postgres")
+log = logs.get_logger("dispatcher.store.postgres")
 
 CANCELLED_BEFORE_START = "cancelled before it started"
 CHANNELS = ("dispatcher_dispatches", "dispatcher_gates")

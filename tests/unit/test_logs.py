@@ -22,7 +22,7 @@ def stream() -> Iterator[io.StringIO]:
     logs.configure("info", "json", stream=out)
     yield out
     logging.getLogger().handlers.clear()
-    structlog.reset_defaults()
+    logs.reset()
 
 
 def written(stream: io.StringIO) -> str:
@@ -94,3 +94,23 @@ def test_lines_still_pending_are_written_at_exit() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["n"] for line in done.stdout.splitlines()] == list(range(50))
+
+
+def test_a_module_logger_follows_each_new_configuration() -> None:
+    """Our loggers keep their bound logger between calls, but never past a `configure`."""
+    log = logs.get_logger("dispatcher.test")
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        logs.configure("info", "json", stream=first)
+        log.info("one")
+        log.debug("hidden")
+        logs.configure("debug", "console", stream=second)
+        log.debug("two")
+        logs.flush()
+    finally:
+        logging.getLogger().handlers.clear()
+        logs.reset()
+
+    assert [json.loads(line)["event"] for line in first.getvalue().splitlines()] == ["one"]
+    (line,) = second.getvalue().splitlines()
+    assert "two" in line and not line.startswith("{")
