@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from enum import Enum
 from typing import Any
 
@@ -282,6 +282,7 @@ class Pipeline:
             return await self._record_attempt(spec, flight, work)
 
     async def _record_attempt(self, spec: AttemptSpec, flight: InFlight, work: Work) -> Outcome:
+        started = self._clock.now()
         attempt_id = await self._store.start_attempt(
             spec.dispatch_id,
             spec.step_index,
@@ -289,31 +290,32 @@ class Pipeline:
             spec.runner,
             spec.number,
             self._instance_id,
-            self._clock.now(),
+            started,
         )
         if spec.effects:
             await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
-        started = self._clock.now()
         try:
             outcome = await self._invoke(work)
         except anyio.get_cancelled_exc_class():
             status, error = self._cancel_status(flight)
+            ended = self._clock.now()
             with anyio.CancelScope(shield=True):
-                await self._store.finish_attempt(attempt_id, status, self._clock.now(), error=error)
-            self._observe_attempt(spec, status, started)
+                await self._store.finish_attempt(attempt_id, status, ended, error=error)
+            self._observe_attempt(spec, status, ended - started)
             log.info("attempt_finished", step=spec.step, attempt=spec.number, status=status)
             raise
+        ended = self._clock.now()
         with anyio.CancelScope(shield=True):
             await self._store.finish_attempt(
                 attempt_id,
                 outcome.status,
-                self._clock.now(),
+                ended,
                 exit_code=outcome.exit_code,
                 error=outcome.error,
                 output=outcome.output,
             )
-        self._observe_attempt(spec, outcome.status, started)
+        self._observe_attempt(spec, outcome.status, ended - started)
         log.info(
             "attempt_finished",
             step=spec.step,
@@ -322,13 +324,12 @@ class Pipeline:
             status=outcome.status,
             exit_code=outcome.exit_code,
             error=outcome.error,
-            duration_ms=round((self._clock.now() - started).total_seconds() * 1000),
+            duration_ms=round((ended - started).total_seconds() * 1000),
         )
         return outcome
 
-    def _observe_attempt(self, spec: AttemptSpec, status: AttemptStatus, started: datetime) -> None:
-        elapsed = (self._clock.now() - started).total_seconds()
-        self.observer.attempt_finished(spec.runner, str(status), elapsed)
+    def _observe_attempt(self, spec: AttemptSpec, status: AttemptStatus, took: timedelta) -> None:
+        self.observer.attempt_finished(spec.runner, str(status), took.total_seconds())
 
     @staticmethod
     async def _invoke(work: Work) -> Outcome:
@@ -357,10 +358,11 @@ class Pipeline:
     async def _finish(
         self, dispatch: Dispatch, status: DispatchStatus, error: str | None = None
     ) -> DispatchStatus:
+        now = self._clock.now()
         with anyio.CancelScope(shield=True):
-            await self._store.finish_dispatch(dispatch.id, status, self._clock.now(), error)
+            await self._store.finish_dispatch(dispatch.id, status, now, error)
         self.observer.dispatch_finished(dispatch.task, str(status))
-        duration = (self._clock.now() - dispatch.created_at).total_seconds()
+        duration = (now - dispatch.created_at).total_seconds()
         log.info(
             "dispatch_finished", status=status, error=error, duration_ms=round(duration * 1000)
         )
