@@ -37,6 +37,7 @@ from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
 from dispatcher.runners.exec import ExecRunner
+from dispatcher.runners.guard import GuardError, process_guard
 from dispatcher.runners.noop import NoopRunner
 from dispatcher.runners.python import PythonRunner
 from dispatcher.service import gate_capacities
@@ -236,6 +237,7 @@ class Daemon:
             attempts_interrupted=report.attempts_interrupted,
             dispatches_requeued=report.dispatches_requeued,
         )
+        self._start_guard()
         await self.store.register_instance(
             Instance(
                 id=self.instance_id,
@@ -247,6 +249,21 @@ class Daemon:
                 stopped_at=None,
             )
         )
+
+    def _start_guard(self) -> None:
+        """Start the orphan guard now when steps may start processes (exec and python
+        runners, command and python planners), so that everything started from the
+        daemon carries its token, what a python step spawns included; a step would
+        otherwise start it on the first spawn."""
+        settings = self.settings
+        if not any(r.type in ("exec", "python") for r in settings.runners.values()) and all(
+            t.planner == "steps" for t in settings.tasks.values()
+        ):
+            return
+        try:
+            process_guard().start()
+        except GuardError as exc:  # exec steps fail one by one, each saying why
+            log.error("guardian_start_failed", error=exc.strerror)
 
     def _database_name(self) -> str:
         url = getattr(self.store, "url", None)
@@ -260,6 +277,7 @@ class Daemon:
             pid=os.getpid(),
             database=self._database_name(),
             gates=gate_capacities(self.settings),
+            guardian_pid=process_guard().pid,
         )
         self.notifier.ready(status=self._inflight_summary())
 

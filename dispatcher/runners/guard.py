@@ -1,7 +1,8 @@
 """The daemon's side of the orphan guard: steps die with the daemon, even on SIGKILL.
 
 One guardian process (`dispatcher/runners/guardian.py`) per daemon process, started
-on the first spawn, in a session of its own, reading a pipe from the daemon. The
+with the daemon when its steps may start processes (else on the first spawn), in a
+session of its own, reading a pipe from the daemon. The
 daemon writes `+PGID` as soon as a step's group exists and `-PGID` once it has been
 stopped and reaped. When the daemon is gone, whatever killed it, the kernel closes the
 pipe; at that end of file the guardian SIGKILLs every registered group, then every

@@ -134,6 +134,35 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+def test_what_a_python_step_leaves_running_dies_with_the_daemon(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    """The guard starts with the daemon, so a python step's own children carry its
+    token too (not only once an exec step has run): a SIGKILL leaves no orphan."""
+    pidfile = tmp_path / "left.pid"
+    call = "tests.e2e.pysteps:leave_a_process"
+    daemon = make_daemon(
+        f"""
+[database]
+path = "state/dispatcher.db"
+[runners.py]
+type = "python"
+[tasks.leave]
+steps = [{{ name = "a", runner = "py", call = "{call}", kwargs = {{ pidfile = "{pidfile}" }} }}]
+"""
+    )
+    daemon.start()
+    assert daemon.wait_for_event("daemon_started")["guardian_pid"] is not None
+    submitted = daemon.cli("submit", "leave", "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+
+    daemon.kill()
+
+    wait_until(lambda: not _alive(pid), timeout=5)
+
+
 ON_PG = pytest.mark.skipif(
     os.environ.get("DISPATCHER_E2E_PG") == "1",
     reason="SQLite semantics: on PostgreSQL there is no instance lock, and a restarted "

@@ -49,12 +49,16 @@ def _start_local_server() -> None:
     clusters = Path("/etc/postgresql")
     if not clusters.is_dir():
         return
+    # Not with this process's orphan-guard token (an in-process daemon put it into
+    # os.environ): the server would be killed with this test process's steps.
+    env = {key: value for key, value in os.environ.items() if key != "DISPATCHER_GUARD"}
     for version in sorted(p.name for p in clusters.iterdir()):
         subprocess.run(
             ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
             check=False,
             capture_output=True,
             timeout=60,
+            env=env,
         )
 
 
