@@ -7,7 +7,9 @@ Sections (figures are medians of R rounds, ours and the baseline taking turns wi
 each round; ratios are ours / baseline):
   drain    N no-op dispatches through the real daemon process (gate.global 16) against
            Huey's SqliteHuey with 4 workers draining N no-op tasks (Huey is installed
-           into a throwaway venv under var/bench/, never into the project)
+           into a throwaway venv under var/bench/, never into the project), and
+           against the floor: the same rows written by the store's statements through
+           sqlite3 alone
   latency  submit -> succeeded at low load, CLI and HTTP (p50 / p99)
   exec     the exec runner running /bin/true at concurrency 16 against bare
            asyncio.create_subprocess_exec of /bin/true at the same concurrency
@@ -109,6 +111,50 @@ def drain_ours(count: int) -> float:
     held = daemon.sql("SELECT COUNT(*) FROM gates WHERE released_at IS NULL")[0][0]
     if attempts != count or held:
         raise SystemExit(f"drain: {attempts} attempts, {held} held gate rows for {count}")
+    return count / elapsed
+
+
+def drain_floor(count: int) -> float:
+    """The rows a drain writes, and nothing else: the store's own statements through
+    `sqlite3` in one thread (claims of 16 committed alone, then per dispatch its gate
+    row, its attempt row and its final status with its plan, one commit per 16), on
+    the same submitted database. What is left of ours above this is Python."""
+    sys.path.insert(0, str(ROOT))
+    from dispatcher.store.sql import query
+
+    daemon = Daemon()
+    lines = "".join(json.dumps({"task": "n", "params": {"i": i}}) + "\n" for i in range(count))
+    daemon.cli("submit", "--batch", "-", stdin=lines.encode())
+    db = sqlite3.connect(daemon.db, isolation_level=None)
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA foreign_keys = ON")
+    claim, gate, attempt, finish = (
+        query(name)
+        for name in ("claim_many", "mirror_open", "insert_finished_attempt", "finish_dispatch")
+    )
+    plan = json.dumps([{"name": "a", "runner": "noop", "args": []}])
+    started = time.perf_counter()
+    done = 0
+    while done < count:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        db.execute("BEGIN IMMEDIATE")
+        ids = [row[0] for row in db.execute(claim, {"instance_id": "floor", "now": now,
+               "blocked_gates": "[]", "limit": 16}).fetchall()]  # fmt: skip
+        db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        for i in ids:
+            db.execute(gate, {"gate": "global", "holder": f"dispatch:{i}", "instance_id": "floor",
+                              "now": now, "released_at": now}).fetchall()  # fmt: skip
+            db.execute(attempt, {"id": i, "dispatch_id": i, "step_index": 0, "step": "a",
+                                 "runner": "noop", "attempt": 1, "status": "succeeded",
+                                 "now": now, "ended_at": now, "exit_code": 0, "error": None,
+                                 "output": None, "instance_id": "floor"})  # fmt: skip
+            db.execute(finish, {"id": i, "status": "succeeded", "now": now, "error": None,
+                                "plan": plan, "current_step": 1})  # fmt: skip
+        db.execute("COMMIT")
+        done += len(ids)
+    elapsed = time.perf_counter() - started
+    db.close()
     return count / elapsed
 
 
@@ -348,7 +394,12 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     want = set(args.only or ["drain", "latency", "exec", "gate", "idle"])
     if "drain" in want:
         count = 5000 if quick else 20000
-        ours, huey = medians_of(rounds, lambda: drain_ours(count), lambda: drain_huey(count))
+        ours, huey, floor = medians_of(
+            rounds,
+            lambda: drain_ours(count),
+            lambda: drain_huey(count),
+            lambda: drain_floor(count),
+        )
         rows.append(
             (
                 f"drain {count} no-op dispatches",
@@ -357,6 +408,8 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 f"{ours / huey:.2f}x",
             )
         )
+        rows.append(("", "", f"floor: the same rows by sqlite3 alone: {floor:,.0f}/s",
+                     f"{ours / floor:.2f}x"))  # fmt: skip
     if "latency" in want:
         samples = 20 if quick else 60
         for via in ("cli", "http"):
