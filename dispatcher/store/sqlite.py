@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dispatcher import wake
 from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
 from dispatcher.models import (
     Attempt,
@@ -328,6 +329,7 @@ class SQLiteStore:
         self._pending_plans: dict[int, str] = {}
         self._pending_steps: dict[int, int] = {}
         self._slot_releases: dict[SlotHandle, str] = {}
+        self._listener: wake.Listener | None = None
 
     @classmethod
     async def open(
@@ -361,6 +363,8 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Write what is queued and close the connection; idempotent."""
+        if self._listener is not None:
+            self._listener.close()
         await self._writer.close()
 
     # -- plumbing ---------------------------------------------------------------------
@@ -461,6 +465,8 @@ class SQLiteStore:
     async def check_and_reserve(self, new: NewDispatch, now: datetime) -> Reservation:
         """Create a `queued` dispatch, or answer the one already holding `new.key`."""
         reservation: Reservation = await self._call(lambda db: _reserve(db, new, now), atomic=True)
+        if reservation.created:
+            self._wake_daemon()
         return reservation
 
     async def reserve_many(
@@ -480,7 +486,15 @@ class SQLiteStore:
             return answers
 
         result: list[Reservation | Exception] = await self._call(reserve_all, atomic=True)
+        if any(isinstance(answer, Reservation) and answer.created for answer in result):
+            self._wake_daemon()
         return result
+
+    def _wake_daemon(self) -> None:
+        """New work is committed: tell the daemon on this file, unless that is us (the
+        daemon's own API wakes its loop directly)."""
+        if self._listener is None:
+            wake.send(self._path)
 
     # -- the dispatch loop ------------------------------------------------------------
 
@@ -883,7 +897,14 @@ class SQLiteStore:
         yield True
 
     async def subscribe(self, on_change: Callable[[], None]) -> None:
-        """Nothing to listen to in SQLite: the daemon polls."""
+        """Call `on_change` when another process submits to this file (`dispatcher.wake`).
+        Polling stays the fallback: a lost wake-up only delays the claim."""
+        listener = wake.Listener(self._path, on_change)
+        try:
+            listener.start()
+        except OSError as exc:
+            raise StoreError(f"cannot listen for wake-ups on {self._path}: {exc}") from exc
+        self._listener = listener
 
 
 class _Tx:

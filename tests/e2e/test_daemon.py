@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,35 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_a_cli_submission_wakes_the_daemon_instead_of_waiting_for_its_poll(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    daemon = make_daemon(
+        """
+[database]
+path = "state/dispatcher.db"
+[daemon]
+poll_interval = "60s"
+[runners.noop]
+type = "noop"
+[tasks.n]
+steps = [{ name = "a", runner = "noop" }]
+"""
+    )
+    daemon.start()
+    daemon.wait_for_event("daemon_started")
+
+    submitted = daemon.cli("submit", "n", "--wait", "--json", timeout=20)
+
+    assert submitted.returncode == 0, submitted.stderr
+    (shown,) = daemon.cli_json("list")
+    took = datetime.fromisoformat(shown["finished_at"]) - datetime.fromisoformat(
+        shown["created_at"]
+    )
+    assert shown["status"] == "succeeded" and took < timedelta(seconds=10)  # not 60 s
+    assert not [e for e in daemon.events() if e["event"] == "listen_failed"]
 
 
 def test_what_a_python_step_leaves_running_dies_with_the_daemon(

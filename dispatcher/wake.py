@@ -1,0 +1,85 @@
+"""Wake-ups across processes on one SQLite database: a datagram instead of a poll.
+
+SQLite has no `LISTEN/NOTIFY`, so a daemon would see a dispatch submitted by another
+process (the CLI) only at its next poll. Instead the daemon binds a datagram socket in
+Linux's abstract namespace, named after its database file; a process that has just
+committed a submission sends it one byte, and the daemon claims at once.
+
+Nothing depends on it: a lost datagram, a sender in another network namespace (the
+host, against a daemon in a container), a name already taken or a platform without
+abstract sockets all leave the daemon to its `poll_interval`, as before. The socket
+is no file: nothing to clean up, nothing left stale by a SIGKILL, no path length
+limit. Anyone who can reach it can only make the daemon look for work early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+_MAX_READS = 64
+"""Datagrams drained per wake-up of the reader (each is a byte; all mean the same)."""
+
+
+def address(database: Path) -> str:
+    """The socket's name for a database file (the same for every path to it)."""
+    digest = hashlib.sha256(os.fsencode(database.resolve())).hexdigest()[:40]
+    return f"\0dispatcher-wake/{digest}"
+
+
+def send(database: Path) -> None:
+    """Tell the daemon on `database`, if one listens, that there is new work; never
+    raises and never blocks."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(b"!", address(database))
+    except OSError:  # no daemon (ECONNREFUSED), a full queue (EAGAIN), no AF_UNIX
+        pass
+
+
+class Listener:
+    """The daemon's end: calls `on_wake` on the event loop for each burst of datagrams."""
+
+    def __init__(self, database: Path, on_wake: Callable[[], None]) -> None:
+        self._database = database
+        self._on_wake = on_wake
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Bind and watch the socket; raises OSError if that cannot be done."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(address(self._database))
+            loop = asyncio.get_running_loop()
+            loop.add_reader(sock.fileno(), self._readable)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._loop = sock, loop
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_MAX_READS):
+            try:
+                sock.recv(16)
+            except OSError:  # BlockingIOError: drained
+                break
+        self._on_wake()

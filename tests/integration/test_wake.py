@@ -1,0 +1,94 @@
+"""Wake-ups across processes on one SQLite file (`dispatcher.wake`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from dispatcher import wake
+from dispatcher.errors import StoreError
+from dispatcher.models import NewDispatch
+from dispatcher.store.sqlite import SQLiteStore
+
+NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.count = 0
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.event.set()
+
+    async def next(self, within: float = 2.0) -> None:
+        await asyncio.wait_for(self.event.wait(), within)
+        self.event.clear()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    opened = await SQLiteStore.open(tmp_path / "d.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_a_datagram_reaches_the_listener_of_the_same_file_by_any_path(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dir").mkdir()
+    database = tmp_path / "dir" / "d.db"
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    wakes = Wakes()
+    listener = wake.Listener(database, wakes)
+    listener.start()
+    try:
+        wake.send(tmp_path / "link" / "d.db")
+        await wakes.next()
+        wake.send(tmp_path / "other.db")  # another database: not ours
+        await asyncio.sleep(0.1)
+        assert wakes.count == 1
+    finally:
+        listener.close()
+    wake.send(database)  # nobody listens: nothing happens, nothing raises
+    await asyncio.sleep(0.05)
+    assert wakes.count == 1
+
+
+async def test_a_submission_from_another_store_wakes_the_subscribed_one(
+    store: SQLiteStore,
+) -> None:
+    wakes = Wakes()
+    await store.subscribe(wakes)
+    other = await SQLiteStore.open(store.path)  # what the CLI opens
+    try:
+        await other.check_and_reserve(NewDispatch(task="t", params={}, key="k"), NOW)
+        await wakes.next()
+        # The same key again creates nothing: no wake-up for it.
+        await other.check_and_reserve(NewDispatch(task="t", params={}, key="k"), NOW)
+        await other.reserve_many([NewDispatch(task="t", params={"i": 1})], NOW)
+        await wakes.next()
+    finally:
+        await other.close()
+    await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)  # its own: no datagram
+    await asyncio.sleep(0.1)
+    assert wakes.count == 2
+
+
+async def test_a_second_listener_on_the_file_is_refused_with_a_store_error(
+    store: SQLiteStore,
+) -> None:
+    await store.subscribe(lambda: None)
+    other = await SQLiteStore.open(store.path)
+    try:
+        with pytest.raises(StoreError, match="cannot listen for wake-ups"):
+            await other.subscribe(lambda: None)
+    finally:
+        await other.close()
