@@ -114,6 +114,7 @@ class DaemonState:
     stopping: bool = False
     inflight: dict[int, InFlight] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    check_cancels: asyncio.Event = field(default_factory=asyncio.Event)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -215,8 +216,10 @@ class Daemon:
         self.state.wake.set()
 
     def _database_changed(self) -> None:
-        """NOTIFY from another process: a dispatch was inserted or a slot released."""
+        """Another process changed the database (a dispatch inserted, a slot released,
+        a cancel requested): look at once instead of at the next poll."""
         self.gate.db_changed()
+        self.state.check_cancels.set()
         self.wake()
 
     async def _subscribe(self) -> None:
@@ -477,7 +480,9 @@ class Daemon:
     async def _cancel_watch_loop(self) -> None:
         """Cancel in-flight dispatches that `dispatcher cancel` flagged in the database."""
         while True:
-            await anyio.sleep(self.settings.daemon.poll_interval)
+            with anyio.move_on_after(self.settings.daemon.poll_interval):
+                await self.state.check_cancels.wait()
+            self.state.check_cancels.clear()
             if not self.state.inflight:
                 continue
             with suppress(DispatcherError):

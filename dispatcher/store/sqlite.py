@@ -491,8 +491,8 @@ class SQLiteStore:
         return result
 
     def _wake_daemon(self) -> None:
-        """New work is committed: tell the daemon on this file, unless that is us (the
-        daemon's own API wakes its loop directly)."""
+        """New work or a cancel request is committed: tell the daemon on this file,
+        unless that is us (the daemon's own API acts on it directly)."""
         if self._listener is None:
             wake.send(self._path)
 
@@ -590,7 +590,10 @@ class SQLiteStore:
                 rows = await tx.run("get_dispatch", {"id": dispatch_id})
         if not rows:
             raise NotFound(f"no dispatch with id {dispatch_id}")
-        return dispatch_from_row(rows[0])
+        dispatch = dispatch_from_row(rows[0])
+        if dispatch.cancel_requested:
+            self._wake_daemon()  # it is in flight: the daemon stops it at once
+        return dispatch
 
     async def cancel_requests(self, dispatch_ids: Collection[int]) -> list[int]:
         """Which of these dispatches have a pending cancel request (ascending ids)."""
@@ -897,8 +900,8 @@ class SQLiteStore:
         yield True
 
     async def subscribe(self, on_change: Callable[[], None]) -> None:
-        """Call `on_change` when another process submits to this file (`dispatcher.wake`).
-        Polling stays the fallback: a lost wake-up only delays the claim."""
+        """Call `on_change` when another process submits to this file or asks to cancel
+        (`dispatcher.wake`). Polling stays the fallback: a lost wake-up only delays."""
         listener = wake.Listener(self._path, on_change)
         try:
             listener.start()

@@ -24,6 +24,7 @@ def config(
     runner_cap: int | None = None,
     extra: str = "",
     grace: str = "10s",
+    poll: str = "200ms",
 ) -> str:
     cap = f"concurrency = {runner_cap}" if runner_cap else ""
     log = tmp_path / "steps.log"
@@ -33,7 +34,7 @@ def config(
 path = "state/dispatcher.db"
 
 [daemon]
-poll_interval = "200ms"
+poll_interval = "{poll}"
 shutdown_grace = "{grace}"
 kill_grace = "1s"
 heartbeat_interval = "500ms"
@@ -290,6 +291,28 @@ def test_cancel_stops_a_running_step(tmp_path: Path, make_daemon: Any) -> None:
     assert result.returncode == 0 and "cancel requested" in result.stdout
     wait_until(lambda: daemon.cli_json("show", "1")["status"] == "cancelled", timeout=10)
     assert [a["status"] for a in daemon.cli_json("show", "1")["attempts"]] == ["cancelled"]
+    assert not _alive(read_records(log)[0].pid)
+    assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(
+    os.environ.get("DISPATCHER_E2E_PG") == "1",
+    reason="SQLite's wake-up: PostgreSQL sends no NOTIFY for a cancel request (polled)",
+)
+def test_a_cli_cancel_wakes_the_daemon_instead_of_waiting_for_its_poll(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    daemon = make_daemon(config(tmp_path, global_=2, poll="60s"))
+    daemon.start()
+    daemon.cli("submit", "one", "--param", "n=c", "--param", "secs=30")
+    log = tmp_path / "steps.log"
+    wait_until(lambda: any(r.kind == "start" for r in read_records(log)), timeout=10)
+    asked = time.monotonic()
+
+    assert daemon.cli("cancel", "1").returncode == 0
+
+    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "cancelled", timeout=20)
+    assert time.monotonic() - asked < 10  # not the 60 s poll
     assert not _alive(read_records(log)[0].pid)
     assert daemon.stop() == 0
 
