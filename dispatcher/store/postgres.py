@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from dispatcher import logs
-from dispatcher.errors import KeyConflict, NotFound, StoreBusy, StoreError
+from dispatcher.errors import DispatcherError, KeyConflict, NotFound, StoreBusy, StoreError
 from dispatcher.models import (
     Attempt,
     AttemptStatus,
@@ -58,6 +58,11 @@ log = logs.get_logger("dispatcher.store.postgres")
 CANCELLED_BEFORE_START = "cancelled before it started"
 CHANNELS = ("dispatcher_dispatches", "dispatcher_gates")
 """NOTIFY channels: a dispatch was inserted; a gate row was released."""
+
+RELISTEN_FIRST = 0.5
+RELISTEN_MAX = 30.0
+"""Backoff between tries to listen again after the listening connection was lost
+(the first try is at once)."""
 
 Params = Mapping[str, Any]
 Connection = Any  # asyncpg.Connection or a pool proxy of one; asyncpg ships no stubs
@@ -291,6 +296,8 @@ class PostgresStore:
         self._mirror: asyncio.Queue[_MirrorOp | None] = asyncio.Queue()
         self._drainer: asyncio.Task[None] | None = None
         self._listener: Any = None
+        self._on_change: Callable[[], None] | None = None
+        self._relisten: asyncio.Task[None] | None = None
         self._closed = False
 
     @classmethod
@@ -327,6 +334,10 @@ class PostgresStore:
             self._mirror.put_nowait(None)
             with contextlib.suppress(Exception):
                 await self._drainer
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(BaseException):
+                await self._relisten
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -758,9 +769,45 @@ class PostgresStore:
     async def subscribe(self, on_change: Callable[[], None]) -> None:
         """Call `on_change` whenever a dispatch is inserted or a gate row released, by
         any process (`LISTEN` on a dedicated connection). Polling stays the fallback:
-        a lost listening connection only delays wake-ups."""
+        a lost listening connection only delays wake-ups until it is back (it is
+        reconnected with a backoff, and `on_change` is called then for what was missed)."""
+        self._on_change = on_change
+        await self._listen()
+
+    async def _listen(self) -> None:
+        on_change = self._on_change
+        assert on_change is not None
         with self._wrap("listen on"):
             listener = await asyncpg.connect(self._url)
-            for channel in CHANNELS:
-                await listener.add_listener(channel, lambda *_: on_change())
+            try:
+                for channel in CHANNELS:
+                    await listener.add_listener(channel, lambda *_: on_change())
+            except BaseException:
+                listener.terminate()
+                raise
+        listener.add_termination_listener(self._listener_lost)
         self._listener = listener
+
+    def _listener_lost(self, _connection: Any) -> None:
+        """The listening connection closed: reconnect, unless we closed it."""
+        if self._closed or self._relisten is not None:
+            return
+        log.warning("listen_lost", database=self.url, fallback="polling")
+        self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        delay = 0.0
+        try:
+            while not self._closed:
+                await asyncio.sleep(delay)
+                delay = min(max(delay * 2, RELISTEN_FIRST), RELISTEN_MAX)
+                try:
+                    await self._listen()
+                except DispatcherError:
+                    continue
+                log.info("listen_restored", database=self.url)
+                if self._on_change is not None:
+                    self._on_change()  # what was notified while nobody listened
+                return
+        finally:
+            self._relisten = None

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from dispatcher.models import AttemptStatus, DispatchStatus, Instance
+import pytest
+from structlog.testing import capture_logs
+
+from dispatcher.models import AttemptStatus, DispatchStatus, Instance, NewDispatch
 from dispatcher.store.base import Store
 from dispatcher.store.postgres import PostgresStore
-from dispatcher.testing import FakeClock
+from dispatcher.store.sqlite import SQLiteStore
+from dispatcher.testing import FakeClock, InMemoryStore
 from tests.helpers import postgres
 
 from .conftest import Reserve, all_slot_rows
@@ -132,18 +136,49 @@ async def test_concurrent_slot_takers_never_oversubscribe(
 
 
 async def test_a_submission_elsewhere_wakes_a_subscriber(
-    pg_url: str, store: Store, reserve: Reserve
+    store: Store, reserve: Reserve, request: pytest.FixtureRequest
 ) -> None:
-    if not isinstance(store, PostgresStore):
-        return
+    """PostgreSQL: LISTEN/NOTIFY; SQLite: the wake-up datagram (`dispatcher.wake`)."""
+    if isinstance(store, InMemoryStore):
+        pytest.skip("a store of one process: no other process to be woken by")
     woken = asyncio.Event()
-    listener = await PostgresStore.open(pg_url)
+    if isinstance(store, PostgresStore):
+        listener: Store = await PostgresStore.open(request.getfixturevalue("pg_url"))
+    else:
+        assert isinstance(store, SQLiteStore)
+        listener = await SQLiteStore.open(store.path)
     try:
         await listener.subscribe(woken.set)
-        await reserve()  # through the other store: another process, as far as NOTIFY cares
+        await reserve()  # through the other store: another process, as far as it can tell
         await asyncio.wait_for(woken.wait(), 10)
     finally:
         await listener.close()
+
+
+async def test_a_lost_listening_connection_is_opened_again(pg_url: str, clock: FakeClock) -> None:
+    """A PostgreSQL restart (here: the listener's backend terminated) must not leave the
+    daemon on polling for good: it listens again, and says so."""
+    woken = asyncio.Event()
+    listener = await PostgresStore.open(pg_url)
+    other = await PostgresStore.open(pg_url)
+    try:
+        with capture_logs() as events:
+            await listener.subscribe(woken.set)
+            lost = listener._listener.get_server_pid()
+            async with other._pool.acquire() as con:
+                assert await con.fetchval("SELECT pg_terminate_backend($1)", lost)
+            await asyncio.wait_for(woken.wait(), 15)  # once back: look for what was missed
+            woken.clear()
+            assert listener._listener.get_server_pid() != lost
+            await other.check_and_reserve(NewDispatch(task="t", params={}), clock.now())
+            await asyncio.wait_for(woken.wait(), 10)  # NOTIFY reaches it again
+    finally:
+        await other.close()
+        await listener.close()
+    assert [e["event"] for e in events if e["event"].startswith("listen_")] == [
+        "listen_lost",
+        "listen_restored",
+    ]
 
 
 async def test_concurrent_starters_migrate_a_new_database_once() -> None:
