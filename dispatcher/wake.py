@@ -9,7 +9,9 @@ Nothing depends on it: a lost datagram, a sender in another network namespace (t
 host, against a daemon in a container), a name already taken or a platform without
 abstract sockets all leave the daemon to its `poll_interval`, as before. The socket
 is no file: nothing to clean up, nothing left stale by a SIGKILL, no path length
-limit. Anyone who can reach it can only make the daemon look for work early.
+limit. Anyone who can reach it (any local process in the network namespace) can only
+make the daemon look for work early, and at most once per `MIN_SPACING`: a flood of
+datagrams costs the daemon a few empty claims a second, not a busy loop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from pathlib import Path
 
 _MAX_READS = 64
 """Datagrams drained per wake-up of the reader (each is a byte; all mean the same)."""
+
+MIN_SPACING = 0.01
+"""Seconds between two calls of `on_wake`; datagrams in between make one more call."""
 
 
 def address(database: Path) -> str:
@@ -50,6 +55,8 @@ class Listener:
         self._on_wake = on_wake
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last = float("-inf")
+        self._later: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Bind and watch the socket; raises OSError if that cannot be done."""
@@ -69,6 +76,9 @@ class Listener:
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(sock.fileno())
         sock.close()
@@ -82,4 +92,16 @@ class Listener:
                 sock.recv(16)
             except OSError:  # BlockingIOError: drained
                 break
+        if self._later is not None or self._loop is None:
+            return  # a call is already due
+        wait = self._last + MIN_SPACING - self._loop.time()
+        if wait <= 0:
+            self._wake()
+        else:
+            self._later = self._loop.call_later(wait, self._wake)
+
+    def _wake(self) -> None:
+        self._later = None
+        if self._loop is not None:
+            self._last = self._loop.time()
         self._on_wake()

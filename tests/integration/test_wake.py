@@ -92,3 +92,24 @@ async def test_a_second_listener_on_the_file_is_refused_with_a_store_error(
             await other.subscribe(lambda: None)
     finally:
         await other.close()
+
+
+async def test_a_flood_of_datagrams_wakes_the_daemon_a_bounded_number_of_times(
+    tmp_path: Path,
+) -> None:
+    wakes = Wakes()
+    listener = wake.Listener(tmp_path / "d.db", wakes)
+    listener.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        while loop.time() - started < 0.2:
+            wake.send(tmp_path / "d.db")
+            await asyncio.sleep(0)
+        await asyncio.sleep(2 * wake.MIN_SPACING)
+    finally:
+        listener.close()
+    took = loop.time() - started
+    # Every burst is answered (the first at once, the last one included), yet no more
+    # often than once per MIN_SPACING.
+    assert 2 <= wakes.count <= took / wake.MIN_SPACING + 1
