@@ -48,7 +48,8 @@ def send(database: Path) -> None:
 
 
 class Listener:
-    """The daemon's end: calls `on_wake` on the event loop for each burst of datagrams."""
+    """The daemon's end: calls `on_wake` on the event loop when datagrams arrive, at most
+    once per `MIN_SPACING`."""
 
     def __init__(self, database: Path, on_wake: Callable[[], None]) -> None:
         self._database = database
