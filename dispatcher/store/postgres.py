@@ -57,7 +57,7 @@ log = logs.get_logger("dispatcher.store.postgres")
 
 CANCELLED_BEFORE_START = "cancelled before it started"
 CHANNELS = ("dispatcher_dispatches", "dispatcher_gates")
-"""NOTIFY channels: a dispatch was inserted; a gate row was released."""
+"""NOTIFY channels: a dispatch was inserted or asked to cancel; a gate row was released."""
 
 RELISTEN_FIRST = 0.5
 RELISTEN_MAX = 30.0
@@ -767,10 +767,11 @@ class PostgresStore:
                         await _fetch(con, "maintenance_unlock", {"name": name})
 
     async def subscribe(self, on_change: Callable[[], None]) -> None:
-        """Call `on_change` whenever a dispatch is inserted or a gate row released, by
-        any process (`LISTEN` on a dedicated connection). Polling stays the fallback:
-        a lost listening connection only delays wake-ups until it is back (it is
-        reconnected with a backoff, and `on_change` is called then for what was missed)."""
+        """Call `on_change` whenever a dispatch is inserted or asked to cancel, or a gate
+        row released, by any process (`LISTEN` on a dedicated connection). Polling stays
+        the fallback: a lost listening connection only delays wake-ups until it is back
+        (it is opened again with a backoff; `on_change` is then called for what was
+        missed)."""
         self._on_change = on_change
         await self._listen()
 
