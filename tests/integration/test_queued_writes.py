@@ -12,7 +12,7 @@ import asyncio
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,15 +24,6 @@ from dispatcher.store.sqlite import SQLiteStore
 
 NOW = datetime(2026, 11, 29, 6, 0, 0, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=2)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened = await SQLiteStore.open(tmp_path / "d.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @contextmanager

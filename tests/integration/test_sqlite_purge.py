@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import pytest
 
 from dispatcher import purge
 from dispatcher.config import Settings
@@ -17,15 +14,6 @@ from dispatcher.store.sqlite import SQLiteStore, to_db_time
 from dispatcher.testing import FakeClock
 
 NOW = datetime(2026, 11, 29, 3, 17, tzinfo=UTC)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened = await SQLiteStore.open(tmp_path / "dispatcher.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def plan(db_path: Path, name: str, params: dict[str, object]) -> list[str]:

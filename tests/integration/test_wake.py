@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,15 +28,6 @@ class Wakes:
     async def next(self, within: float = 2.0) -> None:
         await asyncio.wait_for(self.event.wait(), within)
         self.event.clear()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened = await SQLiteStore.open(tmp_path / "d.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def test_a_datagram_reaches_the_listener_of_the_same_file_by_any_path(
