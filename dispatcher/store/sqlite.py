@@ -415,12 +415,15 @@ class SQLiteStore:
             except sqlite3.ProgrammingError as exc:
                 raise StoreError(f"database {self._path}: the store is closed") from exc
 
-    async def _run(self, name: str, params: Params | None = None) -> list[sqlite3.Row]:
-        """One named statement (in the next batch): atomic by itself."""
+    async def _run(
+        self, name: str, params: Params | None = None, *, first: bool = False
+    ) -> list[sqlite3.Row]:
+        """One named statement (in the next batch): atomic by itself. `first`: ahead of
+        the queued writes (see `SQLiteWriter.call`)."""
         sql = query(name)
         bound = params or {}
         rows: list[sqlite3.Row] = await self._call(
-            lambda db: db.execute(sql, bound).fetchall(), write=_writes(name)
+            lambda db: db.execute(sql, bound).fetchall(), write=_writes(name), first=first
         )
         return rows
 
@@ -513,43 +516,49 @@ class SQLiteStore:
         The claim runs ahead of queued writes (none of them touches a queued dispatch):
         the loop has nothing to run until it returns, and they have nobody waiting.
         """
-        sql = query("claim_many")
         params = {
             "instance_id": instance_id,
             "now": to_db_time(now),
             "blocked_gates": _json_list(sorted(blocked_gates)),
             "limit": limit,
         }
-        rows = await self._call(lambda db: db.execute(sql, params).fetchall(), first=True)
+        rows = await self._run("claim_many", params, first=True)
         claimed = [dispatch_from_row(row) for row in rows]
         claimed.sort(key=lambda d: (-d.priority, d.id))
         return claimed
 
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0."""
-        plans = self._pending_plans
-        plans[dispatch_id] = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
-        sql = query("save_plan")
+        plan_json = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
         params = {"id": dispatch_id, "now": to_db_time(now)}
-
-        def update(db: sqlite3.Connection) -> None:
-            plan_json = plans.pop(dispatch_id, None)  # None: finish_dispatch took it
-            if plan_json is not None:
-                db.execute(sql, {**params, "plan": plan_json})
-
-        self._writer.post(update)
+        self._post_pending(self._pending_plans, dispatch_id, "save_plan", params, "plan", plan_json)
 
     async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
         """Record that every step before `next_step` has succeeded."""
-        params = {"id": dispatch_id, "next_step": next_step, "now": to_db_time(now)}
-        sql = query("advance")
-        steps = self._pending_steps
-        steps[dispatch_id] = next_step
+        params = {"id": dispatch_id, "now": to_db_time(now)}
+        self._post_pending(
+            self._pending_steps, dispatch_id, "advance", params, "next_step", next_step
+        )
+
+    def _post_pending(
+        self,
+        pending: dict[int, Any],
+        dispatch_id: int,
+        name: str,
+        params: Params,
+        field: str,
+        value: Any,
+    ) -> None:
+        """Queue `name` with `field` set to the dispatch's latest pending value. A later
+        write of the row (`finish_dispatch`) that pops the value first writes it itself;
+        this one then writes nothing (dict.pop decides: exactly one of them writes)."""
+        pending[dispatch_id] = value
+        sql = query(name)
 
         def update(db: sqlite3.Connection) -> None:
-            latest = steps.pop(dispatch_id, None)  # None: finish_dispatch took it
+            latest = pending.pop(dispatch_id, None)
             if latest is not None:
-                db.execute(sql, {**params, "next_step": latest})
+                db.execute(sql, {**params, field: latest})
 
         self._writer.post(update)
 
