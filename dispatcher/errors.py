@@ -58,6 +58,12 @@ class NotFound(DispatcherError):
     exit_code = EX_DATAERR
 
 
+class NoDatabase(DispatcherError):
+    """The configured database does not exist (and this command does not create one)."""
+
+    exit_code = EX_NOINPUT
+
+
 class PlanError(DispatcherError):
     """A planner produced no usable plan."""
 
@@ -74,6 +80,15 @@ class StoreError(DispatcherError):
     """The database cannot be opened, read or written."""
 
     exit_code = EX_CANTCREAT
+
+
+class StoreUnwritable(StoreError):
+    """The database cannot take writes right now: the disk is full, the file or its
+    folder is read-only, or an I/O error. The daemon keeps its writes and tries again."""
+
+
+class DatabaseCorrupt(StoreError):
+    """The database file is damaged: never retried; the daemon stops."""
 
 
 class Unavailable(DispatcherError):

@@ -290,7 +290,7 @@ class ConcurrencyGate:
         slot = Slot(gate=name, holder=holder)
         self._holders[name].add(slot)
         try:
-            slot.mirror = self._store.mirror_open(
+            slot.mirror = await self._store.mirror_open(
                 name, holder, self._instance_id, self._clock.now()
             )
         except BaseException:

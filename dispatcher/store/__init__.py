@@ -4,28 +4,37 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dispatcher.store.base import Store
+from dispatcher.store.base import Access, Store
 
 if TYPE_CHECKING:
     from dispatcher.config import Settings
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Access", "Store", "open_store"]
 
 
-async def open_store(settings: Settings, *, daemon: bool = False) -> Store:
+async def open_store(
+    settings: Settings, *, daemon: bool = False, access: Access = Access.CREATE
+) -> Store:
     """The store the configuration names: PostgreSQL with `[database] url`, else the
     SQLite file at `[database] path`. `daemon` selects the daemon's longer patience
-    with a busy SQLite database."""
+    with a busy SQLite database; `access` what the command may do (see `Access`)."""
     db = settings.database
     if db.url is not None:
         from dispatcher.store.postgres import PostgresStore
 
         return await PostgresStore.open(
-            db.url, instance_ttl=settings.daemon.instance_ttl, max_size=db.pool_size
+            db.url,
+            instance_ttl=settings.daemon.instance_ttl,
+            max_size=db.pool_size,
+            read_only=access is Access.READ,
         )
     from dispatcher.store.sqlite import SQLiteStore
 
     patience = max(db.busy_patience, db.busy_timeout) if daemon else None
     return await SQLiteStore.open(
-        db.path, busy_timeout_ms=round(db.busy_timeout * 1000), busy_patience=patience
+        db.path,
+        busy_timeout_ms=round(db.busy_timeout * 1000),
+        busy_patience=patience,
+        mode=access,
+        config=settings.source,
     )

@@ -1,4 +1,20 @@
-"""The typed store boundary: job verbs that SQLite (now) and PostgreSQL (later) implement.
+"""The store: one abstract base that owns every verb, and a few primitives per backend.
+
+The daemon, pipeline, gate and CLI speak in job verbs (`claim_many`, `finish_attempt`,
+`mirror_close`, `heartbeat`, `purge_released`). This base turns each verb into named
+statements, once for every backend: validation, claim ordering, the reserve loop,
+status counts, recovery reports, row mapping and migration loading live here. A
+backend supplies the primitives at the bottom of the class: run one named statement,
+open a transaction, write a batch, hand out row ids, and how it spells times and lists.
+Its statements live in `.sql` files of named blocks (`sql/common.sql` for what both
+SQL dialects share, plus one file per backend); the in-memory fake of
+`dispatcher.testing` implements the same names in Python.
+
+Writes whose caller need not wait (attempt rows, plan and step progress, final
+statuses, gate mirror rows) are queued in a `WriteBuffer` and written in batches, one
+transaction each; `flush()` waits for them. Every other statement first lets the
+queued writes land, so it sees them (the claim alone goes ahead: no queued write
+touches a queued dispatch).
 
 All timestamps crossing this boundary are timezone-aware UTC `datetime`s; the caller
 passes `now` from the injected clock so that tests control time.
@@ -6,11 +22,26 @@ passes `now` from the injected clock so that tests control time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractAsyncContextManager
-from datetime import datetime
-from typing import Protocol
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from importlib import resources
+from typing import Any, ClassVar, Protocol
 
+from dispatcher import logs
+from dispatcher.errors import DatabaseCorrupt, KeyConflict, NotFound, StoreError
 from dispatcher.models import (
     Attempt,
     AttemptStatus,
@@ -26,19 +57,120 @@ from dispatcher.models import (
     SlotRow,
     Step,
 )
+from dispatcher.store.writes import Fold, Params, WriteBatch, WriteBuffer
+
+log = logs.get_logger("dispatcher.store")
 
 
-class Store(Protocol):
+class Row(Protocol):
+    """A result row: a column by name (sqlite3.Row, asyncpg.Record, a dict)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+CANCELLED_BEFORE_START = "cancelled before it started"
+
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+"""`since` for recovery where one daemon owns the database: nobody else is alive."""
+
+CLOSE_PATIENCE = 10.0
+"""How long `close` keeps trying to write what is queued while the database is down."""
+
+_PROGRESS = {"plan": None, "current_step": None, "status": None, "final": False, "error": None}
+"""Fields of a `write_progress` that a verb did not set: left as they are in the row."""
+
+
+class Access(Enum):
+    """How a command opens the database."""
+
+    CREATE = "create"
+    """`run` and `init`: create the database (SQLite: the file and its folder) if
+    missing, and migrate it forward."""
+    WRITE = "write"
+    """Commands that write: the database must exist; migrate it forward."""
+    READ = "read"
+    """Commands that only read: no write of any kind, not even a lock or a migration,
+    so they work on a read-only file and while another process holds the write lock."""
+
+
+class Tx(Protocol):
+    """Statements inside one open transaction."""
+
+    async def fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        """Run one named statement; answer its rows."""
+        ...
+
+
+# -- migrations --------------------------------------------------------------------------
+
+_MIGRATION_NAME = re.compile(r"^(?P<version>\d+)_\w+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered file of a backend's `migrations/` folder."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(package: str) -> tuple[Migration, ...]:
+    """Every migration of `package`'s `migrations/` folder, in version order."""
+    folder = resources.files(package).joinpath("migrations")
+    found: dict[int, Migration] = {}
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match is None:
+            continue
+        version = int(match["version"])
+        if version in found:
+            raise StoreError(f"two migrations share version {version}: {entry.name}")
+        found[version] = Migration(version, entry.name, entry.read_text(encoding="utf-8"))
+    return tuple(found[version] for version in sorted(found))
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class Store(ABC):
     """Everything the daemon, pipeline, gate and CLI need from the database."""
 
-    shared: bool
+    shared: ClassVar[bool] = False
     """True when several daemons may use this database at once (PostgreSQL): the gate
     then asks `try_take_slot` before granting a place, and recovery spares live
     instances. False for SQLite (one daemon, an OS lock) and the in-memory store."""
 
+    migrations: ClassVar[str | None] = None
+    """The package whose `migrations/` folder holds this backend's schema."""
+
+    instance_ttl: float = 30.0
+    """Seconds a silent instance still counts as alive (shared stores)."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        """Where the data lives, for messages (a path, or a URL without its password)."""
+        self.on_fatal: Callable[[DatabaseCorrupt], None] | None = None
+        """Told once when the database turns out damaged (the daemon stops)."""
+        self._writes = WriteBuffer(
+            self._write_batch, database, on_fatal=self._corrupt, on_available=self._available
+        )
+        self.on_available: Callable[[], None] | None = None
+        """Told when queued writes land again after an outage."""
+        self._ids: dict[str, Iterator[int]] = {}
+        self._closed = False
+        self._corrupt_seen = False
+
     async def close(self) -> None:
-        """Close connections; idempotent."""
-        ...
+        """Write what is queued (trying for a while if the database is down), then close
+        connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._writes.close(CLOSE_PATIENCE)
+        finally:
+            await self._close()
 
     # -- submission -------------------------------------------------------------------
 
@@ -49,7 +181,11 @@ class Store(Protocol):
         existing dispatch with `created=False`; a different fingerprint raises
         `KeyConflict`. Never creates an attempt or a gate row.
         """
-        ...
+        async with self._tx() as tx:
+            reservation = await self._reserve(tx, new, now)
+        if reservation.created:
+            self._submitted()
+        return reservation
 
     async def reserve_many(
         self, news: Sequence[NewDispatch], now: datetime
@@ -59,7 +195,38 @@ class Store(Protocol):
         A conflict on one item is answered in its place (a `KeyConflict`) and does not
         abort the others.
         """
-        ...
+        answers: list[Reservation | Exception] = []
+        if not news:
+            return answers
+        async with self._tx() as tx:
+            for new in news:
+                try:
+                    answers.append(await self._reserve(tx, new, now))
+                except KeyConflict as exc:
+                    answers.append(exc)
+        if any(isinstance(answer, Reservation) and answer.created for answer in answers):
+            self._submitted()
+        return answers
+
+    async def _reserve(self, tx: Tx, new: NewDispatch, now: datetime) -> Reservation:
+        """Insert unless the key is taken; a taken key must carry the same fingerprint."""
+        params = {
+            "task": new.task,
+            "params": json.dumps(new.params, separators=(",", ":")),
+            "key": new.key,
+            "fingerprint": new.fingerprint,
+            "priority": new.priority,
+            "gate_key": new.gate_key,
+            "now": self._time(now),
+        }
+        rows = await tx.fetch("insert_dispatch", params)
+        if rows:
+            return Reservation(rows[0]["id"], DispatchStatus(rows[0]["status"]), created=True)
+        assert new.key is not None, "only a keyed insert can conflict"
+        existing = (await tx.fetch("dispatch_by_key", {"key": new.key}))[0]
+        if existing["fingerprint"] != new.fingerprint:
+            raise KeyConflict(new.key, existing["id"])
+        return Reservation(existing["id"], DispatchStatus(existing["status"]), created=False)
 
     # -- the dispatch loop --------------------------------------------------------------
 
@@ -73,7 +240,8 @@ class Store(Protocol):
         plan yet and `running` when it resumes a stored plan; `instance_id` and
         `started_at` (if unset) are stamped.
         """
-        ...
+        claimed = await self.claim_many(instance_id, now, blocked_gates, 1)
+        return claimed[0] if claimed else None
 
     async def claim_many(
         self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int
@@ -81,51 +249,109 @@ class Store(Protocol):
         """`claim_next` for up to `limit` dispatches in one statement, in claim order.
 
         Two claimed dispatches may share a per-task gate: the caller checks and
-        `requeue`s what it cannot start.
+        `requeue`s what it cannot start. The claim runs ahead of the queued writes:
+        none of them touches a queued dispatch, and the loop has nothing to run until
+        it returns.
         """
-        ...
+        params = {
+            "instance_id": instance_id,
+            "now": self._time(now),
+            "blocked_gates": self._list(sorted(blocked_gates)),
+            "limit": max(limit, 0),
+        }
+        rows = await self._fetch("claim_many", params, first=True)
+        claimed = [self.dispatch_from_row(row) for row in rows]
+        claimed.sort(key=lambda d: (-d.priority, d.id))
+        return claimed
 
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0.
 
         `save_plan`, `advance`, `start_attempt`, `finish_attempt` and `finish_dispatch`
-        may return once the write is queued: writes keep their order, every later
-        statement sees them, and `flush` (or any awaited write) makes them durable.
+        return once the write is queued: writes keep their order, every later
+        statement sees them, and `flush` (or any awaited statement) makes them durable.
         """
-        ...
+        plan_json = json.dumps([step.to_json() for step in plan], separators=(",", ":"))
+        self._progress(dispatch_id, now, plan=plan_json, current_step=0, status="running")
 
     async def advance(self, dispatch_id: int, next_step: int, now: datetime) -> None:
         """Record that every step before `next_step` has succeeded."""
-        ...
+        self._progress(dispatch_id, now, current_step=next_step)
+
+    async def finish_dispatch(
+        self, dispatch_id: int, status: DispatchStatus, now: datetime, error: str | None = None
+    ) -> None:
+        """Stamp a final status (and the reason for a failure); a final dispatch stays."""
+        if not status.is_final:
+            raise ValueError(f"finish_dispatch needs a final status, not {status}")
+        self._progress(dispatch_id, now, status=str(status), final=True, error=error)
+
+    def _progress(self, dispatch_id: int, now: datetime, **fields: Any) -> None:
+        """Queue a change of the dispatch row, merged into one still queued for it."""
+        fields["now"] = self._time(now)
+        queued = self._pending("write_progress", dispatch_id)
+        if queued is None:
+            self._queue("write_progress", dispatch_id, {"id": dispatch_id, **_PROGRESS, **fields})
+        elif not queued["final"]:  # once final, the row takes no further change
+            queued.update(fields)
 
     async def requeue(
         self, dispatch_id: int, now: datetime, not_before: datetime | None = None
     ) -> None:
         """Return an in-flight dispatch to `queued` (plan and current step kept)."""
-        ...
+        params = {
+            "id": dispatch_id,
+            "now": self._time(now),
+            "not_before": None if not_before is None else self._time(not_before),
+        }
+        await self._fetch("requeue", params)
 
-    async def finish_dispatch(
-        self, dispatch_id: int, status: DispatchStatus, now: datetime, error: str | None = None
-    ) -> None:
-        """Stamp a final status (and the reason for a failure)."""
-        ...
+    async def requeue_abandoned(
+        self, instance_id: str, keep: Collection[int], now: datetime
+    ) -> list[int]:
+        """Put back to `queued` what `instance_id` marked in flight but does not run
+        (every dispatch of it planning or running whose id is not in `keep`).
+
+        Runs after every write queued before the call, so a dispatch that finished
+        before the caller took `keep` is final by then and stays as it is.
+        """
+        params = {
+            "instance_id": instance_id,
+            "keep": self._list(sorted(keep)),
+            "now": self._time(now),
+        }
+        return sorted(row["id"] for row in await self._fetch("requeue_abandoned", params))
 
     async def request_cancel(self, dispatch_id: int, now: datetime) -> Dispatch:
         """Cancel a `queued` dispatch at once; flag an in-flight one for the daemon.
 
         A dispatch already final is returned unchanged. Raises `NotFound`.
         """
-        ...
+        params = {"id": dispatch_id, "now": self._time(now), "error": CANCELLED_BEFORE_START}
+        async with self._tx() as tx:
+            rows = await tx.fetch("request_cancel", params)
+            if not rows:
+                rows = await tx.fetch("get_dispatch", {"id": dispatch_id})
+        if not rows:
+            raise NotFound(f"no dispatch with id {dispatch_id}")
+        dispatch = self.dispatch_from_row(rows[0])
+        if dispatch.cancel_requested:
+            self._submitted()  # it is in flight: the daemon stops it at once
+        return dispatch
 
     async def cancel_requests(self, dispatch_ids: Collection[int]) -> list[int]:
         """Which of these (in-flight) dispatches have a pending cancel request."""
-        ...
+        if not dispatch_ids:
+            return []
+        rows = await self._fetch("cancel_requests", {"ids": self._list(sorted(dispatch_ids))})
+        return sorted(row["id"] for row in rows)
 
     # -- attempts -------------------------------------------------------------------------
 
     async def flush(self) -> None:
         """Return once every write queued before the call is durable."""
-        ...
+        self._check_open()
+        await self._writes.flush()
 
     async def start_attempt(
         self,
@@ -137,8 +363,25 @@ class Store(Protocol):
         instance_id: str,
         now: datetime,
     ) -> int:
-        """Insert a `running` attempt row and return its id."""
-        ...
+        """Queue the insert of a `running` attempt row and return its id."""
+        attempt_id = await self._next_id("attempts")
+        row = {
+            "id": attempt_id,
+            "dispatch_id": dispatch_id,
+            "step_index": step_index,
+            "step": step,
+            "runner": runner,
+            "attempt": attempt,
+            "status": str(AttemptStatus.RUNNING),
+            "started_at": self._time(now),
+            "ended_at": None,
+            "exit_code": None,
+            "error": None,
+            "output": None,
+            "instance_id": instance_id,
+        }
+        self._queue("insert_attempt", attempt_id, row)
+        return attempt_id
 
     async def finish_attempt(
         self,
@@ -151,56 +394,113 @@ class Store(Protocol):
         output: str | None = None,
     ) -> None:
         """Stamp the attempt's final status; only a `running` attempt is changed."""
-        ...
+        if status is AttemptStatus.RUNNING:
+            raise ValueError("finish_attempt needs a final status, not running")
+        end = {
+            "status": str(status),
+            "ended_at": self._time(now),
+            "exit_code": exit_code,
+            "error": error,
+            "output": output,
+        }
+        insert = self._pending("insert_attempt", attempt_id)
+        if insert is not None:  # not written yet: one row, complete (the first end wins)
+            if insert["status"] == AttemptStatus.RUNNING:
+                insert.update(end)
+            return
+        self._queue("finish_attempt", attempt_id, {"id": attempt_id, **end}, fold="first")
 
     async def step_attempts(self, dispatch_id: int, step_index: int) -> list[Attempt]:
         """Every attempt of one step, oldest first."""
-        ...
+        params = {"dispatch_id": dispatch_id, "step_index": step_index}
+        return self._attempts(await self._fetch("step_attempts", params))
 
     # -- reading ------------------------------------------------------------------------
 
-    async def get_dispatch(self, dispatch_id: int) -> Dispatch | None: ...
+    async def get_dispatch(self, dispatch_id: int) -> Dispatch | None:
+        """One dispatch, or None."""
+        rows = await self._fetch("get_dispatch", {"id": dispatch_id})
+        return self.dispatch_from_row(rows[0]) if rows else None
 
     async def list_dispatches(
         self, status: DispatchStatus | None = None, limit: int = 50
     ) -> list[Dispatch]:
         """Newest first."""
-        ...
+        params: dict[str, Any] = {"limit": max(limit, 0)}
+        if status is None:
+            rows = await self._fetch("list_dispatches", params)
+        else:
+            rows = await self._fetch("list_dispatches_by_status", {**params, "status": str(status)})
+        return [self.dispatch_from_row(row) for row in rows]
 
     async def list_attempts(self, dispatch_id: int) -> list[Attempt]:
         """Oldest first."""
-        ...
+        return self._attempts(await self._fetch("list_attempts", {"dispatch_id": dispatch_id}))
 
-    async def count_by_status(self) -> dict[DispatchStatus, int]: ...
+    async def count_by_status(self) -> dict[DispatchStatus, int]:
+        """Dispatches per status; every status is present (0 when none)."""
+        counts = dict.fromkeys(DispatchStatus, 0)
+        for row in await self._fetch("count_by_status"):
+            counts[DispatchStatus(row["status"])] = row["n"]
+        return counts
 
     # -- gate mirror ------------------------------------------------------------------
 
     async def open_slot(self, gate: str, holder: str, instance_id: str, now: datetime) -> int:
         """Insert a held `gates` row and return its id."""
-        ...
+        slot_id = await self._next_id("gates")
+        await self._fetch("insert_slot", self._slot_params(slot_id, gate, holder, instance_id, now))
+        return slot_id
 
     async def close_slot(self, slot_id: int, now: datetime) -> bool:
         """Stamp `released_at` on a held row; False when it was already released."""
-        ...
+        rows = await self._fetch("close_slot", {"id": slot_id, "now": self._time(now)})
+        return len(rows) == 1
 
-    def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> SlotHandle:
-        """Queue the insert of a held `gates` row without waiting for it.
+    async def mirror_open(
+        self, gate: str, holder: str, instance_id: str, now: datetime
+    ) -> SlotHandle:
+        """Queue the insert of a held `gates` row; its id is known at once.
 
         Gate rows need no durability before the caller proceeds (recovery at start
-        releases every open row); writes keep their order, so a later awaited write
-        commits this one.
+        releases every open row); writes keep their order.
         """
-        ...
+        slot_id = await self._next_id("gates")
+        params = self._slot_params(slot_id, gate, holder, instance_id, now)
+        self._queue("insert_slot", slot_id, params)
+        return SlotHandle(gate, holder, slot_id)
 
     def mirror_close(self, handle: SlotHandle, now: datetime) -> None:
         """Queue the release of a row queued by `mirror_open` (exactly once)."""
-        ...
+        released_at = self._time(now)
+        insert = self._pending("insert_slot", handle.row_id)
+        if insert is not None:  # released before its row was written: one row, both times
+            if insert["released_at"] is None:
+                insert["released_at"] = released_at
+            return
+        params = {"id": handle.row_id, "now": released_at}
+        self._queue("release_slot", handle.row_id, params, fold="first")
+
+    def _slot_params(
+        self, slot_id: int, gate: str, holder: str, instance_id: str, now: datetime
+    ) -> Params:
+        return {
+            "id": slot_id,
+            "gate": gate,
+            "holder": holder,
+            "instance_id": instance_id,
+            "now": self._time(now),
+            "released_at": None,
+        }
 
     async def held_slots(self) -> list[SlotRow]:
-        """Every row with `released_at` NULL."""
-        ...
+        """Every row with `released_at` NULL, oldest first."""
+        return [self.slot_from_row(row) for row in await self._fetch("held_slots")]
 
-    async def gate_row_counts(self) -> GateRowCounts: ...
+    async def gate_row_counts(self) -> GateRowCounts:
+        """How many `gates` rows are held and how many released."""
+        row = (await self._fetch("gate_row_counts"))[0]
+        return GateRowCounts(held=row["held"], released=row["released"])
 
     # -- purge and retention ----------------------------------------------------------
 
@@ -210,11 +510,13 @@ class Store(Protocol):
         Oldest first, committed on return; a held row is never deleted. Answers how
         many rows went (fewer than `batch_size`: nothing older is left).
         """
-        ...
+        params = {"before": self._time(before), "batch_size": batch_size}
+        return len(await self._fetch("purge_released", params))
 
     async def count_purgeable(self, before: datetime) -> int:
         """How many gate rows were released before `before`."""
-        ...
+        count: int = (await self._fetch("count_purgeable", {"before": self._time(before)}))[0]["n"]
+        return count
 
     async def purge_finished_dispatches(
         self, before: datetime, batch_size: int
@@ -224,52 +526,41 @@ class Store(Protocol):
         Their attempts go with them, in the same transaction; queued and in-flight
         dispatches are never deleted. Their idempotency keys become free again.
         """
-        ...
+        params = {"before": self._time(before), "batch_size": batch_size}
+        async with self._tx() as tx:
+            attempts = len(await tx.fetch("retention_attempts", params))
+            dispatches = len(await tx.fetch("retention_dispatches", params))
+        return ExpiredDispatches(dispatches=dispatches, attempts=attempts)
 
     async def count_expired_dispatches(self, before: datetime) -> ExpiredDispatches:
         """How many final dispatches finished before `before`, and their attempts."""
-        ...
+        row = (await self._fetch("count_expired", {"before": self._time(before)}))[0]
+        return ExpiredDispatches(dispatches=row["dispatches"], attempts=row["attempts"])
 
     async def reclaim_space(self) -> int:
         """Give one step of free pages back to the file system; answer how many went.
 
-        0 when nothing is free or the backend cannot (SQLite without incremental
-        auto-vacuum). Callers loop, yielding between steps, until it answers 0.
+        0 when nothing is free or the backend cannot (the default). Callers loop,
+        yielding between steps, until it answers 0.
         """
-        ...
+        return 0
 
     async def optimize(self) -> None:
         """Refresh the planner's statistics after large changes (cheap when current)."""
-        ...
+        await self._fetch("optimize")
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def recover(self, instance_id: str, now: datetime) -> RecoveryReport:
-        """Undo what a dead instance left, in one transaction.
+        """Undo what dead instances left, in one transaction.
 
         Held gate rows are released and marked recovered; `running` attempts become
-        `interrupted`; `planning`/`running` dispatches return to `queued`.
+        `interrupted`; `planning`/`running` dispatches return to `queued`. Where one
+        daemon owns the database every other instance is dead; on a shared one only
+        those silent for over `instance_ttl`.
         """
-        ...
-
-    async def register_instance(self, instance: Instance) -> None: ...
-
-    async def heartbeat(self, instance_id: str, now: datetime) -> None: ...
-
-    async def stop_instance(self, instance_id: str, now: datetime) -> None: ...
-
-    async def live_instances(self, since: datetime) -> list[Instance]:
-        """Instances not stopped whose heartbeat is at or after `since`."""
-        ...
-
-    # -- several daemons (issue 8) ------------------------------------------------------
-
-    async def try_take_slot(
-        self, gate: str, holder: str, instance_id: str, capacity: int, now: datetime
-    ) -> int | None:
-        """Insert a held row for `gate` only while fewer than `capacity` rows of that gate
-        are held (by any instance), atomically; the row id, or None when full."""
-        ...
+        since = now - timedelta(seconds=self.instance_ttl) if self.shared else FAR_FUTURE
+        return await self._reap(instance_id, now, since)
 
     async def reap_dead_instances(
         self, instance_id: str, now: datetime, ttl: float
@@ -278,15 +569,294 @@ class Store(Protocol):
         `ttl` seconds (or that never registered): their held rows released (recovered),
         running attempts interrupted, in-flight dispatches requeued; they are marked
         stopped. Rows of live instances are never touched."""
-        ...
+        return await self._reap(instance_id, now, now - timedelta(seconds=ttl))
 
-    def maintenance_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
+    async def _reap(self, keep: str, now: datetime, since: datetime) -> RecoveryReport:
+        params = {"keep": keep, "now": self._time(now), "since": self._time(since)}
+        async with self._tx() as tx:
+            slots = await tx.fetch("reap_slots", params)
+            attempts = await tx.fetch("reap_attempts", params)
+            dispatches = await tx.fetch("reap_dispatches", params)
+            await tx.fetch("reap_instances", params)
+        return RecoveryReport(
+            slots_released=len(slots),
+            attempts_interrupted=len(attempts),
+            dispatches_requeued=len(dispatches),
+        )
+
+    async def register_instance(self, instance: Instance) -> None:
+        """Insert the row of a starting daemon."""
+        params = {
+            "id": instance.id,
+            "hostname": instance.hostname,
+            "pid": instance.pid,
+            "version": instance.version,
+            "started_at": self._time(instance.started_at),
+            "heartbeat_at": self._time(instance.heartbeat_at),
+            "stopped_at": None if instance.stopped_at is None else self._time(instance.stopped_at),
+        }
+        await self._fetch("register_instance", params)
+
+    async def heartbeat(self, instance_id: str, now: datetime) -> None:
+        """Stamp `heartbeat_at`."""
+        await self._fetch("heartbeat", {"id": instance_id, "now": self._time(now)})
+
+    async def stop_instance(self, instance_id: str, now: datetime) -> None:
+        """Stamp `stopped_at` (once)."""
+        await self._fetch("stop_instance", {"id": instance_id, "now": self._time(now)})
+
+    async def live_instances(self, since: datetime) -> list[Instance]:
+        """Instances not stopped whose heartbeat is at or after `since`."""
+        rows = await self._fetch("live_instances", {"since": self._time(since)})
+        return [self.instance_from_row(row) for row in rows]
+
+    # -- several daemons ------------------------------------------------------------------
+
+    async def try_take_slot(
+        self, gate: str, holder: str, instance_id: str, capacity: int, now: datetime
+    ) -> int | None:
+        """Insert a held row for `gate` only while fewer than `capacity` rows of that gate
+        are held (by any instance), atomically; the row id, or None when full."""
+        slot_id = await self._next_id("gates")
+        async with self._tx() as tx:
+            if self.shared:
+                await tx.fetch("gate_lock", {"gate": gate})
+            held: int = (await tx.fetch("gate_held_count", {"gate": gate}))[0]["n"]
+            if held >= capacity:
+                return None
+            params = self._slot_params(slot_id, gate, holder, instance_id, now)
+            await tx.fetch("insert_slot", params)
+        return slot_id
+
+    @asynccontextmanager
+    async def maintenance_lock(self, name: str) -> AsyncIterator[bool]:
         """`async with store.maintenance_lock("purge") as mine:` -- `mine` is True on
-        exactly one instance at a time (a PostgreSQL advisory lock); always True where
-        only one daemon can run."""
-        ...
+        exactly one instance at a time; always True where only one daemon can run."""
+        yield True
 
     async def subscribe(self, on_change: Callable[[], None]) -> None:
-        """Call `on_change` when another process inserted a dispatch or released a slot
-        (PostgreSQL LISTEN/NOTIFY); a no-op where polling is all there is."""
-        ...
+        """Call `on_change` when another process inserted a dispatch, asked to cancel one
+        or released a slot; a no-op where polling is all there is."""
+        return None
+
+    async def check(self, *, full: bool = False, budget: float | None = None) -> str:
+        """Look for damage: "ok", "partial" (the `budget` in seconds ran out first), or
+        `DatabaseCorrupt`. `full` reads everything (indexes against tables too). The
+        default has nothing to look at."""
+        return "ok"
+
+    # -- rows to records ----------------------------------------------------------------
+
+    def dispatch_from_row(self, row: Row) -> Dispatch:
+        """A `dispatches` row as a record."""
+        plan = row["plan"]
+        return Dispatch(
+            id=row["id"],
+            task=row["task"],
+            params=json.loads(row["params"]),
+            key=row["key"],
+            fingerprint=row["fingerprint"],
+            priority=row["priority"],
+            status=DispatchStatus(row["status"]),
+            plan=None if plan is None else tuple(Step.from_json(s) for s in json.loads(plan)),
+            current_step=row["current_step"],
+            gate_key=row["gate_key"],
+            not_before=self._time_or_none(row["not_before"]),
+            cancel_requested=bool(row["cancel_requested"]),
+            error=row["error"],
+            instance_id=row["instance_id"],
+            created_at=self._from_time(row["created_at"]),
+            updated_at=self._from_time(row["updated_at"]),
+            started_at=self._time_or_none(row["started_at"]),
+            finished_at=self._time_or_none(row["finished_at"]),
+            claims=row["claims"],
+        )
+
+    def attempt_from_row(self, row: Row) -> Attempt:
+        """An `attempts` row as a record."""
+        return Attempt(
+            id=row["id"],
+            dispatch_id=row["dispatch_id"],
+            step_index=row["step_index"],
+            step=row["step"],
+            runner=row["runner"],
+            attempt=row["attempt"],
+            status=AttemptStatus(row["status"]),
+            started_at=self._from_time(row["started_at"]),
+            ended_at=self._time_or_none(row["ended_at"]),
+            exit_code=row["exit_code"],
+            error=row["error"],
+            output=row["output"],
+            instance_id=row["instance_id"],
+        )
+
+    def slot_from_row(self, row: Row) -> SlotRow:
+        """A `gates` row as a record."""
+        return SlotRow(
+            id=row["id"],
+            gate=row["gate"],
+            holder=row["holder"],
+            instance_id=row["instance_id"],
+            acquired_at=self._from_time(row["acquired_at"]),
+            released_at=self._time_or_none(row["released_at"]),
+            recovered=bool(row["recovered"]),
+        )
+
+    def instance_from_row(self, row: Row) -> Instance:
+        """An `instances` row as a record."""
+        return Instance(
+            id=row["id"],
+            hostname=row["hostname"],
+            pid=row["pid"],
+            version=row["version"],
+            started_at=self._from_time(row["started_at"]),
+            heartbeat_at=self._from_time(row["heartbeat_at"]),
+            stopped_at=self._time_or_none(row["stopped_at"]),
+        )
+
+    def _attempts(self, rows: list[Row]) -> list[Attempt]:
+        """Oldest first: by start, then id (ids of several daemons interleave)."""
+        attempts = [self.attempt_from_row(row) for row in rows]
+        attempts.sort(key=lambda a: (a.started_at, a.id))
+        return attempts
+
+    def _time_or_none(self, value: Any) -> datetime | None:
+        return None if value is None else self._from_time(value)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _fetch(
+        self, name: str, params: Mapping[str, Any] | None = None, *, first: bool = False
+    ) -> list[Row]:
+        """One named statement, atomic by itself, after the queued writes have landed
+        (`first`: ahead of them)."""
+        self._check_open()
+        if not first:
+            await self._writes.settle()
+        try:
+            return await self._execute(name, params or {}, first=first)
+        except DatabaseCorrupt as exc:
+            self._corrupt(exc)
+            raise
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Tx]:
+        """A transaction of several statements (read-modify-write), after the queued
+        writes; rolled back on any exception, cancellation included."""
+        self._check_open()
+        await self._writes.settle()
+        try:
+            async with self._transaction() as tx:
+                yield tx
+        except DatabaseCorrupt as exc:
+            self._corrupt(exc)
+            raise
+
+    async def _migrate(self) -> None:
+        """Apply the migrations this database has not seen, in one transaction."""
+        assert self.migrations is not None
+        migrations = load_migrations(self.migrations)
+        known = migrations[-1].version if migrations else 0
+        async with self._tx() as tx:
+            if self.shared:
+                await tx.fetch("migrations_lock")
+            await tx.fetch("migrations_create_table")
+            current: int = (await tx.fetch("migrations_current"))[0]["version"]
+            if current > known:
+                raise StoreError(
+                    f"database schema version {current} is newer than this dispatcher "
+                    f"supports ({known})"
+                )
+            for migration in migrations:
+                if migration.version > current:
+                    await self._apply_migration(tx, migration)
+                    now = self._time(datetime.now(UTC))
+                    await tx.fetch("migrations_record", {"version": migration.version, "now": now})
+
+    async def _next_id(self, table: str) -> int:
+        """A new row id for `table`, known before the row is written."""
+        while True:
+            block = self._ids.get(table)
+            if block is not None:
+                for value in block:
+                    return value
+            fresh = await self._id_block(table)
+            if self._ids.get(table) is block:  # nobody refilled it meanwhile
+                self._ids[table] = iter(fresh)
+
+    def _queue(self, name: str, key: Any, params: Params, fold: Fold = "replace") -> None:
+        """Queue one write (see `WriteBuffer.put`); ignored once the store is closed."""
+        if not self._closed:
+            self._writes.put(name, key, params, fold)
+
+    def _pending(self, name: str, key: Any) -> Params | None:
+        """The queued `name` write of row `key`, while it can still be changed."""
+        return self._writes.queued_write(name, key)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"database {self.database}: the store is closed")
+
+    def _corrupt(self, exc: DatabaseCorrupt) -> None:
+        if self._corrupt_seen:
+            return
+        self._corrupt_seen = True
+        log.critical("database_corrupt", database=self.database, error=str(exc))
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    def _available(self) -> None:
+        if self.on_available is not None:
+            self.on_available()
+
+    def _submitted(self) -> None:
+        """New work or a cancel request is committed: tell the daemon, where the backend
+        has a way (SQLite's wake-up datagram; PostgreSQL's triggers NOTIFY by
+        themselves)."""
+        return None
+
+    def _time(self, value: datetime) -> Any:
+        """A time as the backend stores it (the default: an aware UTC datetime)."""
+        if value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: the store takes timezone-aware times")
+        return value.astimezone(UTC)
+
+    def _from_time(self, value: Any) -> datetime:
+        """A stored time as an aware UTC datetime."""
+        stamp: datetime = value
+        return stamp.astimezone(UTC)
+
+    def _list(self, values: Sequence[Any]) -> Any:
+        """A list parameter as the backend binds it (the default: a list)."""
+        return list(values)
+
+    # -- primitives of a backend ----------------------------------------------------------
+
+    @abstractmethod
+    async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Row]:
+        """Run one named statement in a transaction of its own; answer its rows."""
+
+    @abstractmethod
+    def _transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """BEGIN (taking the write lock where that is how writers are serialized) ...
+        COMMIT; ROLLBACK on any exception."""
+
+    @abstractmethod
+    async def _write_batch(self, writes: WriteBatch) -> None:
+        """Every write of `writes` in one transaction, one `executemany` per statement.
+
+        Raises `StoreBusy` / `StoreUnwritable` when it may land later, `DatabaseCorrupt`
+        when it never will, and `StoreError` when the database refused a write.
+        """
+
+    @abstractmethod
+    async def _id_block(self, table: str) -> Iterator[int] | range:
+        """Row ids for `table` (`attempts` or `gates`) that no writer will use."""
+
+    @abstractmethod
+    async def _apply_migration(self, tx: Tx, migration: Migration) -> None:
+        """Every statement of one migration, inside `tx`."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Close connections."""

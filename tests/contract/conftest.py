@@ -12,8 +12,8 @@ import pytest
 
 from dispatcher.models import NewDispatch, Reservation, SlotRow
 from dispatcher.store.base import Store
-from dispatcher.store.postgres import PostgresStore, slot_from_record
-from dispatcher.store.sqlite import SQLiteStore, slot_from_row
+from dispatcher.store.postgres import PostgresStore
+from dispatcher.store.sqlite import SQLiteStore
 from dispatcher.testing import FakeClock, InMemoryStore
 from tests.helpers import postgres
 
@@ -78,8 +78,8 @@ async def all_slot_rows(store: Store) -> list[SlotRow]:
         await store.held_slots()  # writes the queued mirror rows first
         async with store._pool.acquire() as con:
             rows = await con.fetch("SELECT * FROM gates ORDER BY id")
-        return [slot_from_record(row) for row in rows]
+        return [store.slot_from_row(row) for row in rows]
     assert isinstance(store, SQLiteStore)
     with closing(sqlite3.connect(store.path)) as db:
         db.row_factory = sqlite3.Row
-        return [slot_from_row(row) for row in db.execute("SELECT * FROM gates ORDER BY id")]
+        return [store.slot_from_row(row) for row in db.execute("SELECT * FROM gates ORDER BY id")]

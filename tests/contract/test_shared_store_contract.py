@@ -164,12 +164,13 @@ async def test_a_lost_listening_connection_is_opened_again(pg_url: str, clock: F
     try:
         with capture_logs() as events:
             await listener.subscribe(woken.set)
-            lost = listener._listener.get_server_pid()
+            assert listener._listener is not None
+            lost = listener._listener.server_pid()
             async with other._pool.acquire() as con:
                 assert await con.fetchval("SELECT pg_terminate_backend($1)", lost)
             await asyncio.wait_for(woken.wait(), 15)  # once back: look for what was missed
             woken.clear()
-            assert listener._listener.get_server_pid() != lost
+            assert listener._listener.server_pid() != lost
             await other.check_and_reserve(NewDispatch(task="t", params={}), clock.now())
             await asyncio.wait_for(woken.wait(), 10)  # NOTIFY reaches it again
     finally:

@@ -1,17 +1,15 @@
 """The SQLite store's queued writes: what nobody waits for still lands, once, in order.
 
-A no-op dispatch awaits no write of its own (issue 7): its attempt's start and end,
-its gate row's insert and release, its `advance` and final status are all queued, and
-two queued writes of one row that meet in the queue become one statement. These tests
-read the file with a separate connection and watch the statements the writer runs.
+A no-op dispatch awaits no write of its own: its attempt's start and end, its gate
+row's insert and release, its `advance` and final status are all queued, and two queued
+writes of one row that meet in the queue become one statement. These tests read the
+file with a separate connection and watch the statements the store's connection runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -33,13 +31,9 @@ def raw(store: SQLiteStore) -> Iterator[sqlite3.Connection]:
 
 
 async def statements(store: SQLiteStore) -> list[str]:
-    """Every statement the writer's connection runs from now on (first word + table)."""
+    """Every statement the store's connection runs from now on."""
     seen: list[str] = []
-
-    def watch(db: sqlite3.Connection) -> None:
-        db.set_trace_callback(seen.append)
-
-    await store._writer.outside_transaction(watch)
+    await store.trace(seen.append)
     return seen
 
 
@@ -127,7 +121,7 @@ async def test_a_gate_row_released_before_its_insert_is_written_once_with_both_t
 ) -> None:
     seen = await statements(store)
 
-    handle = store.mirror_open("global", "dispatch:1", "me", NOW)
+    handle = await store.mirror_open("global", "dispatch:1", "me", NOW)
     store.mirror_close(handle, LATER)
     store.mirror_close(handle, LATER + timedelta(seconds=5))  # released once only
     await store.flush()
@@ -139,7 +133,7 @@ async def test_a_gate_row_released_before_its_insert_is_written_once_with_both_t
 
 
 async def test_a_gate_row_written_held_is_released_by_an_update(store: SQLiteStore) -> None:
-    handle = store.mirror_open("global", "dispatch:1", "me", NOW)
+    handle = await store.mirror_open("global", "dispatch:1", "me", NOW)
     await store.flush()
     with raw(store) as db:
         assert db.execute("SELECT released_at FROM gates").fetchall() == [(None,)]
@@ -221,16 +215,9 @@ async def test_a_claim_runs_ahead_of_queued_writes_and_commits_on_its_own(
     finished = await running_dispatch(store)
     waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
     seen = await statements(store)
-    release = threading.Event()
-    held = asyncio.ensure_future(store._writer.outside_transaction(lambda db: release.wait(10)))
-    await asyncio.sleep(0)  # the writer is held; what follows meets in its queue
 
     await store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
-    claim = asyncio.ensure_future(store.claim_many("me", NOW, (), 5))
-    await asyncio.sleep(0)
-    release.set()
-    claimed = await claim
-    await held
+    claimed = await store.claim_many("me", NOW, (), 5)
     await store.flush()
 
     assert [d.id for d in claimed] == [waiting]
@@ -240,15 +227,51 @@ async def test_a_claim_runs_ahead_of_queued_writes_and_commits_on_its_own(
     assert rows == [(finished, "succeeded"), (waiting, "planning")]
 
 
+async def test_writes_queued_in_one_turn_go_out_in_one_transaction(store: SQLiteStore) -> None:
+    """Group commit: one BEGIN ... COMMIT for everything queued together, one statement
+    per row."""
+    dispatch_id = await running_dispatch(store)
+    await store.start_attempt(dispatch_id, 0, "a", "noop", 9, "me", NOW)  # ids read once
+    await store.mirror_open("runner:x", "warm", "me", NOW)
+    await store.flush()
+    seen = await statements(store)
+
+    attempts = [
+        await store.start_attempt(dispatch_id, 0, "a", "noop", n, "me", NOW) for n in (1, 2, 3)
+    ]
+    handles = [await store.mirror_open("runner:x", f"h{n}", "me", NOW) for n in range(4)]
+    await store.advance(dispatch_id, 1, NOW)
+    await store.flush()
+
+    assert transactions(seen) == [
+        ["insert attempts"] * 3 + ["insert gates"] * 4 + ["update dispatches"]
+    ]
+    with raw(store) as db:
+        assert db.execute("SELECT count(*) FROM attempts").fetchone() == (len(attempts) + 1,)
+        assert db.execute("SELECT count(*) FROM gates").fetchone() == (len(handles) + 1,)
+
+
 def transactions(seen: list[str]) -> list[list[str]]:
-    """The writes of each transaction, in order; the claim by name."""
+    """The writes of each transaction, in order; the claim by name. A statement outside
+    BEGIN ... COMMIT is a transaction of its own."""
     found: list[list[str]] = []
+    inside = False
     for text in seen:
         code = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
         if code.startswith("BEGIN"):
             found.append([])
-        elif "claims = claims + 1" in code:
-            found[-1].append("claim")
+            inside = True
+            continue
+        if code.startswith(("COMMIT", "ROLLBACK")):
+            inside = False
+            continue
+        if "claims = claims + 1" in code:
+            write = "claim"
         elif match := re.match(r"\s*(INSERT INTO|UPDATE)\s+(\w+)", code):
-            found[-1].append(f"{match.group(1).split()[0].lower()} {match.group(2)}")
+            write = f"{match.group(1).split()[0].lower()} {match.group(2)}"
+        else:
+            continue
+        if not inside:
+            found.append([])
+        found[-1].append(write)
     return [writes for writes in found if writes]

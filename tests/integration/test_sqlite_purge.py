@@ -9,11 +9,16 @@ from pathlib import Path
 
 from dispatcher import purge
 from dispatcher.config import Settings
-from dispatcher.store.sql import query
+from dispatcher.store.sql import statements
 from dispatcher.store.sqlite import SQLiteStore, to_db_time
 from dispatcher.testing import FakeClock
 
 NOW = datetime(2026, 11, 29, 3, 17, tzinfo=UTC)
+
+
+def query(name: str) -> str:
+    """A named statement of the SQLite store."""
+    return statements("dispatcher.store.sqlite")[name]
 
 
 def plan(db_path: Path, name: str, params: dict[str, object]) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from dispatcher.errors import EX_TEMPFAIL, StoreBusy
 from dispatcher.models import NewDispatch
@@ -53,21 +53,20 @@ def write_locked(path: Path, seconds: float) -> Iterator[threading.Event]:
 
 
 async def test_a_lock_longer_than_busy_timeout_is_waited_out_within_patience(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "db.sqlite"
     store = await SQLiteStore.open(path, busy_timeout_ms=50, busy_patience=30)
     try:
-        with caplog.at_level(logging.INFO, logger="dispatcher.store"):
-            with write_locked(path, 0.5):
-                answer = await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)
-                single = await store.open_slot("global", "h", "i", NOW)
+        with capture_logs() as logged, write_locked(path, 0.5):
+            answer = await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)
+            single = await store.open_slot("global", "h", "i", NOW)
     finally:
         await store.close()
 
     assert answer.created and single > 0
-    events = [record.getMessage() for record in caplog.records]
-    assert "database_busy" in events and "database_available" in events
+    events = [entry["event"] for entry in logged]
+    assert "database_busy" in events and "database_free" in events
 
 
 async def test_past_patience_it_is_store_busy_in_one_line(tmp_path: Path) -> None:
