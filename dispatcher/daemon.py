@@ -27,7 +27,13 @@ import structlog
 from dispatcher import __version__, logs
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
-from dispatcher.errors import ConfigError, DispatcherError, StoreError, Unavailable
+from dispatcher.errors import (
+    ConfigError,
+    DatabaseCorrupt,
+    DispatcherError,
+    StoreError,
+    Unavailable,
+)
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
 from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
@@ -46,7 +52,15 @@ from dispatcher.store.base import Store
 log = logs.get_logger("dispatcher.daemon")
 
 SELF_CHECK_EVERY = 12
-"""Heartbeats between two gate self-checks (a minute at the default interval)."""
+"""Heartbeats between two self-checks of the gate and of this instance's dispatches (a
+minute at the default interval). They also run right after a database outage ends."""
+
+CLAIM_FAILED_EVERY = 10.0
+"""Seconds between two `claim_failed` lines while claims keep failing."""
+
+CHECK_BUDGET = 10.0
+"""Seconds the look for damage at start may take (a larger database is checked in
+part; `dispatcher check-db` reads all of it)."""
 
 SideTask = Callable[..., Coroutine[Any, Any, None]]
 """`f(daemon, *, task_status)`: a service beside the dispatch loop (e.g. the HTTP API).
@@ -112,6 +126,8 @@ class DaemonState:
     """What the loop and the signal handler share."""
 
     stopping: bool = False
+    fatal: DispatcherError | None = None
+    """Why the daemon stops on its own (a damaged database); `run` raises it."""
     inflight: dict[int, InFlight] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     check_cancels: asyncio.Event = field(default_factory=asyncio.Event)
@@ -141,6 +157,9 @@ class Daemon:
         self.instance_id = uuid.uuid4().hex[:12]
         self._reload = reload
         self.state = DaemonState()
+        self._claiming = asyncio.Lock()
+        """Held from a claim until its dispatches are in flight (see `self_check`)."""
+        self._self_check_now = asyncio.Event()
         self.gate = ConcurrencyGate(
             store,
             self.clock,
@@ -161,8 +180,14 @@ class Daemon:
         self.maintenance = Maintenance(lambda: self.settings, store, self.clock, self.observer)
 
     async def run(self) -> None:
-        """Recover, serve until told to stop, drain; return when everything is released."""
+        """Recover, serve until told to stop, drain; return when everything is released.
+
+        Raises `DatabaseCorrupt` when the database turns out damaged while it runs: the
+        daemon then stops at once (nothing more can be written) with a non-zero exit.
+        """
         structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
+        self.store.on_fatal = self._database_corrupt
+        self.store.on_available = self._database_back
         await self._start()
         await self._subscribe()
         try:
@@ -171,6 +196,7 @@ class Daemon:
                 # Signal handlers first: a SIGTERM right after READY must drain, not kill.
                 await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._self_check_loop)
                 tg.start_soon(logs.flush_loop)
                 tg.start_soon(self._cancel_watch_loop)
                 for side_task in self._side_tasks:
@@ -185,9 +211,12 @@ class Daemon:
                 await self._dispatch_loop()
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.store.stop_instance(self.instance_id, self.clock.now())
+            if self.state.fatal is None:
+                with anyio.CancelScope(shield=True), suppress(DispatcherError):
+                    await self.store.stop_instance(self.instance_id, self.clock.now())
             log.info("daemon_stopped")
+        if self.state.fatal is not None:
+            raise self.state.fatal
 
     def stop(self) -> None:
         """Stop claiming new work; the drain starts (idempotent)."""
@@ -214,6 +243,35 @@ class Daemon:
     def wake(self) -> None:
         """New work may be there: claim at once instead of at the next poll."""
         self.state.wake.set()
+
+    def _database_corrupt(self, exc: DatabaseCorrupt) -> None:
+        """The store found the database damaged: stop now, not drain (nothing lands)."""
+        if self.state.fatal is None:
+            self.state.fatal = exc
+            for flight in list(self.state.inflight.values()):
+                flight.cancel(CancelReason.SHUTDOWN)
+            self.stop()
+            if self._stop_waiting is not None:
+                self._stop_waiting.cancel()
+
+    def _database_back(self) -> None:
+        """Queued writes land again after an outage: check our own rows at once."""
+        self._self_check_now.set()
+
+    async def self_check(self) -> list[int]:
+        """Put back in the queue what this live instance marked in flight but does not run
+        (a write lost before it was retried, a claim whose start failed): the repair
+        that recovery does at start, without a restart. Answers the ids requeued."""
+        async with self._claiming:  # no claim is half-way while we compare
+            keep = set(self.state.inflight)
+            # What finished before `keep` was taken is final in the database first.
+            await self.store.flush()
+            requeued = await self.store.requeue_abandoned(self.instance_id, keep, self.clock.now())
+        for dispatch_id in requeued:
+            log.warning("dispatch_requeued", dispatch_id=dispatch_id, reason="self_check")
+        if requeued:
+            self.wake()
+        return requeued
 
     def _database_changed(self) -> None:
         """Another process changed the database (a dispatch inserted, a slot released,
@@ -303,11 +361,12 @@ class Daemon:
                 while self.gate.try_acquire_place(GLOBAL):
                     places += 1
                 places = await self._limit_to_room(places)
-                claimed = await self._claim(places) if places else []
-                for _ in range(places - len(claimed)):
-                    self.gate.give_back(GLOBAL)
-                for dispatch in claimed:
-                    await self._start_dispatch(work, dispatch)
+                async with self._claiming:
+                    claimed = await self._claim(places) if places else []
+                    for _ in range(places - len(claimed)):
+                        self.gate.give_back(GLOBAL)
+                    for dispatch in claimed:
+                        await self._start_dispatch(work, dispatch)
                 if not claimed:
                     await self._wait_for_work()
             await self._drain()
@@ -328,12 +387,26 @@ class Daemon:
 
     async def _claim(self, limit: int) -> list[Dispatch]:
         try:
-            return await self.store.claim_many(
+            claimed = await self.store.claim_many(
                 self.instance_id, self.clock.now(), self.gate.full_gates(), limit
             )
         except DispatcherError as exc:  # e.g. the database stayed busy: try again later
-            log.warning("claim_failed", error=str(exc))
+            self._claim_failed(exc)
             return []
+        self._claim_failures = 0
+        return claimed
+
+    def _claim_failed(self, exc: DispatcherError) -> None:
+        """Log a failed claim: the first of a run of failures, then one line every
+        `CLAIM_FAILED_EVERY` seconds with the count (claims are tried every poll)."""
+        self._claim_failures += 1
+        now = anyio.current_time()
+        if self._claim_failures == 1 or now - self._claim_logged >= CLAIM_FAILED_EVERY:
+            self._claim_logged = now
+            log.warning("claim_failed", error=str(exc), failures=self._claim_failures)
+
+    _claim_failures = 0
+    _claim_logged = 0.0
 
     async def _wait_for_work(self) -> None:
         with anyio.move_on_after(self.settings.daemon.poll_interval):
@@ -347,9 +420,15 @@ class Daemon:
             if not self.gate.try_acquire_place(dispatch.gate_key):
                 # Claimed together with another of the same per-task gate: later.
                 self.gate.give_back(GLOBAL)
-                await self.store.requeue(dispatch.id, self.clock.now())
+                with suppress(DispatcherError):  # still ours: the self-check requeues it
+                    await self.store.requeue(dispatch.id, self.clock.now())
                 return
-            task_slot = await self.gate.bind(dispatch.gate_key, holder)
+            try:
+                task_slot = await self.gate.bind(dispatch.gate_key, holder)
+            except DispatcherError as exc:  # its place is given back by the gate
+                log.warning("claim_failed", dispatch_id=dispatch.id, error=str(exc))
+                self.gate.give_back(GLOBAL)
+                return
         global_slot = await self._bind_global(dispatch, holder)
         if global_slot is None:
             if task_slot is not None:
@@ -449,18 +528,28 @@ class Daemon:
     # -- side loops ---------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        beats = 0
         while True:
             await anyio.sleep(self.settings.daemon.heartbeat_interval)
-            beats += 1
             try:
                 await self.store.heartbeat(self.instance_id, self.clock.now())
                 if self.store.shared:
                     await self._reap_dead_instances()
-                if beats % SELF_CHECK_EVERY == 0:
-                    await self.gate.self_check()
             except DispatcherError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
+
+    async def _self_check_loop(self) -> None:
+        """The self-checks of this instance's dispatches and of the gate: every
+        `SELF_CHECK_EVERY` heartbeats, and right after a database outage ends."""
+        while True:
+            every = self.settings.daemon.heartbeat_interval * SELF_CHECK_EVERY
+            with anyio.move_on_after(every):
+                await self._self_check_now.wait()
+            self._self_check_now.clear()
+            try:
+                await self.self_check()
+                await self.gate.self_check()
+            except DispatcherError as exc:
+                log.warning("self_check_failed", error=str(exc))
 
     async def _reap_dead_instances(self) -> None:
         """Leases: free what instances silent for over `instance_ttl` hold (any live
@@ -520,6 +609,15 @@ def _user_error(group: BaseExceptionGroup[BaseException]) -> DispatcherError | N
     return None
 
 
+async def _check_database(store: Store) -> None:
+    """A bounded look for damage before anything is written (`DatabaseCorrupt` stops the
+    start with one line saying how to recover)."""
+    started = anyio.current_time()
+    verdict = await store.check(budget=CHECK_BUDGET)
+    elapsed_ms = round((anyio.current_time() - started) * 1000)
+    log.info("database_checked", database=store.database, result=verdict, duration_ms=elapsed_ms)
+
+
 async def run_daemon(
     settings: Settings,
     reload: Callable[[], Settings] | None = None,
@@ -548,6 +646,7 @@ async def run_daemon(
     try:
         store = await open_store(settings, daemon=True)
         try:
+            await _check_database(store)
             daemon = Daemon(
                 settings,
                 store,

@@ -421,6 +421,29 @@ async def test_recover_leaves_the_calling_instance_alone(
     assert (await store.list_attempts(mine))[0].status is AttemptStatus.RUNNING
 
 
+async def test_requeue_abandoned_puts_back_only_this_instances_unkept_dispatches(
+    store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    ids = [(await reserve(params={"n": n})).id for n in range(5)]
+    mine = await store.claim_many(NEW, clock.now(), (), 3)
+    other = await store.claim_next(OLD, clock.now(), ())
+    assert other is not None and [d.id for d in mine] == ids[:3]
+    await store.finish_dispatch(ids[2], DispatchStatus.SUCCEEDED, clock.now())  # queued write
+
+    requeued = await store.requeue_abandoned(NEW, keep=[ids[0]], now=clock.now())
+
+    assert requeued == [ids[1]]
+    statuses = [(await store.get_dispatch(i)).status for i in ids]  # type: ignore[union-attr]
+    assert statuses == [
+        DispatchStatus.PLANNING,  # kept: in flight
+        DispatchStatus.QUEUED,  # abandoned
+        DispatchStatus.SUCCEEDED,  # finished before the check: stays final
+        DispatchStatus.PLANNING,  # another instance's
+        DispatchStatus.QUEUED,  # never claimed
+    ]
+    assert await store.requeue_abandoned(NEW, keep=[], now=clock.now()) == [ids[0]]
+
+
 # -- cancelling ------------------------------------------------------------------------------
 
 

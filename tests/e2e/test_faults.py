@@ -1,7 +1,8 @@
 """Faults in the surroundings, each met with a clear log event or one-line error, and
 no lost or corrupt state: a read-only database folder, a full disk, a database locked
 by another process past `busy_timeout`, a step ignoring SIGTERM, a step printing
-megabytes, a planner that hangs."""
+megabytes, a planner that hangs. Faults that come and go under a live daemon end with
+every accepted dispatch `succeeded`, without a restart."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -47,6 +49,15 @@ type = "noop"
 
 [tasks.hello]
 steps = [{{ name = "s", runner = "noop", args = ["{{n}}"] }}]
+
+[[tasks.nap.steps]]
+name = "a"
+runner = "sh"
+args = ["{python}", "-c", "import time; time.sleep(float('{{s}}'))"]
+
+[[tasks.nap.steps]]
+name = "b"
+runner = "noop"
 
 [[tasks.stubborn.steps]]
 name = "s"
@@ -180,6 +191,114 @@ def test_a_full_disk_mid_batch_keeps_whole_chunks_only(tmp_path: Path) -> None:
     assert sum(a["created"] for a in answers) == 5000 - len(answered)
 
 
+# -- faults that come and go under a live daemon -------------------------------------------------
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
+
+
+@contextmanager
+def read_only_database(folder: Path) -> Iterator[None]:
+    """The database folder and its files turned immutable (`chattr +i`, as root): a new
+    connection cannot write (SQLITE_READONLY), an open one gets SQLITE_IOERR_WRITE.
+    The -shm file is left alone: it is shared memory, mapped by every connection."""
+    paths = [folder, *(p for p in folder.iterdir() if not p.name.endswith("-shm"))]
+    _chattr("+i", *paths)
+    try:
+        yield
+    finally:
+        _chattr("-i", *paths)
+
+
+def _can_chattr(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    try:
+        _chattr("+i", probe)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    _chattr("-i", probe)
+    return True
+
+
+def test_a_read_only_database_for_seconds_loses_nothing(tmp_path: Path, make_daemon: Any) -> None:
+    if os.geteuid() != 0 or not _can_chattr(tmp_path):
+        pytest.skip("needs root and a file system with chattr +i")
+    daemon: Daemon = make_daemon(write_config(tmp_path).read_text())
+    daemon.start()
+    accepted = [daemon.cli_json("submit", "nap", "--param", "s=1.5")["id"] for _ in range(8)]
+    daemon.wait_for_event("attempt_started")
+
+    with read_only_database(db_file(tmp_path).parent):
+        refused = daemon.cli("submit", "nap", "--param", "s=0")
+        daemon.wait_for_event("database_unavailable", timeout=20)
+        time.sleep(2)  # steps end meanwhile: their writes wait
+
+    assert refused.returncode == 73, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    daemon.wait_for_event("database_available", timeout=30)
+    wait_until(lambda: _statuses(daemon) == {"succeeded": len(accepted)}, timeout=60)
+    assert daemon.proc is not None and daemon.proc.poll() is None  # no restart
+    assert daemon.stop() == 0
+    assert daemon.cli_json("gates")["rows"]["held"] == 0
+    assert integrity(db_file(tmp_path)) == "ok"
+
+
+@contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on `folder` (as root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """A file that takes all but `leave` bytes of the file system."""
+    filler = folder / "filler"
+    stat = os.statvfs(folder)
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
+def test_a_full_disk_during_a_batch_loses_nothing_once_space_returns(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    with small_disk(db_file(tmp_path).parent, "32m") as folder:
+        daemon: Daemon = make_daemon(write_config(tmp_path).read_text())
+        daemon.start()
+        filler = _fill(folder, leave=1_500_000)
+        lines = "".join(
+            json.dumps({"task": "hello", "params": {"n": str(i), "pad": "p" * 200}}) + "\n"
+            for i in range(5000)
+        )
+        result = daemon.cli("submit", "--batch", "-", stdin=lines, timeout=120)
+        accepted = [json.loads(line)["id"] for line in result.stdout.splitlines()]
+        assert result.returncode in (0, 73), result.stderr
+        assert result.returncode == 0 or "disk full" in result.stderr
+        assert accepted, "not one chunk fitted: the test's disk is too small"
+        daemon.wait_for_event("database_unavailable", timeout=30)
+        filler.unlink()  # space comes back
+
+        daemon.wait_for_event("database_available", timeout=30)
+        wait_until(lambda: _queue(daemon).get("succeeded") == len(accepted), timeout=90)
+        assert _queue(daemon) == {"succeeded": len(accepted)}  # nothing stuck
+        assert daemon.proc is not None and daemon.proc.poll() is None  # no restart
+        assert daemon.stop() == 0
+        assert daemon.cli_json("gates")["rows"]["held"] == 0
+        assert integrity(db_file(tmp_path)) == "ok"
+
+
 # -- a database locked by another process ----------------------------------------------------
 
 
@@ -230,6 +349,12 @@ def test_a_lock_past_busy_timeout_cli_exits_75_and_the_daemon_waits(
     assert "daemon_crashed" not in events and "dispatch_crashed" not in events
     assert daemon.cli_json("gates")["rows"]["held"] == 0
     assert integrity(db_file(tmp_path)) == "ok"
+
+
+def _queue(daemon: Daemon) -> dict[str, int]:
+    """Dispatches per status (those with any), however many."""
+    counts: dict[str, int] = daemon.cli_json("status")["queue"]
+    return {status: n for status, n in counts.items() if n}
 
 
 def _statuses(daemon: Daemon) -> dict[str, int]:
