@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,7 +26,7 @@ from dispatcher.errors import (
     DispatcherError,
 )
 from dispatcher.models import DispatchStatus, Reservation
-from dispatcher.store.base import Store
+from dispatcher.store.base import Access, Store
 
 EXIT_NOT_SUCCEEDED = 1
 WAIT_POLL = 0.1
@@ -60,7 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="report what would go; delete nothing"
     )
     purge.add_argument("--json", action="store_true")
-    sub.add_parser("check-config", help="validate the configuration and exit")
+    check = sub.add_parser(
+        "check-config",
+        help="validate the configuration, and that its database folder and token file "
+        "can be used, and exit",
+    )
+    check.add_argument(
+        "--as-user",
+        metavar="NAME",
+        help="check the files as this user (the service's), not as the caller (needs root)",
+    )
+    sub.add_parser("init", help="create the database and its tables (only run does, too)")
+    sub.add_parser(
+        "check-db",
+        help="read the whole database and check its integrity (exit 73 with a way to "
+        "recover when it is damaged)",
+    )
     health = sub.add_parser("health", help="exit 0 when a live daemon heartbeats here")
     health.add_argument("--json", action="store_true")
     status = sub.add_parser("status", help="the whole picture: daemon, queue, gates, in flight")
@@ -98,12 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check-config":
-        settings = load_settings(args.config)
-        print(
-            f"{find_config(args.config)}: ok ({len(settings.tasks)} tasks, "
-            f"{len(settings.runners)} runners, database {settings.database.path})"
-        )
-        return EX_OK
+        return _check_config(args)
     if args.command == "submit" and args.url:
         return _submit_remote(args, _settings_if_any(args.config))
     settings = load_settings(args.config)
@@ -111,8 +122,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _submit_remote(args, settings)
     if args.command == "run":
         return _run(args, settings)
-    handler = _HANDLERS[args.command]
-    return asyncio.run(_with_store(settings, lambda store: handler(args, settings, store)))
+    handler, access = _HANDLERS[args.command]
+    return asyncio.run(_with_store(settings, access, lambda store: handler(args, settings, store)))
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -131,14 +142,58 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EX_OK
 
 
-async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[int]]) -> int:
+async def _with_store(
+    settings: Settings, access: Access, work: Callable[[Store], Awaitable[int]]
+) -> int:
     from dispatcher.store import open_store
 
-    store = await open_store(settings)
+    saved = structlog.get_config()
+    # The store's own events are for the daemon's log; a command speaks through its
+    # output and its one line of error.
+    structlog.configure(processors=[_drop])
     try:
-        return await work(store)
+        store = await open_store(settings, access=access)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
     finally:
-        await store.close()
+        structlog.configure(**saved)
+
+
+def _drop(_logger: object, _name: str, _event: object) -> Any:
+    raise structlog.DropEvent
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """Validate the file, then try what the service will need, as the user who runs it."""
+    path = find_config(args.config)
+    if args.as_user:
+        return _check_config_as(path, args.as_user)
+    settings = load_settings(args.config)
+    for problem in service.usable_files(settings):
+        raise ConfigError(f"{path}: {problem}")
+    where = settings.database.url_redacted or settings.database.path
+    print(
+        f"{path}: ok ({len(settings.tasks)} tasks, {len(settings.runners)} runners, "
+        f"database {where})"
+    )
+    return EX_OK
+
+
+def _check_config_as(path: Path, user: str) -> int:
+    """`check-config` again in a process of `user` (root only), so files are tried with
+    that user's rights."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        raise ConfigError("check-config --as-user needs root (it runs the check as that user)")
+    command = [sys.executable, "-m", "dispatcher", "--config", str(path.resolve()), "check-config"]
+    try:
+        done = subprocess.run(command, user=user, check=False, cwd="/")
+    except (KeyError, LookupError, OSError) as exc:
+        raise ConfigError(f"check-config --as-user {user}: {exc}") from None
+    return done.returncode
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -425,16 +480,32 @@ def _print_json(data: Any, out: TextIO | None = None) -> None:
     (out or sys.stdout).write(json.dumps(data) + "\n")
 
 
+async def _init(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    where = settings.database.url_redacted or settings.database.path
+    print(f"database {where}: ready")
+    return EX_OK
+
+
+async def _check_db(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    started = time.monotonic()
+    verdict = await store.check(full=True, budget=None)
+    print(f"database {store.database}: {verdict} ({time.monotonic() - started:.1f}s)")
+    return EX_OK
+
+
 Handler = Callable[[argparse.Namespace, Settings, Store], Coroutine[Any, Any, int]]
-_HANDLERS: dict[str, Handler] = {
-    "submit": _submit,
-    "show": _show,
-    "list": _list,
-    "cancel": _cancel,
-    "gates": _gates,
-    "purge": _purge,
-    "health": _health,
-    "status": _status,
+_HANDLERS: dict[str, tuple[Handler, Access]] = {
+    # Only `run` and `init` create a database; reading commands never write at all.
+    "submit": (_submit, Access.WRITE),
+    "cancel": (_cancel, Access.WRITE),
+    "purge": (_purge, Access.WRITE),
+    "init": (_init, Access.CREATE),
+    "show": (_show, Access.READ),
+    "list": (_list, Access.READ),
+    "gates": (_gates, Access.READ),
+    "health": (_health, Access.READ),
+    "status": (_status, Access.READ),
+    "check-db": (_check_db, Access.READ),
 }
 
 if __name__ == "__main__":

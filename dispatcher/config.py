@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -31,7 +32,11 @@ from dispatcher.templating import placeholders, value_placeholders
 
 ENV_PREFIX = "DISPATCHER_"
 ENV_CONFIG = "DISPATCHER_CONFIG"
-DEFAULT_PATHS = (Path("config/dispatcher.toml"), Path("/etc/dispatcher/dispatcher.toml"))
+DEFAULT_PATHS = (Path("/etc/dispatcher/dispatcher.toml"), Path("config/dispatcher.toml"))
+"""Where the CLI looks when neither `--config` nor $DISPATCHER_CONFIG says: the
+installed service's file first, so that on a host with the service the CLI reaches the
+service's database from any folder (a checkout's example config included); the
+checkout's example only where no service is installed."""
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=100)]
@@ -51,6 +56,11 @@ class DatabaseSettings(_Section):
     ignored). Unset: the SQLite file at `path`."""
     pool_size: int = Field(default=10, ge=1, le=1000)
     """PostgreSQL connections per process (with `url`)."""
+
+    @property
+    def url_redacted(self) -> str | None:
+        """`url` without its password (for messages), or None."""
+        return None if self.url is None else redact_url(self.url)
 
     @field_validator("url")
     @classmethod
@@ -303,8 +313,19 @@ def _check_call_spec(spec: str) -> None:
 # -- loading ----------------------------------------------------------------------------
 
 
+def redact_url(url: str) -> str:
+    """A database URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
 def find_config(explicit: str | Path | None, environ: Mapping[str, str] = os.environ) -> Path:
-    """`--config`, then $DISPATCHER_CONFIG, then ./config/dispatcher.toml, then /etc."""
+    """`--config`, then $DISPATCHER_CONFIG, then /etc/dispatcher/dispatcher.toml, then
+    ./config/dispatcher.toml (see `DEFAULT_PATHS`)."""
     if explicit:
         return Path(explicit)
     if environ.get(ENV_CONFIG):

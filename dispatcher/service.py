@@ -7,9 +7,11 @@ objects; they never print and never parse command lines.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from dispatcher.clock import Clock, SystemClock
@@ -329,3 +331,37 @@ async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, An
             for d in failures
         ],
     }
+
+
+# -- files the daemon will need ----------------------------------------------------------------
+
+
+def usable_files(settings: Settings) -> list[str]:
+    """What stands in the way of the daemon's files for the user who asks: the database
+    folder that cannot be created or written, a database file that cannot be written,
+    a token file that cannot be read. Empty when all is well."""
+    problems: list[str] = []
+    if settings.database.url is None:
+        problems += _database_problems(settings.database.path)
+    token = settings.api.token_file
+    if token is not None and not os.access(token, os.R_OK):
+        reason = "does not exist" if not token.exists() else "cannot be read by this user"
+        problems.append(f"api.token_file {token} {reason}")
+    return problems
+
+
+def _database_problems(path: Path) -> list[str]:
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            return [f"database.path {path} cannot be read and written by this user"]
+        folder = path.parent
+    else:
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return [f"database.path {path}: {folder} is not a folder"]
+    # SQLite writes its -wal and -shm files (and the daemon its lock) beside the file.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [f"database.path {path}: cannot create files in {folder} as this user"]
+    return []

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Dispatch-path benchmarks, each side by side with a baseline measured in the same run.
 
-usage: scripts/bench_dispatch.py [--quick] [--rounds R] [--only NAME ...] [--write]
+usage: scripts/bench_dispatch.py [--quick] [--rounds R] [--only NAME ...] [--previous TREE]
+                                 [--write]
 
 Sections (figures are medians of R rounds, ours and the baseline taking turns within
 each round; ratios are ours / baseline):
@@ -9,7 +10,8 @@ each round; ratios are ours / baseline):
            Huey's SqliteHuey with 4 workers draining N no-op tasks (Huey is installed
            into a throwaway venv under var/bench/, never into the project), and
            against the floor: the same rows written by the store's statements through
-           sqlite3 alone
+           sqlite3 alone; with --previous TREE, also against the same drain by the
+           code checked out in TREE (e.g. `git worktree add /tmp/prev HEAD~5`)
   latency  submit -> succeeded at low load, CLI and HTTP (p50 / p99)
   exec     the exec runner running /bin/true at concurrency 16 against bare
            asyncio.create_subprocess_exec of /bin/true at the same concurrency
@@ -61,23 +63,35 @@ steps = [{{ name = "a", runner = "noop" }}]
 
 
 class Daemon:
-    """`dispatcher run` as a process on a fresh database in a temporary folder."""
+    """`dispatcher run` as a process on a fresh database in a temporary folder; `tree`:
+    the code of another checkout (put first on PYTHONPATH) instead of this one."""
 
-    def __init__(self, *, poll: str = "1s", api: str | None = None) -> None:
+    def __init__(
+        self, *, poll: str = "1s", api: str | None = None, tree: Path | None = None
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="bench-"))
         self.db = self.dir / "bench.db"
         self.config = self.dir / "dispatcher.toml"
         self.config.write_text(config_text(self.db, poll=poll, api=api))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "PYTHONPATH": str(tree or ROOT)}
+        # Only `run` and `init` create a database (older trees create it on submit).
+        subprocess.run(self._command("init"), env=self.env, capture_output=True, check=False)
+
+    def _command(self, *args: str) -> list[str]:
+        return [PYTHON, "-m", "dispatcher", "--config", str(self.config), *args]
 
     def cli(self, *args: str, stdin: bytes | None = None) -> bytes:
-        command = [PYTHON, "-m", "dispatcher", "--config", str(self.config), *args]
-        return subprocess.run(command, input=stdin, check=True, capture_output=True).stdout
+        done = subprocess.run(
+            self._command(*args), input=stdin, check=True, capture_output=True, env=self.env
+        )
+        return done.stdout
 
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("wb")
-        command = [PYTHON, "-m", "dispatcher", "--config", str(self.config), "run"]
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self._command("run"), stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
         while b"daemon_started" not in (self.dir / "daemon.log").read_bytes():
             if self.proc.poll() is not None:
                 raise SystemExit((self.dir / "daemon.log").read_text())
@@ -96,8 +110,8 @@ class Daemon:
 # -- drain ------------------------------------------------------------------------------
 
 
-def drain_ours(count: int) -> float:
-    daemon = Daemon(poll="200ms")
+def drain_ours(count: int, tree: Path | None = None) -> float:
+    daemon = Daemon(poll="200ms", tree=tree)
     lines = "".join(json.dumps({"task": "n", "params": {"i": i}}) + "\n" for i in range(count))
     daemon.cli("submit", "--batch", "-", stdin=lines.encode())
     daemon.start()
@@ -120,7 +134,7 @@ def drain_floor(count: int) -> float:
     row, its attempt row and its final status with its plan, one commit per 16), on
     the same submitted database. What is left of ours above this is Python."""
     sys.path.insert(0, str(ROOT))
-    from dispatcher.store.sql import query
+    from dispatcher.store.sql import statements
 
     daemon = Daemon()
     lines = "".join(json.dumps({"task": "n", "params": {"i": i}}) + "\n" for i in range(count))
@@ -128,9 +142,9 @@ def drain_floor(count: int) -> float:
     db = sqlite3.connect(daemon.db, isolation_level=None)
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA foreign_keys = ON")
+    sql = statements("dispatcher.store.sqlite")
     claim, gate, attempt, finish = (
-        query(name)
-        for name in ("claim_many", "mirror_open", "insert_finished_attempt", "finish_dispatch")
+        sql[name] for name in ("claim_many", "insert_slot", "insert_attempt", "write_progress")
     )
     plan = json.dumps([{"name": "a", "runner": "noop", "args": []}])
     started = time.perf_counter()
@@ -143,14 +157,15 @@ def drain_floor(count: int) -> float:
         db.execute("COMMIT")
         db.execute("BEGIN IMMEDIATE")
         for i in ids:
-            db.execute(gate, {"gate": "global", "holder": f"dispatch:{i}", "instance_id": "floor",
-                              "now": now, "released_at": now}).fetchall()  # fmt: skip
+            db.execute(gate, {"id": i, "gate": "global", "holder": f"dispatch:{i}",
+                              "instance_id": "floor", "now": now, "released_at": now})  # fmt: skip
             db.execute(attempt, {"id": i, "dispatch_id": i, "step_index": 0, "step": "a",
                                  "runner": "noop", "attempt": 1, "status": "succeeded",
-                                 "now": now, "ended_at": now, "exit_code": 0, "error": None,
-                                 "output": None, "instance_id": "floor"})  # fmt: skip
+                                 "started_at": now, "ended_at": now, "exit_code": 0,
+                                 "error": None, "output": None,
+                                 "instance_id": "floor"})  # fmt: skip
             db.execute(finish, {"id": i, "status": "succeeded", "now": now, "error": None,
-                                "plan": plan, "current_step": 1})  # fmt: skip
+                                "final": True, "plan": plan, "current_step": 1})  # fmt: skip
         db.execute("COMMIT")
         done += len(ids)
     elapsed = time.perf_counter() - started
@@ -394,12 +409,15 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     want = set(args.only or ["drain", "latency", "exec", "gate", "idle"])
     if "drain" in want:
         count = 5000 if quick else 20000
-        ours, huey, floor = medians_of(
-            rounds,
+        previous = Path(args.previous).resolve() if args.previous else None
+        measures = [
             lambda: drain_ours(count),
             lambda: drain_huey(count),
             lambda: drain_floor(count),
-        )
+        ]
+        if previous is not None:
+            measures.append(lambda: drain_ours(count, tree=previous))
+        ours, huey, floor, *before = medians_of(rounds, *measures)
         rows.append(
             (
                 f"drain {count} no-op dispatches",
@@ -410,6 +428,9 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         )
         rows.append(("", "", f"floor: the same rows by sqlite3 alone: {floor:,.0f}/s",
                      f"{ours / floor:.2f}x"))  # fmt: skip
+        if before:
+            label = f"previous code ({_commit(previous)}): {before[0]:,.0f}/s"
+            rows.append(("", "", label, f"{ours / before[0]:.2f}x"))
     if "latency" in want:
         samples = 20 if quick else 60
         for via in ("cli", "http"):
@@ -465,6 +486,15 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _commit(tree: Path | None) -> str:
+    if tree is None:
+        return "?"
+    done = subprocess.run(
+        ["git", "-C", str(tree), "log", "-1", "--format=%h"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or str(tree)
+
+
 def table(rows: list[tuple[str, str, str, str]]) -> str:
     lines = ["| measure | dispatcher | baseline (same run) | ratio |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
@@ -492,6 +522,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=["drain", "latency", "exec", "gate", "idle"])
+    parser.add_argument(
+        "--previous", metavar="TREE", help="drain: also run the code of this checkout"
+    )
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
@@ -509,6 +542,7 @@ def write_doc(text: str, args: argparse.Namespace) -> None:
         "scripts/bench_dispatch.py"
         + (" --quick" if args.quick else "")
         + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
+        + (f" --previous {args.previous}" if args.previous else "")
         + " --write"
     )
     section = (

@@ -763,15 +763,21 @@ class Store(ABC):
             await tx.fetch("migrations_create_table")
             current: int = (await tx.fetch("migrations_current"))[0]["version"]
             if current > known:
-                raise StoreError(
-                    f"database schema version {current} is newer than this dispatcher "
-                    f"supports ({known})"
-                )
+                await self._newer_schema(current, known)
             for migration in migrations:
                 if migration.version > current:
                     await self._apply_migration(tx, migration)
                     now = self._time(datetime.now(UTC))
                     await tx.fetch("migrations_record", {"version": migration.version, "now": now})
+
+    async def _newer_schema(self, version: int, known: int) -> None:
+        """Refuse a schema this code does not know, unless the number is garbage read
+        from damaged pages (then `check` raises `DatabaseCorrupt`)."""
+        await self.check(budget=10.0)
+        raise StoreError(
+            f"database schema version {version} is newer than this dispatcher supports "
+            f"({known}): upgrade dispatcher"
+        )
 
     async def _next_id(self, table: str) -> int:
         """A new row id for `table`, known before the row is written."""

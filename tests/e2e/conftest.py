@@ -172,7 +172,9 @@ def make_daemon(tmp_path: Path) -> Iterator[Any]:
     daemons: list[Daemon] = []
     databases: list[str] = []
 
-    def make(config_text: str) -> Daemon:
+    def make(config_text: str, *, init: bool = True) -> Daemon:
+        """`init`: create the database first, as an operator does (`dispatcher init`), so
+        the CLI can submit before the daemon ever ran."""
         config = tmp_path / "dispatcher.toml"
         if os.environ.get("DISPATCHER_E2E_PG") == "1" and _SQLITE_PATH.search(config_text):
             if not databases:
@@ -182,6 +184,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Any]:
         config.write_text(config_text)
         daemon = Daemon(config, tmp_path)
         daemons.append(daemon)
+        if init:  # a configuration a test means to be refused is refused here too
+            daemon.cli("init")
         return daemon
 
     yield make

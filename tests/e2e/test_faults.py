@@ -130,6 +130,7 @@ def test_a_read_only_folder_is_one_line_and_exit_73(tmp_path: Path, exists: bool
     folder = db_file(tmp_path).parent
     folder.mkdir()
     if exists:
+        assert cli(config, "init").returncode == 0
         assert cli(config, "submit", "hello", "--param", "n=1").returncode == 0
     os.chmod(folder, 0o555)
     try:
@@ -137,10 +138,15 @@ def test_a_read_only_folder_is_one_line_and_exit_73(tmp_path: Path, exists: bool
             result = cli(config, *command, **bound_by_permissions())
             if result.returncode == 99:
                 pytest.skip("cannot drop root's file capabilities here")
-            assert result.returncode == 73, (command, result.stdout, result.stderr)
             lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("dispatcher: error: cannot open"), lines
-            assert str(folder) in lines[0] and "Traceback" not in result.stdout
+            assert len(lines) == 1 and "Traceback" not in result.stdout, lines
+            if command[0] == "submit" and not exists:  # only run and init create one
+                assert result.returncode == 66, (command, result.stderr)
+                assert lines[0].startswith(f"dispatcher: error: no database at {db_file(tmp_path)}")
+                continue
+            assert result.returncode == 73, (command, result.stdout, result.stderr)
+            assert lines[0].startswith("dispatcher: error: cannot open"), lines
+            assert str(folder) in lines[0]
     finally:
         os.chmod(folder, 0o755)
     if exists:
@@ -162,6 +168,7 @@ def _file_size_limit(limit: int) -> Callable[[], None]:
 
 def test_a_full_disk_mid_batch_keeps_whole_chunks_only(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    assert cli(config, "init").returncode == 0
     assert cli(config, "submit", "hello", "--param", "n=first").returncode == 0
     pad = "p" * 400
     lines = "".join(
@@ -299,6 +306,114 @@ def test_a_full_disk_during_a_batch_loses_nothing_once_space_returns(
         assert integrity(db_file(tmp_path)) == "ok"
 
 
+# -- a damaged database ---------------------------------------------------------------------------
+
+
+def _fill_queue(config: Path, count: int) -> None:
+    lines = "".join(
+        json.dumps({"task": "hello", "params": {"n": str(i), "pad": "p" * 200}}) + "\n"
+        for i in range(count)
+    )
+    assert cli(config, "submit", "--batch", "-", stdin=lines).returncode == 0
+
+
+def _damage(path: Path, first_page: int = 3) -> None:
+    """Garbage over every page from `first_page` on, after a checkpoint has moved all
+    of the WAL into the file (the header and the first pages stay readable)."""
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages, size = db.execute("SELECT * FROM pragma_page_count, pragma_page_size").fetchone()
+    with path.open("r+b") as out:
+        for page in range(first_page, pages + 1):
+            out.seek((page - 1) * size + 64)
+            out.write(b"\xa5" * (size - 128))
+
+
+def _one_line_recover(result: Any) -> str:
+    assert result.returncode == 73, (result.returncode, result.stdout, result.stderr)
+    (line,) = result.stderr.strip().splitlines()
+    assert "is damaged" in line or "not a database" in line, line
+    assert ".recover" in line and "Traceback" not in result.stderr + result.stdout
+    return line
+
+
+def test_a_damaged_database_is_refused_at_start_and_by_check_db(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert cli(config, "init").returncode == 0
+    _fill_queue(config, 3000)
+    healthy = cli(config, "check-db")
+    assert healthy.returncode == 0 and ": ok" in healthy.stdout, healthy.stderr
+
+    _damage(db_file(tmp_path), first_page=40)
+
+    for command in ("run", "check-db"):
+        line = _one_line_recover(cli(config, command))
+        assert str(db_file(tmp_path)) in line
+
+
+def test_damage_found_while_running_stops_the_daemon_with_its_cause(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    """Found by a statement at run time ("malformed"): `database_corrupt` at critical
+    level and exit 73, instead of `claim_failed` every round for ever."""
+    text = write_config(tmp_path).read_text() + "\n[gate]\nglobal = 1\n"
+    daemon: Daemon = make_daemon(text)
+    daemon.start()
+    daemon.cli_json("submit", "nap", "--param", "s=2")
+    _fill_queue(daemon.config, 3000)  # waiting behind it
+    daemon.wait_for_event("attempt_started")
+
+    _damage(db_file(tmp_path))
+    with closing(sqlite3.connect(db_file(tmp_path), isolation_level=None)) as db:
+        db.execute("PRAGMA user_version = 7")  # a new snapshot: the daemon reads the file
+
+    assert daemon.proc is not None
+    code = daemon.proc.wait(60)
+    daemon.proc = None
+    assert code == 73
+    (corrupt,) = [e for e in daemon.events() if e["event"] == "database_corrupt"]
+    assert corrupt["level"] == "critical" and "damaged" in corrupt["error"]
+    assert sum(1 for e in daemon.events() if e["event"] == "claim_failed") <= 1
+    _one_line_recover(cli(daemon.config, "check-db"))
+
+
+# -- reading commands never write --------------------------------------------------------------
+
+
+def test_reading_commands_work_on_a_read_only_database(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not _can_chattr(tmp_path):
+        pytest.skip("needs root and a file system with chattr +i")
+    config = write_config(tmp_path)
+    assert cli(config, "init").returncode == 0
+    assert cli(config, "submit", "hello", "--param", "n=1").returncode == 0
+    folder = db_file(tmp_path).parent
+    paths = [folder, *folder.iterdir()]
+    _chattr("+i", *paths)
+    try:
+        for command in (["list"], ["show", "1"], ["gates"], ["status"], ["check-db"]):
+            result = cli(config, *command)
+            assert result.returncode == 0, (command, result.stderr)
+        health = cli(config, "health")
+        assert health.returncode == 69 and "no live daemon" in health.stderr
+        refused = cli(config, "submit", "hello", "--param", "n=2")
+        assert refused.returncode == 73 and refused.stderr.count("\n") == 1, refused.stderr
+    finally:
+        _chattr("-i", *paths)
+    assert json.loads(cli(config, "show", "1", "--json").stdout)["status"] == "queued"
+
+
+def test_reading_commands_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    config = write_config(tmp_path, busy="200ms")
+    assert cli(config, "init").returncode == 0
+    assert cli(config, "submit", "hello", "--param", "n=1").returncode == 0
+    with exclusive_lock(db_file(tmp_path)):
+        for command in (["list"], ["show", "1"], ["gates"], ["status"]):
+            result = cli(config, *command)
+            assert result.returncode == 0, (command, result.stderr)
+        assert cli(config, "health").returncode == 69  # not 75: it read, and no daemon lives
+        assert cli(config, "submit", "hello", "--param", "n=2").returncode == 75
+
+
 # -- a database locked by another process ----------------------------------------------------
 
 
@@ -341,7 +456,7 @@ def test_a_lock_past_busy_timeout_cli_exits_75_and_the_daemon_waits(
 
     assert refused.returncode == 75, refused.stderr
     assert refused.stderr.count("\n") == 1 and "is busy" in refused.stderr
-    daemon.wait_for_event("database_available", timeout=20)
+    daemon.wait_for_event("database_free", timeout=20)
     assert daemon.cli("submit", "hello", "--param", "n=after").returncode == 0
     wait_until(lambda: _statuses(daemon) == {"succeeded": 51}, timeout=60)
     assert daemon.stop() == 0

@@ -45,6 +45,7 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = tmp_path / "dispatcher.toml"
     config.write_text(api_config(tmp_path, global_=2))
     daemon = Daemon(config, tmp_path)
+    assert daemon.cli("init").returncode == 0
     # a few dispatches, so generated ids (hypothesis favours small ones) find real ones
     lines = [f'{{"task": "one", "params": {{"n": "{n}", "secs": "0"}}}}' for n in range(5)]
     assert daemon.cli("submit", "--batch", "-", stdin="\n".join(lines)).returncode == 0

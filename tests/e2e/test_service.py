@@ -6,6 +6,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,33 +22,46 @@ pytestmark = pytest.mark.slow
 
 
 class NotifyListener:
-    """A bound AF_UNIX datagram socket playing systemd's side of NOTIFY_SOCKET."""
+    """A bound AF_UNIX datagram socket playing systemd's side of NOTIFY_SOCKET.
+
+    A thread receives all the time, as systemd does: the kernel queues only a few
+    datagrams per socket (net.unix.max_dgram_qlen, often 10) and the daemon's are sent
+    without blocking, so a reader that pauses would lose some on a loaded machine.
+    """
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
+        self.sock.settimeout(0.1)
         self.messages: list[dict[str, str]] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
 
-    def _receive(self, timeout: float) -> None:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-        self.messages.append(fields)
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
 
     def wait_for(self, key: str, count: int = 1, timeout: float = 20) -> list[dict[str, str]]:
-        """Receive until `count` messages carry `key`; answer those messages."""
+        """Wait until `count` messages carry `key`; answer those messages."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [m for m in self.messages if key in m]
+            found = [m for m in list(self.messages) if key in m]
             if len(found) >= count:
                 return found
-            self._receive(0.2)
+            time.sleep(0.05)
         raise AssertionError(f"fewer than {count} {key} messages: {self.messages}")
 
     def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5)
         self.sock.close()
 
 

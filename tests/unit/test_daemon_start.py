@@ -1,4 +1,7 @@
-"""What the daemon does at start before it takes work: the orphan guard."""
+"""What the daemon does beside its dispatch loop: the orphan guard at start, and the
+self-check of a live daemon, which puts back what it marked in flight but does not run
+(a write lost before it could be retried, a claim whose start failed): the repair that
+recovery does at start, without a restart."""
 
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ from structlog.testing import capture_logs
 from dispatcher import daemon as daemon_module
 from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
+from dispatcher.models import DispatchStatus, NewDispatch
+from dispatcher.pipeline import InFlight
 from dispatcher.runners.guard import GuardError
-from dispatcher.testing import InMemoryStore
+from dispatcher.testing import FakeClock, InMemoryStore
 
 NOOP_ONLY = """
 [database]
@@ -43,10 +48,12 @@ class FakeGuard:
             raise self.error
 
 
-def daemon_on(tmp_path: Path, text: str) -> Daemon:
+def daemon_on(
+    tmp_path: Path, text: str, store: InMemoryStore | None = None, clock: FakeClock | None = None
+) -> Daemon:
     config = tmp_path / "dispatcher.toml"
     config.write_text(text)
-    return Daemon(load_settings(config, {}), InMemoryStore())
+    return Daemon(load_settings(config, {}), store or InMemoryStore(), clock=clock)
 
 
 @pytest.mark.parametrize(("text", "starts"), [(NOOP_ONLY, 0), (WITH_PYTHON, 1)])
@@ -76,4 +83,31 @@ def test_a_guardian_that_cannot_start_is_logged_and_the_daemon_goes_on(
             "error": "cannot start the guardian: No such file",
             "log_level": "error",
         }
+    ]
+
+
+async def test_what_this_instance_marked_in_flight_but_does_not_run_goes_back(
+    tmp_path: Path,
+) -> None:
+    store, clock = InMemoryStore(), FakeClock()
+    daemon = daemon_on(tmp_path, NOOP_ONLY, store, clock)
+    for n in range(4):
+        await store.check_and_reserve(NewDispatch(task="n", params={"n": n}), clock.now())
+    ours = await store.claim_many(daemon.instance_id, clock.now(), (), 3)
+    theirs = await store.claim_next("another-instance", clock.now(), ())
+    assert theirs is not None
+    running, abandoned = ours[0], ours[1:]
+    daemon.state.inflight[running.id] = InFlight(running.id)
+    await store.finish_dispatch(ours[2].id, DispatchStatus.SUCCEEDED, clock.now())
+
+    with capture_logs() as logged:
+        requeued = await daemon.self_check()
+
+    assert requeued == [abandoned[0].id]  # the finished one stays finished
+    statuses = {d.id: d.status for d in store.dispatches.values()}
+    assert statuses[abandoned[0].id] is DispatchStatus.QUEUED
+    assert statuses[running.id] is DispatchStatus.PLANNING  # in flight: left alone
+    assert statuses[theirs.id] is DispatchStatus.PLANNING  # another instance's: left alone
+    assert [(e["event"], e["dispatch_id"], e["reason"]) for e in logged] == [
+        ("dispatch_requeued", abandoned[0].id, "self_check")
     ]

@@ -1,5 +1,5 @@
 """The PostgreSQL backend: one database shared by several daemons."""
 
-from dispatcher.store.postgres.store import PostgresStore, redact
+from dispatcher.store.postgres.store import PostgresStore
 
-__all__ = ["PostgresStore", "redact"]
+__all__ = ["PostgresStore"]

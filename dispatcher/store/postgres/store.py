@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from dispatcher.config import redact_url as redact
 from dispatcher.errors import DatabaseCorrupt, StoreBusy, StoreError, StoreUnwritable
 from dispatcher.store.base import Migration, Row, Store
 from dispatcher.store.postgres.listen import Listener
@@ -88,16 +88,6 @@ _UNWRITABLE = (
     asyncpg.OutOfMemoryError,
 )
 _CORRUPT = (asyncpg.DataCorruptedError, asyncpg.IndexCorruptedError)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import sqlite3
 import time
@@ -201,16 +202,30 @@ class SQLiteStore(Store):
         _prepare(path, mode, config)
         busy_timeout = busy_timeout_ms / 1000
         patience = busy_timeout if busy_patience is None else busy_patience
-        target: str | Path = path
-        if mode is Access.READ:
-            target = f"{path.resolve().as_uri()}?mode=ro"
+        if mode is not Access.READ:
+            return await cls._connect(path, path, busy_timeout, patience, mode)
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        try:
+            return await cls._connect(path, uri, busy_timeout, patience, mode)
+        except StoreUnwritable:
+            if os.path.exists(f"{path}-wal"):  # noqa: ASYNC240 - one stat, at open
+                raise
+        # A read-only folder and no -wal file: SQLite cannot make the shared-memory file
+        # a WAL reader needs, and no writer can start here either (it would need that
+        # file too), so the database cannot change while we read: open it immutable.
+        return await cls._connect(path, uri + "&immutable=1", busy_timeout, patience, mode)
+
+    @classmethod
+    async def _connect(
+        cls, path: Path, target: str | Path, busy_timeout: float, patience: float, mode: Access
+    ) -> SQLiteStore:
         with wrap_exceptions(path, "open"):
             db = await aiosqlite.connect(
                 target,
                 timeout=busy_timeout,
                 isolation_level=None,
                 cached_statements=256,
-                uri=mode is Access.READ,
+                uri=isinstance(target, str),
             )
         db.row_factory = sqlite3.Row
         store = cls(db, path, patience)
@@ -272,10 +287,7 @@ class SQLiteStore(Store):
         rows = await self._execute("migrations_current", {}, first=True)
         known = max(m.version for m in _known_migrations())
         if rows[0]["version"] > known:
-            raise StoreError(
-                f"database schema version {rows[0]['version']} is newer than this "
-                f"dispatcher supports ({known})"
-            )
+            await self._newer_schema(rows[0]["version"], known)
 
     async def check(self, *, full: bool = False, budget: float | None = CHECK_BUDGET) -> str:
         """`PRAGMA quick_check` (or the full `integrity_check`), stopped after `budget`
@@ -302,7 +314,8 @@ class SQLiteStore(Store):
             raise translate(exc, self._path, "check") from exc
         finally:
             await self._db.set_progress_handler(None, 0)  # type: ignore[arg-type]  # None clears it
-        verdict = str(next(iter(rows))[0]) if rows else "ok"
+        found = [str(row[0]) for row in rows]
+        verdict = "; ".join(line.strip() for text in found for line in text.splitlines()) or "ok"
         if verdict != "ok":
             raise DatabaseCorrupt(f"database {self._path} is damaged ({verdict}): {RECOVER_HINT}")
         return "ok"
