@@ -255,11 +255,21 @@ class _Routes:
         if reservation.created:
             d.wake()
         status = 201 if reservation.created else 200
-        return web.json_response(service.reservation_json(reservation), status=status)
+        answer = service.reservation_json(reservation)
+        warnings = service.param_warnings(d.settings, submission)
+        if warnings:
+            answer["warnings"] = warnings
+        return web.json_response(answer, status=status)
 
     async def show(self, request: web.Request) -> web.Response:
-        """GET /v1/dispatches/{id}: the object of `show --json`."""
-        return web.json_response(await service.show(self.daemon.store, _dispatch_id(request)))
+        """GET /v1/dispatches/{id}: the object of `show --json`; what it waits for is
+        what this daemon knows in memory when the dispatch is in flight here."""
+        d = self.daemon
+        data = await service.show(d.store, _dispatch_id(request), d.settings, d.clock)
+        flight = d.state.inflight.get(data["id"])
+        if flight is not None and not DispatchStatus(data["status"]).is_final:
+            data["waiting_for"] = flight.waiting_for
+        return web.json_response(data)
 
     async def cancel(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches/{id}/cancel: 202; an in-flight dispatch is stopped at once."""
