@@ -490,9 +490,8 @@ async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Sto
     answers = await _save_batch(store, checked.news, sys.stderr)
     summary = service.batch_summary(answers)
     print(f"dispatcher: batch: {summary.text()}", file=sys.stderr)
-    if args.wait and summary.ids:
-        return await _wait_batch(args, settings, store, summary.ids)
-    return EX_OK if not summary.conflicts else BadRequest.exit_code
+    code = await _wait_batch(args, settings, store, summary.ids) if args.wait else EX_OK
+    return BadRequest.exit_code if summary.conflicts else code
 
 
 def _refusal(checked: service.CheckedBatch, total: int) -> str:
@@ -532,6 +531,8 @@ async def _save_batch(
 async def _wait_batch(
     args: argparse.Namespace, settings: Settings, store: Store, ids: list[int]
 ) -> int:
+    if not ids:
+        return EX_OK
     print(
         f"dispatcher: batch: waiting for {len(ids)} dispatches to end "
         "(Ctrl-C stops waiting, not the dispatches)",

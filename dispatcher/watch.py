@@ -10,6 +10,7 @@ the wait then. The dispatch itself is never touched: it goes on after the wait e
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ DAEMON_GRACE = 5.0
 service restart, short enough that a forgotten daemon is noticed at once."""
 DAEMON_CHECK_EVERY = 1.0
 LIVE_LINE_WIDTH = 100
+BAR_WIDTH = 100
 
 
 class WaitTimedOut(DispatcherError):
@@ -168,6 +170,7 @@ async def follow_one(
 
 def progress(total: int, what: str, err: TextIO) -> tqdm[Any]:
     """A progress bar on a terminal (nothing elsewhere)."""
+    size = shutil.get_terminal_size()
     return tqdm(
         total=total,
         desc=what,
@@ -175,7 +178,10 @@ def progress(total: int, what: str, err: TextIO) -> tqdm[Any]:
         file=err,
         disable=not err.isatty(),
         leave=False,
-        dynamic_ncols=True,
+        # shutil falls back to $COLUMNS/$LINES (or 80x24) where the terminal reports
+        # 0x0; tqdm would then hide the bar.
+        ncols=min(size.columns, BAR_WIDTH),
+        nrows=size.lines,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]",
     )
 
