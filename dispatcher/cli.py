@@ -483,6 +483,8 @@ async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Sto
     lines = _read_batch(args.batch)
     checked = service.check_batch(settings, lines)
     _warn(checked.warnings[: service.MAX_BATCH_ERRORS])
+    if len(checked.errors) == 1:  # one bad line: one line says it all
+        raise BadRequest(f"{checked.errors[0]} (nothing was submitted)")
     if checked.errors:
         for error in checked.errors[: service.MAX_BATCH_ERRORS]:
             print(f"dispatcher: error: {error}", file=sys.stderr)
