@@ -143,6 +143,11 @@ def _add_submit(sub: Any) -> None:
         metavar="N",
         help="higher runs first (default: the task's priority, else 0)",
     )
+    _add_submit_modes(submit)
+
+
+def _add_submit_modes(submit: argparse.ArgumentParser) -> None:
+    """--wait, --timeout, --json, --batch and --url: how a submission is made and followed."""
     submit.add_argument(
         "--wait",
         action="store_true",
@@ -207,6 +212,11 @@ def _add_reading(sub: Any) -> None:
         "description. A task without declared params lists the params its steps use.",
     )
     tasks.add_argument("--json", action="store_true", help=JSON_HELP)
+    _add_operations(sub)
+
+
+def _add_operations(sub: Any) -> None:
+    """cancel, status, gates, health."""
     cancel = _command(
         sub,
         "cancel",
