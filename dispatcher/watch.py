@@ -190,11 +190,28 @@ async def follow_many(
     source: Source, ids: Collection[int], *, patience: float | None, err: TextIO
 ) -> dict[int, dict[str, Any]]:
     """Poll until every dispatch is final, with a bar; answer each final dispatch."""
-    started = time.monotonic()
     pending = sorted(set(ids))
     done: dict[int, dict[str, Any]] = {}
     daemon = _DaemonWatch(source, err, "the rest of the batch")
-    with progress(len(pending), "waiting", err) as bar:
+    try:
+        await _poll_many(source, pending, done, daemon, patience, err)
+    except asyncio.CancelledError:  # Ctrl-C
+        err.write(f"dispatcher: stopped waiting; {len(ids) - len(done)} dispatches go on\n")
+        raise
+    return done
+
+
+async def _poll_many(
+    source: Source,
+    pending: list[int],
+    done: dict[int, dict[str, Any]],
+    daemon: _DaemonWatch,
+    patience: float | None,
+    err: TextIO,
+) -> None:
+    started = time.monotonic()
+    total = len(pending)
+    with progress(total, "waiting", err) as bar:
         while pending:
             still = []
             for dispatch_id in pending:
@@ -210,9 +227,8 @@ async def follow_many(
             elapsed = time.monotonic() - started
             if patience is not None and elapsed >= patience:
                 raise WaitTimedOut(
-                    f"{len(pending)} of {len(ids)} dispatches still not finished after "
+                    f"{len(pending)} of {total} dispatches still not finished after "
                     f"--timeout {format_duration(patience)}; they go on"
                 )
             await daemon.check(elapsed)
             await asyncio.sleep(source.poll)
-    return done
