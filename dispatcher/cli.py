@@ -426,6 +426,14 @@ def _warn(warnings: Sequence[str]) -> None:
         print(f"dispatcher: warning: {warning}", file=sys.stderr)
 
 
+def _warn_once(warnings: Sequence[str]) -> None:
+    """A batch's warnings as one line: the first, and how many more lines are like it."""
+    if warnings:
+        more = len(warnings) - 1
+        tail = f" (and {more} more batch lines with params no step uses)" if more else ""
+        _warn([warnings[0] + tail])
+
+
 def _say_waiting(reservation: Reservation) -> None:
     """The id, at once, on stderr: stdout gets only the final answer."""
     how = "created" if reservation.created else "existing"
@@ -492,7 +500,7 @@ def _indent(text: str, prefix: str) -> str:
 async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     lines = _read_batch(args.batch)
     checked = service.check_batch(settings, lines)
-    _warn(checked.warnings[: service.MAX_BATCH_ERRORS])
+    _warn_once(checked.warnings)
     if len(checked.errors) == 1:  # one bad line: one line says it all
         raise BadRequest(f"{checked.errors[0]} (nothing was submitted)")
     if checked.errors:
