@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,8 @@ from dispatcher.errors import (
 )
 from dispatcher.httpauth import read_token, token_matches
 from dispatcher.metrics import CONTENT_TYPE, DaemonMetrics, LiveSources
-from dispatcher.models import DispatchStatus
-from dispatcher.pipeline import CancelReason
+from dispatcher.models import Dispatch, DispatchStatus
+from dispatcher.pipeline import CancelReason, InFlight
 
 if TYPE_CHECKING:
     from dispatcher.daemon import Daemon
@@ -46,6 +47,7 @@ MAX_READY_LAG = 5.0
 """Event-loop lag (seconds) above which the daemon reports itself not ready."""
 RECENT_FAILURES = 10
 MAX_RUNNING_SHOWN = 50
+MAX_QUEUED_SHOWN = 20
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})
 CHALLENGE = 'Bearer realm="dispatcher", Basic realm="dispatcher"'
 
@@ -155,6 +157,7 @@ class ApiServer:
                 web.get("/metrics", routes.metrics),
                 web.get("/openapi.yaml", routes.openapi),
                 web.get("/", routes.status_page),
+                web.get("/dispatches/{id:[0-9]+}", routes.dispatch_page),
             ]
         )
         return app
@@ -255,11 +258,15 @@ class _Routes:
         if reservation.created:
             d.wake()
         status = 201 if reservation.created else 200
-        return web.json_response(service.reservation_json(reservation), status=status)
+        answer = service.reservation_json(reservation)
+        warnings = service.param_warnings(d.settings, submission)
+        if warnings:
+            answer["warnings"] = warnings
+        return web.json_response(answer, status=status)
 
     async def show(self, request: web.Request) -> web.Response:
         """GET /v1/dispatches/{id}: the object of `show --json`."""
-        return web.json_response(await service.show(self.daemon.store, _dispatch_id(request)))
+        return web.json_response(await self._show(_dispatch_id(request)))
 
     async def cancel(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches/{id}/cancel: 202; an in-flight dispatch is stopped at once."""
@@ -313,31 +320,85 @@ class _Routes:
         view = await self._status_view()
         return web.Response(text=statuspage.render(view), content_type="text/html")
 
+    async def dispatch_page(self, request: web.Request) -> web.Response:
+        """The HTML page of one dispatch: its steps and attempts with their output."""
+        data = await self._show(_dispatch_id(request))
+        return web.Response(text=statuspage.render_dispatch(data), content_type="text/html")
+
+    async def _show(self, dispatch_id: int) -> dict[str, Any]:
+        """`show --json`; what it waits for is what this daemon knows in memory when
+        the dispatch is in flight here."""
+        d = self.daemon
+        data = await service.show(d.store, dispatch_id, d.settings, d.clock)
+        flight = d.state.inflight.get(data["id"])
+        if flight is not None and not DispatchStatus(data["status"]).is_final:
+            data["waiting_for"] = flight.waiting_for
+        return data
+
     async def _status_view(self) -> statuspage.StatusView:
         d = self.daemon
+        # One moment, no await in between: the gates and the flights agree.
+        gates = d.gate.snapshot()
         flights = sorted(d.state.inflight.values(), key=lambda f: f.dispatch_id)
+        now = d.clock.now()
         running = []
         for flight in flights[:MAX_RUNNING_SHOWN]:
             dispatch = await d.store.get_dispatch(flight.dispatch_id)
             if dispatch is not None:
-                running.append(
-                    statuspage.RunningRow(
-                        dispatch.id,
-                        dispatch.task,
-                        str(dispatch.status),
-                        flight.step,
-                        dispatch.started_at,
-                    )
-                )
-        failed = await d.store.list_dispatches(DispatchStatus.FAILED, RECENT_FAILURES)
+                running.append(_running_row(dispatch, flight))
+        full = {gate.name for gate in gates if gate.held >= gate.capacity}
+        queued = await d.store.list_dispatches(DispatchStatus.QUEUED, MAX_QUEUED_SHOWN)
         return statuspage.StatusView(
             instance_id=d.instance_id,
             version=__version__,
             started_at=self.started_at,
-            now=d.clock.now(),
+            now=now,
             stopping=d.state.stopping,
-            gates=d.gate.snapshot(),
+            gates=gates,
             queue=await d.store.count_by_status(),
             running=running,
-            failures=[statuspage.FailureRow(x.id, x.task, x.finished_at, x.error) for x in failed],
+            failures=await self._failures(),
+            queued=[_queued_row(dispatch, full, now) for dispatch in queued],
+            minutes=d.activity.minutes(),
+            in_flight=len(flights),
         )
+
+    async def _failures(self) -> list[statuspage.FailureRow]:
+        store = self.daemon.store
+        rows = []
+        for failed in await store.list_dispatches(DispatchStatus.FAILED, RECENT_FAILURES):
+            tail = service.output_tail(await store.list_attempts(failed.id))
+            rows.append(
+                statuspage.FailureRow(
+                    failed.id, failed.task, failed.finished_at, failed.error, tail
+                )
+            )
+        return rows
+
+
+def _running_row(dispatch: Dispatch, flight: InFlight) -> statuspage.RunningRow:
+    return statuspage.RunningRow(
+        dispatch.id,
+        dispatch.task,
+        str(dispatch.status),
+        flight.step,
+        dispatch.started_at,
+        waiting_for=flight.waiting_for,
+        step_index=dispatch.current_step,
+        steps=None if dispatch.plan is None else len(dispatch.plan),
+        attempt=flight.attempt,
+    )
+
+
+def _queued_row(dispatch: Dispatch, full: set[str], now: datetime) -> statuspage.QueuedRow:
+    """A queued dispatch; it waits for its per-task gate when that gate is full here."""
+    due = dispatch.not_before is None or dispatch.not_before <= now
+    waiting = dispatch.gate_key if due and dispatch.gate_key in full else None
+    return statuspage.QueuedRow(
+        dispatch.id,
+        dispatch.task,
+        dispatch.priority,
+        dispatch.created_at,
+        waiting,
+        dispatch.not_before if not due else None,
+    )

@@ -1,4 +1,10 @@
-"""Command line: parse, call a service function, print. No logic lives here."""
+"""dispatcher: run tasks as dispatches, each planned into steps, with capped concurrency.
+
+Submit work with `dispatcher submit TASK`; the daemon (`dispatcher run`, usually a
+systemd service or a container) plans each dispatch into steps and runs them, at most
+`gate.global` dispatches at once. Every command but `run` works on the database
+directly, so you can submit and look while the daemon is down.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from typing import Any, TextIO
 
 import structlog
 
-from dispatcher import __version__, purge, service
+from dispatcher import __version__, purge, service, watch
 from dispatcher.clock import SystemClock
 from dispatcher.config import Settings, find_config, load_settings
+from dispatcher.durations import parse_duration
 from dispatcher.errors import (
     EX_OK,
     EX_SOFTWARE,
@@ -24,80 +31,281 @@ from dispatcher.errors import (
     BadRequest,
     ConfigError,
     DispatcherError,
+    NotFound,
+    UsageError,
 )
-from dispatcher.models import DispatchStatus, Reservation
+from dispatcher.models import DispatchStatus, NewDispatch, Reservation
 from dispatcher.store.base import Access, Store
 
 EXIT_NOT_SUCCEEDED = 1
-WAIT_POLL = 0.1
 REMOTE_WAIT_POLL = 0.5
+FAILURE_TAIL_LINES = 5
+OUTPUT_TAIL_LINES = 10
+
+EPILOG = """\
+examples:
+  dispatcher submit hello --param who=world --wait     run one, follow it to its end
+  dispatcher submit backup --params '{"paths": ["/srv"]}' --key backup-2026-11-30
+  dispatcher submit --batch jobs.jsonl --wait          many at once, with a progress bar
+  dispatcher tasks                                     what can be submitted, and its params
+  dispatcher status                                    daemon, queue, gates, what runs now
+  dispatcher list --status failed --limit 10
+  dispatcher show 17                                   one dispatch, its steps and output
+
+exit codes:
+  0   ok (submit --wait: the dispatch succeeded)
+  1   submit --wait: the dispatch failed or was cancelled
+  2   usage: a wrong option, or options that contradict each other
+  65  bad data: unknown task or param, a param of the wrong type, bad JSON,
+      an idempotency key reused with other params, no such dispatch
+  66  no database at the configured path (only run and init create one)
+  69  unavailable: no live daemon (health; submit --wait after its grace)
+  73  the database cannot be created, opened or written, or it is damaged
+  75  temporary: the database stayed busy; submit --wait --timeout passed
+  77  submit --url: the API refused the token
+  78  bad configuration
+
+The configuration is --config, else $DISPATCHER_CONFIG, else
+/etc/dispatcher/dispatcher.toml (where the service is installed), else
+./config/dispatcher.toml. `dispatcher COMMAND --help` explains a command.
+"""
+
+JSON_HELP = "print JSON instead of text (one object; see README for the fields)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and epilog's line breaks; wraps option help."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dispatcher", description=__doc__)
+    """The whole command line, with help written for the people who type it."""
+    parser = argparse.ArgumentParser(
+        prog="dispatcher",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
     parser.add_argument(
         "--config",
-        help="configuration file (default: $DISPATCHER_CONFIG, "
-        "./config/dispatcher.toml, /etc/dispatcher/dispatcher.toml)",
+        metavar="PATH",
+        help="configuration file (default: $DISPATCHER_CONFIG, then "
+        "/etc/dispatcher/dispatcher.toml, then ./config/dispatcher.toml)",
     )
     parser.add_argument("--version", action="version", version=f"dispatcher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon in the foreground")
+    _command(
+        sub,
+        "run",
+        "run the daemon in the foreground",
+        "Run the daemon in the foreground until SIGTERM or SIGINT: it claims queued "
+        "dispatches, plans them and runs their steps, at most gate.global at once. "
+        "SIGHUP re-reads the configuration. Logs are JSON lines on stdout.",
+    )
     _add_submit(sub)
-    show = sub.add_parser("show", help="one dispatch: status, params, plan, attempts")
-    show.add_argument("id", type=int)
-    show.add_argument("--json", action="store_true")
-    lst = sub.add_parser("list", help="recent dispatches, newest first")
-    lst.add_argument("--status", choices=[str(s) for s in DispatchStatus])
-    lst.add_argument("--limit", type=int, default=50)
-    lst.add_argument("--json", action="store_true")
-    cancel = sub.add_parser("cancel", help="cancel a dispatch")
-    cancel.add_argument("id", type=int)
-    cancel.add_argument("--json", action="store_true")
-    gates = sub.add_parser("gates", help="every gate: capacity, held, holders; row counts")
-    gates.add_argument("--json", action="store_true")
-    purge = sub.add_parser("purge", help="run the purge and retention jobs once, now")
+    _add_reading(sub)
+    _add_maintenance(sub)
+    return parser
+
+
+def _command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=description, formatter_class=_Formatter
+    )
+    return parser
+
+
+def _add_submit(sub: Any) -> None:
+    submit = _command(
+        sub,
+        "submit",
+        "submit a dispatch of a task (or many with --batch)",
+        "Queue one dispatch of TASK with its params; the daemon runs it. Prints "
+        "`ID STATUS (created)`. A task that declares its params (see `dispatcher tasks`) "
+        "checks them here: a wrong type, an unknown or a missing param exits 65.",
+    )
+    submit.add_argument("task", nargs="?", metavar="TASK", help="a task of the configuration")
+    submit.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one param (repeatable); VALUE is text, converted to the declared type",
+    )
+    submit.add_argument(
+        "--params",
+        metavar="JSON",
+        help="params as a JSON object; a param may not also be given with --param",
+    )
+    submit.add_argument(
+        "--key",
+        help="idempotency key: submitting the same key and params again answers the "
+        "existing dispatch instead of making a new one",
+    )
+    submit.add_argument(
+        "--priority",
+        type=int,
+        metavar="N",
+        help="higher runs first (default: the task's priority, else 0)",
+    )
+    _add_submit_modes(submit)
+
+
+def _add_submit_modes(submit: argparse.ArgumentParser) -> None:
+    """--wait, --timeout, --json, --batch and --url: how a submission is made and followed."""
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the dispatch (or the whole batch) to its end; exit 0 only if it "
+        "succeeded. The id is printed on stderr at once; on a terminal a live line shows "
+        f"its progress. Without a live daemon: exit 69 after {watch.DAEMON_GRACE:g}s",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="with --wait: stop waiting after this long (e.g. 30s, 10m) and exit 75; "
+        "the dispatch goes on",
+    )
+    submit.add_argument("--json", action="store_true", help=JSON_HELP)
+    submit.add_argument(
+        "--batch",
+        metavar="FILE",
+        help='submit JSON lines {"task", "params", "key", "priority"} from FILE '
+        f"('-' for stdin) instead of TASK; every line is checked first (up to "
+        f"{service.MAX_BATCH_ERRORS} bad lines are reported) and nothing is written "
+        "if one is bad",
+    )
+    submit.add_argument(
+        "--url", help="submit through this daemon's HTTP API (default: api.url, if set)"
+    )
+    submit.add_argument(
+        "--token-file", metavar="FILE", help="bearer token for --url (default: api.token_file)"
+    )
+
+
+def _add_reading(sub: Any) -> None:
+    show = _command(
+        sub,
+        "show",
+        "one dispatch: status, params, plan, attempts and their output",
+        "One dispatch: status (`waiting` names the gate it waits for), params, the plan's "
+        "steps, every attempt and the tail of its output.",
+    )
+    show.add_argument("id", type=int, metavar="ID", help="the dispatch id")
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
+    lst = _command(
+        sub,
+        "list",
+        "recent dispatches, newest first",
+        "Recent dispatches, newest first, one a line.",
+    )
+    lst.add_argument(
+        "--status",
+        choices=[str(s) for s in DispatchStatus],
+        help="only dispatches with this status",
+    )
+    lst.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="at most N dispatches (default 50)"
+    )
+    lst.add_argument("--json", action="store_true", help=JSON_HELP + " (a list)")
+    tasks = _command(
+        sub,
+        "tasks",
+        "the tasks you can submit, with their params",
+        "Every task of the configuration with its params: type, required or default, "
+        "description. A task without declared params lists the params its steps use.",
+    )
+    tasks.add_argument("--json", action="store_true", help=JSON_HELP)
+    _add_operations(sub)
+
+
+def _add_operations(sub: Any) -> None:
+    """cancel, status, gates, health."""
+    cancel = _command(
+        sub,
+        "cancel",
+        "cancel a dispatch",
+        "Cancel a dispatch: a queued one at once; the daemon stops a running one shortly.",
+    )
+    cancel.add_argument("id", type=int, metavar="ID", help="the dispatch id")
+    cancel.add_argument("--json", action="store_true", help=JSON_HELP)
+    status = _command(
+        sub,
+        "status",
+        "the whole picture: daemon, queue, gates, in flight, failures",
+        "The daemon (live or not), the queue, every gate, what is in flight (and what "
+        "waits for a gate), and the recent failures with the tail of their output.",
+    )
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
+    gates = _command(
+        sub,
+        "gates",
+        "every gate: capacity, held places, holders; gate row counts",
+        "Every gate (global, runner:NAME, task:NAME) with its capacity, the places held "
+        "and who holds them, from the gates table; and how many rows the purge would delete.",
+    )
+    gates.add_argument("--json", action="store_true", help=JSON_HELP)
+    health = _command(
+        sub,
+        "health",
+        "exit 0 when a live daemon heartbeats on this database, 69 otherwise",
+        "For probes: exit 0 when a daemon heartbeat on this database within "
+        "daemon.instance_ttl, 69 otherwise.",
+    )
+    health.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def _add_maintenance(sub: Any) -> None:
+    purge = _command(
+        sub,
+        "purge",
+        "run the purge and retention jobs once, now",
+        "Delete released gate rows older than purge.gate_retention and finished "
+        "dispatches older than retention.dispatches, now (the daemon also does it on "
+        "purge.schedule). Safe while the daemon runs.",
+    )
     purge.add_argument(
         "--dry-run", action="store_true", help="report what would go; delete nothing"
     )
-    purge.add_argument("--json", action="store_true")
-    check = sub.add_parser(
+    purge.add_argument("--json", action="store_true", help=JSON_HELP)
+    check = _command(
+        sub,
         "check-config",
-        help="validate the configuration, and that its database folder and token file "
-        "can be used, and exit",
+        "validate the configuration and exit (78 when it is wrong)",
+        "Read and validate the configuration (and its environment overrides), declared "
+        "params and templates included, and try what the daemon will need: that the "
+        "database folder can be created or written and the token file read, by the user "
+        "who runs this. Print a summary and exit 0, or one line naming the file and key "
+        "that is wrong and exit 78.",
     )
     check.add_argument(
         "--as-user",
         metavar="NAME",
         help="check the files as this user (the service's), not as the caller (needs root)",
     )
-    sub.add_parser("init", help="create the database and its tables (only run does, too)")
-    sub.add_parser(
+    _command(
+        sub,
+        "init",
+        "create the database and its tables",
+        "Create the database (and its folder) and its tables, or bring an existing one's "
+        "schema up to date. Only `run` and `init` create a database: every other command "
+        "refuses a missing one with exit 66, naming the path and the configuration file.",
+    )
+    _command(
+        sub,
         "check-db",
-        help="read the whole database and check its integrity (exit 73 with a way to "
-        "recover when it is damaged)",
+        "read the whole database and check its integrity",
+        "Run SQLite's full integrity check (every page, every index against its table). "
+        "Exit 0 when it is sound; exit 73 with one line saying how to recover when it is "
+        "damaged. Opens the file read-only: safe while the daemon runs.",
     )
-    health = sub.add_parser("health", help="exit 0 when a live daemon heartbeats here")
-    health.add_argument("--json", action="store_true")
-    status = sub.add_parser("status", help="the whole picture: daemon, queue, gates, in flight")
-    status.add_argument("--json", action="store_true")
-    return parser
 
 
-def _add_submit(sub: Any) -> None:
-    submit = sub.add_parser("submit", help="submit a dispatch (or --batch FILE)")
-    submit.add_argument("task", nargs="?")
-    submit.add_argument("--param", action="append", default=[], metavar="K=V")
-    submit.add_argument("--params", metavar="JSON", help="params as a JSON object")
-    submit.add_argument("--key", help="idempotency key")
-    submit.add_argument("--priority", type=int)
-    submit.add_argument("--wait", action="store_true", help="wait for a final status")
-    submit.add_argument("--json", action="store_true")
-    submit.add_argument("--batch", metavar="FILE", help="JSON lines to submit ('-' for stdin)")
-    submit.add_argument(
-        "--url", help="submit through this daemon's HTTP API (default: api.url, if set)"
-    )
-    submit.add_argument("--token-file", help="bearer token for --url (default: api.token_file)")
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "submit":
+        _check_submit_usage(args)
     if args.command == "check-config":
         return _check_config(args)
     if args.command == "submit" and args.url:
@@ -122,6 +332,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _submit_remote(args, settings)
     if args.command == "run":
         return _run(args, settings)
+    if args.command == "tasks":
+        return _tasks(args, settings)
     handler, access = _HANDLERS[args.command]
     return asyncio.run(_with_store(settings, access, lambda store: handler(args, settings, store)))
 
@@ -196,28 +408,59 @@ def _check_config_as(path: Path, user: str) -> int:
     return done.returncode
 
 
-# -- commands ---------------------------------------------------------------------------
+# -- submit -------------------------------------------------------------------------------
+
+
+def _check_submit_usage(args: argparse.Namespace) -> None:
+    """Options that contradict each other: exit 2 before anything is read or written."""
+    if args.batch is not None:
+        if args.task is not None:
+            raise UsageError(
+                f"submit: TASK {args.task!r} and --batch exclude each other "
+                "(each batch line names its task)"
+            )
+        extra = [
+            name
+            for name, given in (
+                ("--param", args.param),
+                ("--params", args.params),
+                ("--key", args.key),
+                ("--priority", args.priority is not None),
+            )
+            if given
+        ]
+        if extra:
+            raise UsageError(f"submit --batch: {extra[0]} belongs in each batch line, not here")
+    elif not args.task:
+        raise UsageError("submit needs a TASK (or --batch FILE)")
+    if args.timeout is not None and not args.wait:
+        raise UsageError("submit: --timeout only applies with --wait")
 
 
 async def _submit(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    clock = SystemClock()
     if args.batch is not None:
         return await _submit_batch(args, settings, store)
-    if not args.task:
-        raise BadRequest("submit needs a TASK (or --batch FILE)")
-    request = service.SubmitRequest(args.task, _params(args), args.key, args.priority)
-    reservation = await service.submit(settings, store, clock, request)
+    request = _request(args, settings)
+    reservation = await service.submit(settings, store, SystemClock(), request)
+    _warn(service.param_warnings(settings, request))
     if args.wait:
-        return await _wait(store, reservation, args.json)
-    if args.json:
-        _print_json(service.reservation_json(reservation))
-    else:
-        how = "created" if reservation.created else f"existing dispatch for key {args.key!r}"
-        print(f"{reservation.id} {reservation.status} ({how})")
+        _say_waiting(reservation)
+        data = await watch.follow_one(
+            _local_source(settings, store), reservation.id, patience=args.timeout, err=sys.stderr
+        )
+        return _print_final(data, reservation.created, args.json)
+    _print_reservation(args, service.reservation_json(reservation))
     return EX_OK
 
 
-def _params(args: argparse.Namespace) -> dict[str, Any]:
+def _request(args: argparse.Namespace, settings: Settings) -> service.SubmitRequest:
+    params = _params(args, settings)
+    return service.SubmitRequest(args.task, params, args.key, args.priority)
+
+
+def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """--params (JSON) and --param (text, converted to declared types): a param given
+    twice is refused, never silently overridden."""
     params: dict[str, Any] = {}
     if args.params is not None:
         try:
@@ -227,17 +470,128 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise BadRequest(f"--params: expected a JSON object, got {type(loaded).__name__}")
         params.update(loaded)
+    texts: dict[str, str] = {}
     for item in args.param:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise BadRequest(f"--param {item!r}: expected NAME=VALUE")
-        params[name] = value
+        if name in texts:
+            raise UsageError(f"--param {name}: given twice; give each param once")
+        if name in params:
+            raise UsageError(
+                f"param {name!r} given by both --params and --param; give it once "
+                "(one would silently replace the other)"
+            )
+        texts[name] = value
+    params.update(service.params_from_text(settings, args.task, texts))
     return params
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        print(f"dispatcher: warning: {warning}", file=sys.stderr)
+
+
+def _warn_once(warnings: Sequence[str]) -> None:
+    """A batch's warnings as one line: the first, and how many more lines are like it."""
+    if warnings:
+        more = len(warnings) - 1
+        tail = f" (and {more} more batch lines with params no step uses)" if more else ""
+        _warn([warnings[0] + tail])
+
+
+def _say_waiting(reservation: Reservation) -> None:
+    """The id, at once, on stderr: stdout gets only the final answer."""
+    how = "created" if reservation.created else "existing"
+    print(
+        f"dispatch {reservation.id} {reservation.status} ({how}); waiting for it to end "
+        "(Ctrl-C stops waiting, not the dispatch)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _print_reservation(args: argparse.Namespace, answer: dict[str, Any]) -> None:
+    if args.json:
+        _print_json(answer)
+    else:
+        how = "created" if answer["created"] else f"existing dispatch for key {args.key!r}"
+        print(f"{answer['id']} {answer['status']} ({how})")
+
+
+def _local_source(settings: Settings, store: Store, light: bool = False) -> watch.Source:
+    """The database as a wait's source; `light` reads no attempts (for a batch)."""
+    clock = SystemClock()
+
+    async def show(dispatch_id: int) -> dict[str, Any]:
+        if light:
+            dispatch = await store.get_dispatch(dispatch_id)
+            if dispatch is None:
+                raise NotFound(f"no dispatch with id {dispatch_id}")
+            return service.dispatch_json(dispatch)
+        return await service.show(store, dispatch_id, settings, clock)
+
+    async def daemon_live() -> bool:
+        return bool((await service.health(settings, store, clock))["live"])
+
+    return watch.Source(show, daemon_live)
+
+
+def _print_final(data: dict[str, Any], created: bool, as_json: bool) -> int:
+    if as_json:
+        _print_json({**data, "created": created})
+    else:
+        error = f": {data['error']}" if data["error"] else ""
+        print(f"{data['id']} {data['status']}{error}")
+        tail = _failed_tail(data)
+        if tail:
+            print(_indent(tail, "  | "), file=sys.stderr)
+    return EX_OK if data["status"] == DispatchStatus.SUCCEEDED else EXIT_NOT_SUCCEEDED
+
+
+def _failed_tail(data: dict[str, Any]) -> str | None:
+    for attempt in reversed(data.get("attempts", [])):
+        if attempt["status"] in ("failed", "timed_out") and attempt.get("output"):
+            return service.tail_lines(attempt["output"], FAILURE_TAIL_LINES)
+    return None
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+# -- submit --batch -------------------------------------------------------------------------
 
 
 async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     lines = _read_batch(args.batch)
-    news = service.validate_batch(settings, lines)
+    checked = service.check_batch(settings, lines)
+    _warn_once(checked.warnings)
+    if len(checked.errors) == 1:  # one bad line: one line says it all
+        raise BadRequest(f"{checked.errors[0]} (nothing was submitted)")
+    if checked.errors:
+        for error in checked.errors[: service.MAX_BATCH_ERRORS]:
+            print(f"dispatcher: error: {error}", file=sys.stderr)
+        raise BadRequest(_refusal(checked, len(lines)))
+    answers = await _save_batch(store, checked.news, sys.stderr)
+    summary = service.batch_summary(answers)
+    print(f"dispatcher: batch: {summary.text()}", file=sys.stderr)
+    code = await _wait_batch(args, settings, store, summary.ids) if args.wait else EX_OK
+    return BadRequest.exit_code if summary.conflicts else code
+
+
+def _refusal(checked: service.CheckedBatch, total: int) -> str:
+    shown = min(len(checked.errors), service.MAX_BATCH_ERRORS)
+    more = len(checked.errors) - shown
+    listed = f" (the first {shown} listed above)" if more else " (listed above)"
+    return f"{len(checked.errors)} of {total} batch lines refused{listed}; nothing was submitted"
+
+
+async def _save_batch(
+    store: Store, news: list[NewDispatch], err: TextIO
+) -> list[Reservation | Exception]:
+    """Write the batch chunk by chunk, answering each line (stdout) once its chunk is
+    committed, with a progress bar on a terminal."""
     answered: list[Reservation | Exception] = []
 
     def print_chunk(chunk: list[Reservation | Exception]) -> None:
@@ -248,18 +602,36 @@ async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Sto
                 sys.stdout.write(json.dumps({"error": str(answer)}) + "\n")
         sys.stdout.flush()
         answered.extend(chunk)
+        bar.update(len(chunk))
 
-    try:
-        answers = await service.submit_batch(store, SystemClock(), news, on_chunk=print_chunk)
-    except DispatcherError as exc:
-        if answered:  # earlier chunks are committed: say so, they were answered above
-            exc.message += f" ({len(answered)} of {len(news)} lines saved and answered)"
-        raise
-    failed = sum(not isinstance(answer, Reservation) for answer in answers)
-    if failed:
-        print(f"dispatcher: error: {failed} of {len(answers)} batch lines refused", file=sys.stderr)
-        return BadRequest.exit_code
-    return EX_OK
+    with watch.progress(len(news), "submitting", err) as bar:
+        try:
+            await service.submit_batch(store, SystemClock(), news, on_chunk=print_chunk)
+        except DispatcherError as exc:
+            if answered:  # earlier chunks are committed: say so, they were answered above
+                exc.message += f" ({len(answered)} of {len(news)} lines saved and answered)"
+            raise
+    return answered
+
+
+async def _wait_batch(
+    args: argparse.Namespace, settings: Settings, store: Store, ids: list[int]
+) -> int:
+    if not ids:
+        return EX_OK
+    print(
+        f"dispatcher: batch: waiting for {len(ids)} dispatches to end "
+        "(Ctrl-C stops waiting, not the dispatches)",
+        file=sys.stderr,
+        flush=True,
+    )
+    source = _local_source(settings, store, light=True)
+    finals = await watch.follow_many(source, ids, patience=args.timeout, err=sys.stderr)
+    ended = service.ended_summary(list(finals.values()))
+    for line in ended.failures[: service.MAX_BATCH_ERRORS]:
+        print(f"dispatcher: {line}", file=sys.stderr)
+    print(f"dispatcher: batch: {ended.text()}", file=sys.stderr)
+    return EX_OK if ended.all_succeeded else EXIT_NOT_SUCCEEDED
 
 
 def _read_batch(source: str) -> list[str]:
@@ -273,22 +645,7 @@ def _read_batch(source: str) -> list[str]:
         raise BadRequest(f"--batch {source}: not UTF-8 text") from None
 
 
-async def _wait(store: Store, reservation: Reservation, as_json: bool) -> int:
-    while True:
-        data = await service.show(store, reservation.id)
-        if DispatchStatus(data["status"]).is_final:
-            break
-        await asyncio.sleep(WAIT_POLL)
-    return _print_final(data, reservation.created, as_json)
-
-
-def _print_final(data: dict[str, Any], created: bool, as_json: bool) -> int:
-    if as_json:
-        _print_json({**data, "created": created})
-    else:
-        error = f": {data['error']}" if data["error"] else ""
-        print(f"{data['id']} {data['status']}{error}")
-    return EX_OK if data["status"] == DispatchStatus.SUCCEEDED else EXIT_NOT_SUCCEEDED
+# -- submit --url -----------------------------------------------------------------------------
 
 
 def _settings_if_any(explicit: str | None) -> Settings:
@@ -307,36 +664,40 @@ def _submit_remote(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.batch is not None:
         raise BadRequest("--batch works on the local database only; drop --url / api.url")
-    if not args.task:
-        raise BadRequest("submit needs a TASK")
     token_file = Path(args.token_file) if args.token_file else settings.api.token_file
     token = read_token(token_file) if token_file is not None else None
     client = ApiClient(args.url or settings.api.url or "", token)
-    request = service.SubmitRequest(args.task, _params(args), args.key, args.priority)
-    answer = client.submit(request)
-    if args.wait:
-        data = client.show(answer["id"])
-        while not DispatchStatus(data["status"]).is_final:
-            time.sleep(REMOTE_WAIT_POLL)
-            data = client.show(answer["id"])
-        return _print_final(data, answer["created"], args.json)
-    if args.json:
-        _print_json(answer)
-    else:
-        how = "created" if answer["created"] else f"existing dispatch for key {args.key!r}"
-        print(f"{answer['id']} {answer['status']} ({how})")
-    return EX_OK
+    answer = client.submit(_request(args, settings))
+    _warn(answer.get("warnings", []))
+    if not args.wait:
+        _print_reservation(args, answer)
+        return EX_OK
+    _say_waiting(Reservation(answer["id"], DispatchStatus(answer["status"]), answer["created"]))
+
+    async def show(dispatch_id: int) -> dict[str, Any]:
+        return await asyncio.to_thread(client.show, dispatch_id)
+
+    source = watch.Source(show, daemon_live=None, poll=REMOTE_WAIT_POLL)
+    data = asyncio.run(
+        watch.follow_one(source, answer["id"], patience=args.timeout, err=sys.stderr)
+    )
+    return _print_final(data, answer["created"], args.json)
+
+
+# -- reading ---------------------------------------------------------------------------------
 
 
 async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.show(store, args.id)
+    data = await service.show(store, args.id, settings)
     if args.json:
         _print_json(data)
         return EX_OK
-    print(f"dispatch {data['id']}  task {data['task']}  status {data['status']}")
+    print(f"dispatch {data['id']}  task {data['task']}  status {_status_text(data)}")
     print(f"  params  {json.dumps(data['params'])}")
     if data["key"]:
         print(f"  key     {data['key']}")
+    if data["not_before"] and data["status"] == DispatchStatus.QUEUED:
+        print(f"  retry   not before {data['not_before']}")
     if data["error"]:
         print(f"  error   {data['error']}")
     for index, step in enumerate(data["plan"] or []):
@@ -344,27 +705,68 @@ async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> i
         print(f"  {mark} step {index}: {step['name']} [{step['runner']}] {' '.join(step['args'])}")
     for attempt in data["attempts"]:
         code = "" if attempt["exit_code"] is None else f" exit {attempt['exit_code']}"
+        error = f": {attempt['error']}" if attempt["error"] else ""
         print(
             f"    {attempt['started_at']}  {attempt['step']} #{attempt['attempt']} "
-            f"{attempt['status']}{code}"
+            f"{attempt['status']}{code}{error}"
         )
+        if attempt["output"]:
+            print(_indent(service.tail_lines(attempt["output"], OUTPUT_TAIL_LINES), "      | "))
     return EX_OK
+
+
+def _status_text(data: dict[str, Any]) -> str:
+    """`waiting (runner:shell)` for a dispatch that waits for a gate, else its status."""
+    waiting = data.get("waiting_for")
+    return f"waiting ({waiting})" if waiting else str(data["status"])
 
 
 async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     if args.limit < 1:
         raise BadRequest("--limit must be at least 1")
     status = DispatchStatus(args.status) if args.status else None
-    rows = await service.list_dispatches(store, status, args.limit)
+    rows = await service.list_dispatches(store, status, args.limit, settings)
     if args.json:
         _print_json(rows)
         return EX_OK
+    if not rows:
+        print("no dispatches" + (f" with status {status}" if status else ""), file=sys.stderr)
+        return EX_OK
+    print(f"{'ID':>8}  {'STATUS':<24} {'TASK':<20} {'CREATED':<27} ERROR")
     for row in rows:
         print(
-            f"{row['id']:>8}  {row['status']:<10} {row['task']:<20} {row['created_at']}  "
+            f"{row['id']:>8}  {_status_text(row):<24} {row['task']:<20} {row['created_at']:<27} "
             f"{row['error'] or ''}"
         )
     return EX_OK
+
+
+def _tasks(args: argparse.Namespace, settings: Settings) -> int:
+    tasks = service.tasks_json(settings)
+    if args.json:
+        _print_json({"tasks": tasks})
+        return EX_OK
+    for task in tasks:
+        about = f"  {task['description']}" if task["description"] else ""
+        print(f"{task['name']}{about}")
+        if not task["params"]:
+            print("    (no params)")
+        for param in task["params"]:
+            print(f"    {_param_text(param, task['declared'])}")
+    return EX_OK
+
+
+def _param_text(param: dict[str, Any], declared: bool) -> str:
+    if not declared:
+        return f"{param['name']:<16} required (used by a step; not declared)"
+    kind = param["type"]
+    kind = kind if isinstance(kind, str) else "one of " + ", ".join(json.dumps(v) for v in kind)
+    if param["default"] is not None:
+        need = f"default {json.dumps(param['default'])}"
+    else:
+        need = "required" if param["required"] else "optional"
+    about = f"  {param['description']}" if param["description"] else ""
+    return f"{param['name']:<16} {kind}, {need}{about}"
 
 
 async def _cancel(args: argparse.Namespace, settings: Settings, store: Store) -> int:
@@ -450,30 +852,62 @@ async def _status(args: argparse.Namespace, settings: Settings, store: Store) ->
 
 
 def _status_lines(data: dict[str, Any]) -> list[str]:
-    lines = []
-    if data["live"]:
-        for inst in data["instances"]:
-            lines.append(
-                f"daemon    live: instance {inst['id']} (pid {inst['pid']} on "
-                f"{inst['hostname']}), heartbeat {inst['heartbeat_at']}"
-            )
-    else:
-        lines.append("daemon    NOT RUNNING: no live instance heartbeats on this database")
+    lines = _daemon_lines(data)
     queue = data["queue"]
-    lines.append("queue     " + ", ".join(f"{queue[name]} {name}" for name in queue))
+    global_gate = next((g for g in data["gates"] if g["name"] == "global"), None)
+    cap = f" (global {global_gate['held']}/{global_gate['capacity']})" if global_gate else ""
+    finals = ", ".join(f"{queue[str(s)]} {s}" for s in service.FINAL_STATUSES)
+    lines.append(
+        f"queue     {queue['queued']} queued, {data['in_flight_count']} in flight{cap}, {finals}"
+    )
     gates = "  ".join(f"{g['name']} {g['held']}/{g['capacity']}" for g in data["gates"])
     lines.append(f"gates     {gates}")
-    label = "in flight"
-    for item in data["in_flight"]:
-        step = item["step"] or "(planning)"
-        where = f"step {item['step_index'] + 1}/{item['steps']} {step}" if item["steps"] else step
-        lines.append(f"{label:<9} {item['id']:>6} {item['task']:<16} {where}  {item['running_s']}s")
-        label = ""
-    label = "failures"
+    lines += _labelled("in flight", [_in_flight_text(item) for item in data["in_flight"]])
+    lines += _labelled("queued", [_queued_text(item) for item in data["queued"][:STATUS_QUEUED]])
+    failures = []
     for item in data["recent_failures"]:
-        lines.append(f"{label:<9} {item['id']:>6} {item['task']:<16} {item['error'] or ''}")
-        label = ""
+        failures.append(f"{item['id']:>6} {item['task']:<16} {item['error'] or ''}")
+        if item["output_tail"]:
+            failures += [" " * 24 + "| " + line for line in item["output_tail"].splitlines()]
+    return lines + _labelled("failures", failures)
+
+
+def _daemon_lines(data: dict[str, Any]) -> list[str]:
+    lines = [
+        f"daemon    live: instance {inst['id']} (pid {inst['pid']} on "
+        f"{inst['hostname']}), heartbeat {inst['heartbeat_at']}"
+        for inst in data["instances"]
+    ]
+    if not data["live"]:
+        lines.append("daemon    NOT RUNNING: no live instance heartbeats on this database")
+    if data["stale_instances"]:
+        lines.append(
+            "stale     gate places still held by "
+            + ", ".join(data["stale_instances"])
+            + " (not live): released when a daemon starts (or reaps them)"
+        )
     return lines
+
+
+def _labelled(label: str, items: list[str]) -> list[str]:
+    return [f"{label if n == 0 else '':<9} {item}" for n, item in enumerate(items)]
+
+
+def _in_flight_text(item: dict[str, Any]) -> str:
+    step = item["step"] or "(planning)"
+    where = f"step {item['step_index'] + 1}/{item['steps']} {step}" if item["steps"] else step
+    state = f"waiting for {item['waiting_for']} at {where}" if item["waiting_for"] else where
+    return f"{item['id']:>6} {item['task']:<16} {state}  {item['running_s']}s"
+
+
+def _queued_text(item: dict[str, Any]) -> str:
+    if item["waiting_for"]:
+        why = f"waiting for {item['waiting_for']}"
+    elif item["not_before"]:
+        why = f"retry after {item['not_before']}"
+    else:
+        why = ""
+    return f"{item['id']:>6} {item['task']:<16} {why}".rstrip()
 
 
 def _print_json(data: Any, out: TextIO | None = None) -> None:
@@ -507,6 +941,8 @@ _HANDLERS: dict[str, tuple[Handler, Access]] = {
     "status": (_status, Access.READ),
     "check-db": (_check_db, Access.READ),
 }
+STATUS_QUEUED = 5
+"""`status` lists this many queued dispatches (newest first) as text; --json has more."""
 
 if __name__ == "__main__":
     sys.exit(main())

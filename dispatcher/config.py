@@ -28,6 +28,7 @@ from pydantic import (
 
 from dispatcher.durations import parse_duration
 from dispatcher.errors import ConfigError
+from dispatcher.params import ParamSpec
 from dispatcher.templating import placeholders, value_placeholders
 
 ENV_PREFIX = "DISPATCHER_"
@@ -40,6 +41,8 @@ checkout's example only where no service is installed."""
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=100)]
+ParamName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)]
+"""A declared param: a name a `{name}` template can use."""
 
 
 class _Section(BaseModel):
@@ -150,6 +153,9 @@ class TaskSettings(_Section):
     concurrency: int | None = Field(default=None, ge=1)
     concurrency_key: str | None = None
     priority: int = 0
+    description: str = ""
+    params: dict[ParamName, ParamSpec] | None = None
+    """Declared params (`[tasks.NAME.params.P]`); None: undeclared (any params taken)."""
 
     @model_validator(mode="after")
     def _planner_has_what_it_needs(self) -> TaskSettings:
@@ -169,7 +175,33 @@ class TaskSettings(_Section):
         names = [step.name for step in self.steps]
         if len(names) != len(set(names)):
             raise ValueError("step names must be unique within a task")
+        self._templates_use_declared_params()
         return self
+
+    def _templates_use_declared_params(self) -> None:
+        """With declarations, every `{name}` a template uses must be declared, and be
+        required or have a default (else the plan could not be made)."""
+        if self.params is None:
+            return
+        declared = ", ".join(sorted(self.params)) or "none"
+        for where, names in self._template_uses():
+            for name in names:
+                spec = self.params.get(name)
+                if spec is None:
+                    raise ValueError(
+                        f"{where} uses {{{name}}}, which is not a declared param "
+                        f"(declared: {declared})"
+                    )
+                if not spec.is_required and spec.default is None:
+                    raise ValueError(
+                        f"{where} uses {{{name}}}: params.{name} must be required or have a default"
+                    )
+
+    def _template_uses(self) -> list[tuple[str, list[str]]]:
+        uses = [(f"step {step.name!r}", sorted(step.params_used())) for step in self.steps]
+        if self.concurrency_key:
+            uses.append(("concurrency_key", placeholders(self.concurrency_key)))
+        return uses
 
     def params_used(self) -> set[str]:
         """Params every submission must carry (step args and the concurrency key)."""

@@ -25,6 +25,7 @@ import anyio
 import structlog
 
 from dispatcher import __version__, logs
+from dispatcher.activity import Activity
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import (
@@ -38,7 +39,7 @@ from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
 from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
 from dispatcher.notify import Notifier
-from dispatcher.observe import NullObserver, Observer
+from dispatcher.observe import NullObserver, Observer, Observers
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
@@ -150,10 +151,12 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier()
-        self.observer: Observer = observer or NullObserver()
         self._side_tasks = tuple(side_tasks)
         self.store = store
         self.clock = clock or SystemClock()
+        self.activity = Activity(self.clock)
+        """The last hour of this daemon, for the status page."""
+        self.observer: Observer = Observers(self.activity, observer or NullObserver())
         self.instance_id = uuid.uuid4().hex[:12]
         self._reload = reload
         self.state = DaemonState()
@@ -437,6 +440,9 @@ class Daemon:
         flight = InFlight(dispatch.id)
         self.state.inflight[dispatch.id] = flight
         log.debug("dispatch_claimed", dispatch_id=dispatch.id, task=dispatch.task)
+        if not dispatch.resumed and dispatch.started_at is not None:
+            waited = (dispatch.started_at - dispatch.created_at).total_seconds()
+            self.observer.dispatch_started(dispatch.task, waited)
         work.start_soon(self._run_dispatch, dispatch, flight, global_slot, task_slot)
 
     async def _bind_global(self, dispatch: Dispatch, holder: str) -> Slot | None:

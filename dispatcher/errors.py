@@ -28,6 +28,12 @@ class DispatcherError(Exception):
         return self.message
 
 
+class UsageError(DispatcherError):
+    """The command line contradicts itself (e.g. one param given twice)."""
+
+    exit_code = EX_USAGE
+
+
 class ConfigError(DispatcherError):
     """The configuration file or an environment override is invalid."""
 

@@ -103,6 +103,13 @@ class DaemonMetrics:
             buckets=ATTEMPT_BUCKETS,
             registry=reg,
         )
+        self.start_delay = Histogram(
+            "dispatcher_dispatch_start_delay_seconds",
+            "Time from submit to a dispatch's first start, by task.",
+            ["task"],
+            buckets=ATTEMPT_BUCKETS,
+            registry=reg,
+        )
         self.purge_runs = Counter("dispatcher_purge_runs", "Runs of the purge job.", registry=reg)
         self.purge_rows = Counter(
             "dispatcher_purge_rows_deleted", "Released gate rows deleted by purge.", registry=reg
@@ -164,6 +171,10 @@ class DaemonMetrics:
             self.loop_lag.set(self.last_loop_lag)
 
     # -- Observer -----------------------------------------------------------------------
+
+    def dispatch_started(self, task: str, waited_s: float) -> None:
+        """Observe how long a dispatch waited from submit to its first start."""
+        self.start_delay.labels(task).observe(max(0.0, waited_s))
 
     def dispatch_finished(self, task: str, status: str) -> None:
         """Count a dispatch that reached a final status."""

@@ -12,6 +12,10 @@ from typing import Protocol
 class Observer(Protocol):
     """Callbacks made on the daemon's event loop; they must be quick and never raise."""
 
+    def dispatch_started(self, task: str, waited_s: float) -> None:
+        """A dispatch started for the first time, `waited_s` seconds after its submit."""
+        ...
+
     def dispatch_finished(self, task: str, status: str) -> None:
         """A dispatch reached a final status (`succeeded`, `failed`, `cancelled`)."""
         ...
@@ -28,6 +32,9 @@ class Observer(Protocol):
 class NullObserver:
     """Observes nothing."""
 
+    def dispatch_started(self, task: str, waited_s: float) -> None:
+        """Ignored."""
+
     def dispatch_finished(self, task: str, status: str) -> None:
         """Ignored."""
 
@@ -36,3 +43,30 @@ class NullObserver:
 
     def purge_finished(self, deleted: int, duration_s: float) -> None:
         """Ignored."""
+
+
+class Observers:
+    """Several observers as one: each callback goes to every one, in order."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self._observers = observers
+
+    def dispatch_started(self, task: str, waited_s: float) -> None:
+        """Passed on to each."""
+        for observer in self._observers:
+            observer.dispatch_started(task, waited_s)
+
+    def dispatch_finished(self, task: str, status: str) -> None:
+        """Passed on to each."""
+        for observer in self._observers:
+            observer.dispatch_finished(task, status)
+
+    def attempt_finished(self, runner: str, status: str, duration_s: float) -> None:
+        """Passed on to each."""
+        for observer in self._observers:
+            observer.attempt_finished(runner, status, duration_s)
+
+    def purge_finished(self, deleted: int, duration_s: float) -> None:
+        """Passed on to each."""
+        for observer in self._observers:
+            observer.purge_finished(deleted, duration_s)

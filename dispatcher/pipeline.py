@@ -56,6 +56,10 @@ class InFlight:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     reason: CancelReason | None = None
     step: str | None = None
+    waiting_for: str | None = None
+    """The gate whose place the current step waits for (`runner:NAME`), if any."""
+    attempt: int | None = None
+    """The number of the latest attempt started for this dispatch (None before one)."""
 
     def cancel(self, reason: CancelReason) -> None:
         if self.reason is None:
@@ -278,8 +282,13 @@ class Pipeline:
         if not self._gate.has(gate_name):
             return await self._record_attempt(spec, flight, work)
         holder = f"dispatch:{spec.dispatch_id}/{spec.step}#{spec.number}"
-        async with self._gate.hold(gate_name, holder):
-            return await self._record_attempt(spec, flight, work)
+        flight.waiting_for = gate_name
+        try:
+            async with self._gate.hold(gate_name, holder):
+                flight.waiting_for = None
+                return await self._record_attempt(spec, flight, work)
+        finally:
+            flight.waiting_for = None
 
     async def _record_attempt(self, spec: AttemptSpec, flight: InFlight, work: Work) -> Outcome:
         started = self._clock.now()
@@ -295,6 +304,7 @@ class Pipeline:
         if spec.effects:
             await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
+        flight.attempt = spec.number
         try:
             outcome = await self._invoke(work)
         except anyio.get_cancelled_exc_class():

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dispatcher import params as declared_params
 from dispatcher.clock import Clock, SystemClock
-from dispatcher.config import Settings
+from dispatcher.config import Settings, TaskSettings
 from dispatcher.errors import BadRequest, NotFound
-from dispatcher.models import Attempt, Dispatch, DispatchStatus, NewDispatch, Reservation
-from dispatcher.planners import check_params, task_gate_key
+from dispatcher.models import (
+    Attempt,
+    AttemptStatus,
+    Dispatch,
+    DispatchStatus,
+    NewDispatch,
+    Reservation,
+    SlotRow,
+)
+from dispatcher.planners import check_params, task_gate_capacity, task_gate_key
 from dispatcher.purge import gate_cutoff
 from dispatcher.store.base import Store
 
@@ -56,14 +65,92 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         raise BadRequest(f"priority must be an integer, got {priority!r}")
     if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         raise BadRequest(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
-    check_params(request.task, task, request.params)
+    params = task_params(request.task, task, request.params)
     return NewDispatch(
         task=request.task,
-        params=request.params,
+        params=params,
         key=request.key,
         priority=priority,
-        gate_key=task_gate_key(request.task, task, request.params),
+        gate_key=task_gate_key(request.task, task, params),
     )
+
+
+def task_params(task_name: str, task: TaskSettings, params: dict[str, Any]) -> dict[str, Any]:
+    """The params to store: checked against the task's declarations (defaults filled
+    in, unknown ones refused), or, for a task without declarations, as given once
+    every param its templates use is there."""
+    if task.params is not None:
+        return declared_params.apply_declared(task_name, task.params, params)
+    check_params(task_name, task, params)
+    return params
+
+
+def param_warnings(settings: Settings, request: SubmitRequest) -> list[str]:
+    """Params of a task without declarations that none of its templates uses (stored
+    anyway, as before declarations existed; most often a typo)."""
+    task = settings.tasks.get(request.task)
+    if task is None or task.params is not None or task.planner != "steps":
+        return []  # declared: unknown ones are refused; other planners may read any
+    if not isinstance(request.params, dict):
+        return []
+    names = declared_params.unused(request.params, task.params_used())
+    if not names:
+        return []
+    listed = ", ".join(repr(name) for name in names)
+    plural = "s" if len(names) > 1 else ""
+    return [
+        f"task {request.task!r}: param{plural} {listed} used by no step "
+        "(stored anyway; declare the task's params to refuse unknown ones)"
+    ]
+
+
+def params_from_text(
+    settings: Settings, task_name: str, texts: Mapping[str, str]
+) -> dict[str, Any]:
+    """`--param NAME=VALUE` values, converted to their declared types (an undeclared
+    param, or one of a task without declarations, stays a string)."""
+    task = settings.tasks.get(task_name)
+    declared = (task.params if task is not None else None) or {}
+    values: dict[str, Any] = {}
+    for name, text in texts.items():
+        spec = declared.get(name)
+        if spec is None:
+            values[name] = text
+            continue
+        try:
+            values[name] = declared_params.from_text(spec, text)
+        except ValueError as exc:
+            raise BadRequest(f"--param {name}: task {task_name!r}: {exc}") from None
+    return values
+
+
+def _undeclared_json(name: str) -> dict[str, Any]:
+    return {"name": name, "type": None, "required": True, "default": None, "description": ""}
+
+
+def tasks_json(settings: Settings) -> list[dict[str, Any]]:
+    """Every configured task with its params, as `dispatcher tasks --json` shows them."""
+    answer = []
+    for name in sorted(settings.tasks):
+        task = settings.tasks[name]
+        declared = task.params
+        answer.append(
+            {
+                "name": name,
+                "description": task.description,
+                "planner": task.planner,
+                "steps": [step.name for step in task.steps],
+                "declared": declared is not None,
+                "params": (
+                    [declared[p].to_json(p) for p in sorted(declared)]
+                    if declared is not None
+                    else [_undeclared_json(p) for p in sorted(task.params_used())]
+                ),
+                "concurrency": task.concurrency,
+                "priority": task.priority,
+            }
+        )
+    return answer
 
 
 def _check_key(key: str) -> None:
@@ -110,18 +197,102 @@ def request_from_json(item: Any) -> SubmitRequest:
     return SubmitRequest(item["task"], item.get("params", {}), key, item.get("priority"))
 
 
-def validate_batch(settings: Settings, lines: Iterable[str]) -> list[NewDispatch]:
-    """Every line checked before anything is written: one bad line refuses the batch."""
-    news = []
+MAX_BATCH_ERRORS = 20
+"""`submit --batch` reports at most this many bad lines (and warnings); it counts all."""
+
+
+@dataclass
+class CheckedBatch:
+    """Every line of a batch checked: the submissions, or why lines were refused."""
+
+    news: list[NewDispatch] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    """One message per bad line (`batch line N: ...`), every one of them."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_batch(settings: Settings, lines: Iterable[str]) -> CheckedBatch:
+    """Check every line before anything is written (blank lines are skipped)."""
+    checked = CheckedBatch()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        request = parse_batch_line(number, line)
         try:
-            news.append(validate_request(settings, request))
+            request = parse_batch_line(number, line)
+            checked.news.append(validate_request(settings, request))
         except BadRequest as exc:
-            raise BadRequest(f"batch line {number}: {exc.message}") from None
-    return news
+            message = exc.message
+            prefix = f"batch line {number}: "
+            checked.errors.append(message if message.startswith(prefix) else prefix + message)
+            continue
+        checked.warnings += [f"batch line {number}: {w}" for w in param_warnings(settings, request)]
+    return checked
+
+
+def validate_batch(settings: Settings, lines: Iterable[str]) -> list[NewDispatch]:
+    """Every line checked before anything is written: one bad line refuses the batch
+    (`BadRequest` names the first)."""
+    checked = check_batch(settings, lines)
+    if checked.errors:
+        raise BadRequest(checked.errors[0])
+    return checked.news
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What a saved batch came to."""
+
+    created: int
+    existing: int
+    conflicts: int
+    ids: list[int]
+    """Distinct dispatch ids answered (created or existing), in line order."""
+
+    def text(self) -> str:
+        lines = self.created + self.existing + self.conflicts
+        return (
+            f"{lines} lines: {self.created} created, {self.existing} existing, "
+            f"{self.conflicts} conflicts"
+        )
+
+
+def batch_summary(answers: Sequence[Reservation | Exception]) -> BatchSummary:
+    reservations = [a for a in answers if isinstance(a, Reservation)]
+    created = sum(1 for r in reservations if r.created)
+    ids = list(dict.fromkeys(r.id for r in reservations))
+    return BatchSummary(created, len(reservations) - created, len(answers) - len(reservations), ids)
+
+
+@dataclass(frozen=True)
+class EndedSummary:
+    """How the dispatches of a waited-for batch ended."""
+
+    counts: dict[str, int]
+    failures: list[str]
+    """`dispatch ID TASK STATUS: error` for each that did not succeed."""
+
+    @property
+    def all_succeeded(self) -> bool:
+        return not self.failures
+
+    def text(self) -> str:
+        total = sum(self.counts.values())
+        parts = ", ".join(f"{n} {status}" for status, n in self.counts.items() if n)
+        return f"{total} dispatches ended: {parts or 'none'}"
+
+
+def ended_summary(finals: Sequence[Mapping[str, Any]]) -> EndedSummary:
+    counts = {str(s): 0 for s in FINAL_STATUSES}
+    failures = []
+    for data in sorted(finals, key=lambda d: d["id"]):
+        counts[data["status"]] += 1
+        if data["status"] != DispatchStatus.SUCCEEDED:
+            error = f": {data['error']}" if data.get("error") else ""
+            failures.append(f"dispatch {data['id']} {data.get('task', '')} {data['status']}{error}")
+    return EndedSummary(counts, failures)
+
+
+FINAL_STATUSES = (DispatchStatus.SUCCEEDED, DispatchStatus.FAILED, DispatchStatus.CANCELLED)
 
 
 async def submit_batch(
@@ -174,11 +345,14 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
     }
 
 
-def dispatch_json(dispatch: Dispatch, attempts: list[Attempt] | None = None) -> dict[str, Any]:
+def dispatch_json(
+    dispatch: Dispatch, attempts: list[Attempt] | None = None, waiting_for: str | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": dispatch.id,
         "task": dispatch.task,
         "status": str(dispatch.status),
+        "waiting_for": waiting_for,
         "params": dispatch.params,
         "key": dispatch.key,
         "priority": dispatch.priority,
@@ -195,17 +369,95 @@ def dispatch_json(dispatch: Dispatch, attempts: list[Attempt] | None = None) -> 
     return data
 
 
-async def show(store: Store, dispatch_id: int) -> dict[str, Any]:
+# -- waiting for a gate ------------------------------------------------------------------
+
+
+def _holds(row: SlotRow, dispatch_id: int) -> bool:
+    """Whether a gate row is held by this dispatch (`dispatch:ID` for `global` and
+    `task:` gates, `dispatch:ID/STEP#N` for a runner gate)."""
+    prefix = f"dispatch:{dispatch_id}"
+    return row.holder == prefix or row.holder.startswith(prefix + "/")
+
+
+def waiting_for(
+    settings: Settings, dispatch: Dispatch, held: Sequence[SlotRow], now: datetime
+) -> str | None:
+    """The gate a dispatch waits for, derived from the database alone.
+
+    - `running` at a step whose runner is capped, holding no place of `runner:NAME`:
+      its attempt starts only once it has one (the attempt row does not exist yet).
+    - `queued`, due, with a per-task gate whose places are all held: the daemon does
+      not claim it until one is free.
+
+    A daemon knows this in memory too (the status page and the API use that).
+    """
+    if dispatch.status is DispatchStatus.RUNNING:
+        plan = dispatch.plan
+        if plan is None or dispatch.current_step >= len(plan):
+            return None
+        runner = settings.runners.get(plan[dispatch.current_step].runner)
+        if runner is None or runner.concurrency is None:
+            return None
+        gate = f"runner:{plan[dispatch.current_step].runner}"
+        mine = any(row.gate == gate and _holds(row, dispatch.id) for row in held)
+        return None if mine else gate
+    if dispatch.status is DispatchStatus.QUEUED and dispatch.gate_key is not None:
+        if dispatch.not_before is not None and dispatch.not_before > now:
+            return None  # waits for its retry time, not for a gate
+        capacity = task_gate_capacity(settings, dispatch.gate_key)
+        taken = sum(1 for row in held if row.gate == dispatch.gate_key)
+        if capacity is not None and taken >= capacity:
+            return dispatch.gate_key
+    return None
+
+
+def output_tail(attempts: Sequence[Attempt], lines: int = 5) -> str | None:
+    """The last lines of the last failed attempt's output (stderr and stdout)."""
+    for attempt in reversed(attempts):
+        if attempt.status in (AttemptStatus.FAILED, AttemptStatus.TIMED_OUT) and attempt.output:
+            return tail_lines(attempt.output, lines)
+    return None
+
+
+def tail_lines(text: str, lines: int, max_chars: int = 2000) -> str:
+    kept = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(kept)[-max_chars:]
+
+
+# -- reading, continued -----------------------------------------------------------------
+
+
+async def show(
+    store: Store,
+    dispatch_id: int,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
+) -> dict[str, Any]:
+    """One dispatch with its attempts; with `settings`, also the gate it waits for."""
     dispatch = await store.get_dispatch(dispatch_id)
     if dispatch is None:
         raise NotFound(f"no dispatch with id {dispatch_id}")
-    return dispatch_json(dispatch, await store.list_attempts(dispatch_id))
+    waiting = None
+    if settings is not None and not dispatch.status.is_final:
+        now = (clock or SystemClock()).now()
+        waiting = waiting_for(settings, dispatch, await store.held_slots(), now)
+    return dispatch_json(dispatch, await store.list_attempts(dispatch_id), waiting)
 
 
 async def list_dispatches(
-    store: Store, status: DispatchStatus | None, limit: int
+    store: Store,
+    status: DispatchStatus | None,
+    limit: int,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
 ) -> list[dict[str, Any]]:
-    return [dispatch_json(d) for d in await store.list_dispatches(status, limit)]
+    """Newest first; with `settings`, each with the gate it waits for."""
+    dispatches = await store.list_dispatches(status, limit)
+    if settings is None or all(d.status.is_final for d in dispatches):
+        return [dispatch_json(d) for d in dispatches]
+    held = await store.held_slots()
+    now = (clock or SystemClock()).now()
+    return [dispatch_json(d, None, waiting_for(settings, d, held, now)) for d in dispatches]
 
 
 async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
@@ -236,15 +488,19 @@ def _capacity(settings: Settings, configured: Mapping[str, int], gate: str) -> i
 
 
 async def gates_report(
-    settings: Settings, store: Store, clock: Clock | None = None
+    settings: Settings,
+    store: Store,
+    clock: Clock | None = None,
+    held: Sequence[SlotRow] | None = None,
 ) -> dict[str, Any]:
-    """Every gate with capacity, held count and holders, from the `gates` rows.
+    """Every gate with capacity, held count and holders, from the `gates` rows
+    (`held`: rows already read, so that a caller's other figures agree with these).
 
     `rows.purgeable`: released rows old enough for the next purge to delete.
     """
     configured = gate_capacities(settings)
     holders: dict[str, list[str]] = {name: [] for name in configured}
-    for row in await store.held_slots():
+    for row in await store.held_slots() if held is None else held:
         holders.setdefault(row.gate, []).append(row.holder)
     counts = await store.gate_row_counts()
     gates = [
@@ -285,7 +541,9 @@ async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, An
 # -- status: the whole picture for an operator --------------------------------------------
 
 STATUS_IN_FLIGHT_LIMIT = 20
+STATUS_QUEUED_LIMIT = 10
 STATUS_FAILURES_LIMIT = 5
+GLOBAL_GATE = "global"
 
 
 def _current_step(dispatch: Dispatch) -> str | None:
@@ -295,12 +553,13 @@ def _current_step(dispatch: Dispatch) -> str | None:
     return dispatch.plan[dispatch.current_step].name
 
 
-def _in_flight_json(dispatch: Dispatch, now: datetime) -> dict[str, Any]:
+def _in_flight_json(dispatch: Dispatch, now: datetime, waiting: str | None) -> dict[str, Any]:
     since = dispatch.started_at or dispatch.updated_at
     return {
         "id": dispatch.id,
         "task": dispatch.task,
         "status": str(dispatch.status),
+        "waiting_for": waiting,
         "step": _current_step(dispatch),
         "step_index": dispatch.current_step,
         "steps": None if dispatch.plan is None else len(dispatch.plan),
@@ -309,27 +568,96 @@ def _in_flight_json(dispatch: Dispatch, now: datetime) -> dict[str, Any]:
     }
 
 
-async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
-    """Live instances, queue by status, gates, in-flight dispatches, recent failures."""
-    now = clock.now()
-    live = await health(settings, store, clock)
-    in_flight = [
-        dispatch
-        for state in (DispatchStatus.RUNNING, DispatchStatus.PLANNING)
-        for dispatch in await store.list_dispatches(state, STATUS_IN_FLIGHT_LIMIT)
+def _holder_id(holder: str) -> int | None:
+    """The dispatch id of a `global` holder (`dispatch:ID`)."""
+    prefix, _, rest = holder.partition(":")
+    return int(rest) if prefix == "dispatch" and rest.isdigit() else None
+
+
+async def _in_flight(
+    settings: Settings, store: Store, held: Sequence[SlotRow], live: set[str], now: datetime
+) -> tuple[int, list[dict[str, Any]]]:
+    """What holds a `global` place of a live daemon: never more than the cap.
+
+    Read from the gate rows, not from dispatch statuses: a dispatch's `running` row
+    and its gate row are written at different moments (a claim commits before its
+    place's row; a final status may still be queued while the next claim lands), so
+    counting statuses could show more in flight than the gate allows.
+    """
+    ids = sorted(
+        dispatch_id
+        for row in held
+        if row.gate == GLOBAL_GATE and row.instance_id in live
+        if (dispatch_id := _holder_id(row.holder)) is not None
+    )
+    shown = []
+    for dispatch_id in ids[:STATUS_IN_FLIGHT_LIMIT]:
+        dispatch = await store.get_dispatch(dispatch_id)
+        if dispatch is None or dispatch.status not in _IN_FLIGHT:
+            continue  # ended (or went back to the queue) since: its place is being freed
+        waiting = waiting_for(settings, dispatch, held, now)
+        shown.append(_in_flight_json(dispatch, now, waiting))
+    return len(ids), shown
+
+
+_IN_FLIGHT = frozenset({DispatchStatus.PLANNING, DispatchStatus.RUNNING})
+
+
+async def _failures(store: Store) -> list[dict[str, Any]]:
+    answer = []
+    for dispatch in await store.list_dispatches(DispatchStatus.FAILED, STATUS_FAILURES_LIMIT):
+        answer.append(
+            {
+                "id": dispatch.id,
+                "task": dispatch.task,
+                "error": dispatch.error,
+                "finished_at": _ts(dispatch.finished_at),
+                "output_tail": output_tail(await store.list_attempts(dispatch.id)),
+            }
+        )
+    return answer
+
+
+async def _queued(
+    settings: Settings, store: Store, held: Sequence[SlotRow], now: datetime
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": d.id,
+            "task": d.task,
+            "priority": d.priority,
+            "created_at": _ts(d.created_at),
+            "not_before": _ts(d.not_before),
+            "waiting_for": waiting_for(settings, d, held, now),
+        }
+        for d in await store.list_dispatches(DispatchStatus.QUEUED, STATUS_QUEUED_LIMIT)
     ]
-    in_flight.sort(key=lambda d: d.id)
-    failures = await store.list_dispatches(DispatchStatus.FAILED, STATUS_FAILURES_LIMIT)
+
+
+async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+    """Live instances, queue by status, gates, in-flight dispatches, recent failures.
+
+    The gate rows are read once, first: the gates, the in-flight list and the gates
+    named as waited for all come from that one reading.
+    """
+    now = clock.now()
+    held = await store.held_slots()
+    live = await health(settings, store, clock)
+    live_ids = {inst["id"] for inst in live["instances"]}
+    count, in_flight = await _in_flight(settings, store, held, live_ids, now)
+    stale = sorted(
+        {row.instance_id or "unknown" for row in held if row.instance_id not in live_ids}
+    )
     return {
         "live": live["live"],
         "instances": live["instances"],
         "queue": {str(s): live["queue"].get(str(s), 0) for s in DispatchStatus},
-        "gates": (await gates_report(settings, store))["gates"],
-        "in_flight": [_in_flight_json(d, now) for d in in_flight[:STATUS_IN_FLIGHT_LIMIT]],
-        "recent_failures": [
-            {"id": d.id, "task": d.task, "error": d.error, "finished_at": _ts(d.finished_at)}
-            for d in failures
-        ],
+        "gates": (await gates_report(settings, store, clock, held))["gates"],
+        "in_flight_count": count,
+        "in_flight": in_flight,
+        "stale_instances": stale,
+        "queued": await _queued(settings, store, held, now),
+        "recent_failures": await _failures(store),
     }
 
 
