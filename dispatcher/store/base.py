@@ -757,18 +757,21 @@ class Store(ABC):
         assert self.migrations is not None
         migrations = load_migrations(self.migrations)
         known = migrations[-1].version if migrations else 0
+        newer = None
         async with self._tx() as tx:
             if self.shared:
                 await tx.fetch("migrations_lock")
             await tx.fetch("migrations_create_table")
             current: int = (await tx.fetch("migrations_current"))[0]["version"]
             if current > known:
-                await self._newer_schema(current, known)
+                newer = current
             for migration in migrations:
                 if migration.version > current:
                     await self._apply_migration(tx, migration)
                     now = self._time(datetime.now(UTC))
                     await tx.fetch("migrations_record", {"version": migration.version, "now": now})
+        if newer is not None:  # outside the transaction: the check reads the whole file
+            await self._newer_schema(newer, known)
 
     async def _newer_schema(self, version: int, known: int) -> None:
         """Refuse a schema this code does not know, unless the number is garbage read

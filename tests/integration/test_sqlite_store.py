@@ -99,7 +99,8 @@ async def test_a_newer_schema_is_refused(open_store: Opener, db_path: Path) -> N
         await open_store()
 
     assert str(caught.value) == (
-        f"database schema version {known + 7} is newer than this dispatcher supports ({known})"
+        f"database schema version {known + 7} is newer than this dispatcher supports "
+        f"({known}): upgrade dispatcher"
     )
 
 

@@ -115,12 +115,16 @@ for i in range(count):
 
 @pytest.mark.slow
 def test_many_processes_submitting_the_same_keys_make_one_dispatch_each(tmp_path: Path) -> None:
-    """16 processes x 50 CLI submits of 40 overlapping keys, on a database none created."""
+    """16 processes x 50 CLI submits of 40 overlapping keys, on a database that four
+    `dispatcher init` started together have just created."""
     config = tmp_path / "dispatcher.toml"
     config.write_text(
         '[database]\npath = "state/dispatcher.db"\n\n[runners.noop]\ntype = "noop"\n\n'
         '[tasks.t]\nsteps = [{ name = "s", runner = "noop", args = ["{n}"] }]\n'
     )
+    init = [sys.executable, "-m", "dispatcher", "--config", str(config), "init"]
+    starters = [subprocess.Popen(init, cwd=ROOT) for _ in range(4)]
+    assert [p.wait(60) for p in starters] == [0, 0, 0, 0]
     script = tmp_path / "submitter.py"
     script.write_text(SUBMITTER)
     workers, count, keys = 16, 50, 40
