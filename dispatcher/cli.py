@@ -340,7 +340,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher import logs
-    from dispatcher.daemon import run_daemon
+    from dispatcher.daemon import crash_summary, run_daemon
 
     logs.configure(settings.log.level, settings.log.format)
     config_path = find_config(args.config)
@@ -348,8 +348,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(run_daemon(settings, reload=lambda: load_settings(config_path)))
     except DispatcherError:
         raise
-    except Exception:  # a defect: say so in the log stream, as one structured event
-        structlog.get_logger("dispatcher.daemon").exception("daemon_crashed")
+    except Exception as exc:  # a defect: say so in the log stream, as one structured event
+        # `errors` names every exception a task group held; `exception` has their frames.
+        log = structlog.get_logger("dispatcher.daemon")
+        log.exception("daemon_crashed", errors=crash_summary(exc))
         return EX_SOFTWARE
     return EX_OK
 

@@ -330,6 +330,24 @@ class Settings(_Section):
                     raise ValueError(f'{where}: a python runner step needs call = "module:func"')
         return self
 
+    @model_validator(mode="after")
+    def _lease_leaves_room_to_renew(self) -> Settings:
+        """On a shared database a daemon ends its steps `fence_after(ttl)` seconds after
+        its last renewed lease: a heartbeat must fit in that time."""
+        from dispatcher.lease import fence_after
+
+        daemon = self.daemon
+        if self.database.url is not None and fence_after(daemon.instance_ttl) <= (
+            daemon.heartbeat_interval
+        ):
+            raise ValueError(
+                "daemon.instance_ttl: with a shared database a daemon ends its own steps "
+                f"{daemon.instance_ttl - fence_after(daemon.instance_ttl):g}s before the TTL; "
+                "make instance_ttl longer (or heartbeat_interval shorter) so that a "
+                "heartbeat fits before that"
+            )
+        return self
+
     @property
     def db_path(self) -> Path:
         return self.database.path

@@ -14,10 +14,12 @@ import fcntl
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,10 +34,12 @@ from dispatcher.errors import (
     ConfigError,
     DatabaseCorrupt,
     DispatcherError,
+    LeaseLost,
     StoreError,
     Unavailable,
 )
 from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
+from dispatcher.lease import Lease, LeaseState
 from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
 from dispatcher.notify import Notifier
@@ -55,6 +59,9 @@ log = logs.get_logger("dispatcher.daemon")
 SELF_CHECK_EVERY = 12
 """Heartbeats between two self-checks of the gate and of this instance's dispatches (a
 minute at the default interval). They also run right after a database outage ends."""
+
+REJOIN_WAIT = 30.0
+"""Seconds a daemon that lost its lease waits for its ended steps before it rejoins."""
 
 CLAIM_FAILED_EVERY = 10.0
 """Seconds between two `claim_failed` lines while claims keep failing."""
@@ -133,6 +140,8 @@ class DaemonState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     check_cancels: asyncio.Event = field(default_factory=asyncio.Event)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set whenever the last dispatch in flight has ended."""
 
 
 class Daemon:
@@ -162,6 +171,8 @@ class Daemon:
         self.state = DaemonState()
         self._claiming = asyncio.Lock()
         """Held from a claim until its dispatches are in flight (see `self_check`)."""
+        self.lease = Lease(settings.daemon.instance_ttl)
+        """This instance's lease on a shared store (see `dispatcher.lease`)."""
         self._self_check_now = asyncio.Event()
         self.gate = ConcurrencyGate(
             store,
@@ -191,6 +202,7 @@ class Daemon:
         structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
         self.store.on_fatal = self._database_corrupt
         self.store.on_available = self._database_back
+        self.store.on_lease_lost = self._lease_lost
         await self._start()
         await self._subscribe()
         try:
@@ -200,6 +212,8 @@ class Daemon:
                 await tg.start(self._signal_loop, tg.cancel_scope)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._self_check_loop)
+                if self.store.shared:
+                    tg.start_soon(self._lease_loop)
                 tg.start_soon(logs.flush_loop)
                 tg.start_soon(self._cancel_watch_loop)
                 for side_task in self._side_tasks:
@@ -302,6 +316,10 @@ class Daemon:
             dispatches_requeued=report.dispatches_requeued,
         )
         self._start_guard()
+        await self._register(now)
+
+    async def _register(self, now: datetime) -> None:
+        """Insert this instance's row: its lease, renewed from now on by heartbeats."""
         await self.store.register_instance(
             Instance(
                 id=self.instance_id,
@@ -313,6 +331,8 @@ class Daemon:
                 stopped_at=None,
             )
         )
+        self.store.lease = self.instance_id
+        self.lease.restart()
 
     def _start_guard(self) -> None:
         """Start the orphan guard now when steps may start processes (exec and python
@@ -355,11 +375,14 @@ class Daemon:
         """
         async with anyio.create_task_group() as work:
             while not self.state.stopping:
+                if not self.lease.may_claim:
+                    await self._while_fenced()
+                    continue
                 with anyio.CancelScope() as waiting:
                     self._stop_waiting = waiting
                     await self.gate.wait_free(GLOBAL)
                 if waiting.cancelled_caught:
-                    break
+                    continue  # stopping, or the lease needs us: the loop's test decides
                 places = 1
                 while self.gate.try_acquire_place(GLOBAL):
                     places += 1
@@ -390,8 +413,9 @@ class Daemon:
 
     async def _claim(self, limit: int) -> list[Dispatch]:
         try:
+            blocked = await self.gate.blocked_gates()
             claimed = await self.store.claim_many(
-                self.instance_id, self.clock.now(), self.gate.full_gates(), limit
+                self.instance_id, self.clock.now(), blocked, limit
             )
         except DispatcherError as exc:  # e.g. the database stayed busy: try again later
             self._claim_failed(exc)
@@ -417,6 +441,12 @@ class Daemon:
         self.state.wake.clear()
 
     async def _start_dispatch(self, work: anyio.abc.TaskGroup, dispatch: Dispatch) -> None:
+        if dispatch.id in self.state.inflight:
+            # Cannot happen while the fence holds (a claim needs a current lease, and a
+            # dispatch we run is requeued only with our lease taken); never run it twice.
+            log.error("claim_duplicate", dispatch_id=dispatch.id)
+            self.gate.give_back(GLOBAL)
+            return
         holder = f"dispatch:{dispatch.id}"
         task_slot = None
         if dispatch.gate_key is not None and self.gate.has(dispatch.gate_key):
@@ -427,10 +457,14 @@ class Daemon:
                     await self.store.requeue(dispatch.id, self.clock.now())
                 return
             try:
-                task_slot = await self.gate.bind(dispatch.gate_key, holder)
-            except DispatcherError as exc:  # its place is given back by the gate
+                task_slot = await self.gate.try_bind(dispatch.gate_key, holder)
+            except DispatcherError as exc:
                 log.warning("claim_failed", dispatch_id=dispatch.id, error=str(exc))
+                task_slot = None
+            if task_slot is None:  # refused (another daemon holds its places), or failed
                 self.gate.give_back(GLOBAL)
+                with suppress(DispatcherError):  # still ours: the self-check requeues it
+                    await self.store.requeue(dispatch.id, self.clock.now())
                 return
         global_slot = await self._bind_global(dispatch, holder)
         if global_slot is None:
@@ -439,6 +473,7 @@ class Daemon:
             return
         flight = InFlight(dispatch.id)
         self.state.inflight[dispatch.id] = flight
+        self.state.idle.clear()
         log.debug("dispatch_claimed", dispatch_id=dispatch.id, task=dispatch.task)
         if not dispatch.resumed and dispatch.started_at is not None:
             waited = (dispatch.started_at - dispatch.created_at).total_seconds()
@@ -453,8 +488,7 @@ class Daemon:
         except DispatcherError as exc:
             log.warning("claim_failed", error=str(exc))
             slot = None
-        if slot is None:
-            self.gate.give_back(GLOBAL)
+        if slot is None:  # the gate gave the place back
             with suppress(DispatcherError):
                 await self.store.requeue(dispatch.id, self.clock.now())
         return slot
@@ -470,8 +504,10 @@ class Daemon:
                 await self.gate.release(task_slot)
             await self.gate.release(global_slot)
             self.state.wake.set()
-            if self.state.stopping and not self.state.inflight:
-                self.state.drained.set()
+            if not self.state.inflight:
+                self.state.idle.set()
+                if self.state.stopping:
+                    self.state.drained.set()
 
     # -- stop -------------------------------------------------------------------------
 
@@ -536,12 +572,20 @@ class Daemon:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.daemon.heartbeat_interval)
+            sent_at = time.monotonic()
             try:
                 await self.store.heartbeat(self.instance_id, self.clock.now())
-                if self.store.shared:
-                    await self._reap_dead_instances()
+            except LeaseLost:
+                continue  # the store told `_lease_lost`; the dispatch loop rejoins
             except DispatcherError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
+                continue
+            if self.lease.renewed(sent_at):
+                log.info("lease_renewed", silent_s=round(time.monotonic() - sent_at, 3))
+                self.wake()
+            if self.store.shared:
+                with suppress(DispatcherError):
+                    await self._reap_dead_instances()
 
     async def _self_check_loop(self) -> None:
         """The self-checks of this instance's dispatches and of the gate: every
@@ -556,6 +600,75 @@ class Daemon:
                 await self.gate.self_check()
             except DispatcherError as exc:
                 log.warning("self_check_failed", error=str(exc))
+
+    # -- the lease (shared stores) -----------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        """End our steps before another daemon may reap them: once the lease has not been
+        renewed for `lease.fence_after` seconds (a heartbeat that cannot reach the
+        database, a partition), nothing runs and nothing is claimed until it is."""
+        every = min(self.settings.daemon.heartbeat_interval / 2, 0.25)
+        while True:
+            await anyio.sleep(every)
+            if self.lease.due_for_fence():
+                self.lease.fence()
+                log.error(
+                    "lease_expiring",
+                    silent_s=round(self.lease.silent_for(), 3),
+                    ttl_s=self.settings.daemon.instance_ttl,
+                    in_flight=len(self.state.inflight),
+                    action="ending running steps before another daemon may reap them",
+                )
+                self._end_all(CancelReason.LEASE)
+
+    def _lease_lost(self, exc: LeaseLost) -> None:
+        """A write or a heartbeat found our lease taken: another daemon reaped our work.
+        End everything now; the dispatch loop then rejoins as a new instance."""
+        if not self.lease.lose():
+            return
+        log.error(
+            "lease_lost",
+            error=str(exc),
+            in_flight=len(self.state.inflight),
+            action="ending running steps, then rejoining as a new instance",
+        )
+        self._end_all(CancelReason.LEASE)
+
+    def _end_all(self, reason: CancelReason) -> None:
+        for flight in list(self.state.inflight.values()):
+            flight.cancel(reason)
+        if self._stop_waiting is not None:
+            self._stop_waiting.cancel()
+        self.wake()
+
+    async def _while_fenced(self) -> None:
+        """Claim nothing until the lease is renewed (fenced) or rejoin (lost)."""
+        if self.lease.state is LeaseState.LOST:
+            await self._rejoin()
+            return
+        await self._wait_for_work()
+
+    async def _rejoin(self) -> None:
+        """After a lost lease: wait for our steps to end, let the fenced writes go, and
+        carry on as a new instance with a new lease."""
+        if self.state.inflight:
+            with anyio.move_on_after(REJOIN_WAIT):
+                await self.state.idle.wait()
+        with suppress(DispatcherError):
+            await self.store.flush()  # refused by the fence: dropped, not retried
+        old = self.instance_id
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.gate.instance_id = self.instance_id
+        self.pipeline.instance_id = self.instance_id
+        structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
+        try:
+            await self._register(self.clock.now())
+        except DispatcherError as exc:  # unreachable again: stay lost, try next round
+            log.warning("lease_rejoin_failed", error=str(exc))
+            self.lease.lose()
+            await self._wait_for_work()
+            return
+        log.warning("lease_rejoined", old_instance_id=old, in_flight=len(self.state.inflight))
 
     async def _reap_dead_instances(self) -> None:
         """Leases: free what instances silent for over `instance_ttl` hold (any live
@@ -599,17 +712,23 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     return changed
 
 
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside `exc`, groups opened all the way down, in order."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
+
+
+def crash_summary(exc: BaseException) -> list[str]:
+    """`Type: message` of every leaf of a crash, for the one `daemon_crashed` line (its
+    `exception` field has each one's frames too)."""
+    return [f"{type(leaf).__name__}: {leaf}" for leaf in leaf_errors(exc)]
+
+
 def _user_error(group: BaseExceptionGroup[BaseException]) -> DispatcherError | None:
     """The one user-facing error a task group failed with (a side task that could not
     start, e.g. the API's port in use), so it is reported as one line, not a crash."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
+    leaves = leaf_errors(group)
     if len(leaves) == 1 and isinstance(leaves[0], DispatcherError):
         return leaves[0]
     return None

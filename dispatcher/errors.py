@@ -97,6 +97,13 @@ class DatabaseCorrupt(StoreError):
     """The database file is damaged: never retried; the daemon stops."""
 
 
+class LeaseLost(DispatcherError):
+    """This daemon's lease was taken (another daemon found it silent past the TTL and
+    reaped its work): every write about that work is refused from now on."""
+
+    exit_code = EX_TEMPFAIL
+
+
 class Unavailable(DispatcherError):
     """A service the command needs (a live daemon, the instance lock) is unavailable."""
 

@@ -8,10 +8,10 @@ Gate names: `global` (dispatches in flight), `runner:NAME` (steps of one runner)
 `task:NAME` / `task:NAME:VALUE` (per-task caps, made on demand, dropped when idle).
 
 On a shared store (PostgreSQL, several daemons) the semaphore is only the local fast
-path: a place of `global` or `runner:*` is granted when the database agrees too
-(`Store.try_take_slot` counts the held rows of every daemon under a lock), and a
-waiter retries when woken (`db_changed`: NOTIFY of a released row) or every
-`poll_interval`. Per-task gates stay per daemon.
+path: a place of any gate (`global`, `runner:*`, `task:*`) is granted when the database
+agrees too (`Store.try_take_slot` counts the held rows of every daemon under a lock),
+and a waiter retries when woken (`db_changed`: NOTIFY of a released row) or every
+`poll_interval`. So every cap holds across all the daemons together.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ class ConcurrencyGate:
         self._poll_interval = poll_interval
         self._db_changed = asyncio.Event()
         self._clock = clock
-        self._instance_id = instance_id
+        self.instance_id = instance_id
+        """This instance (it changes when a daemon rejoins after a lost lease)."""
         self._configured: dict[str, int] = dict(capacities)
         self._on_demand = on_demand
         self._sems: dict[str, FifoSemaphore] = {
@@ -148,8 +149,25 @@ class ConcurrencyGate:
         return sem is not None and (sem.full or sem.waiting > 0)
 
     def full_gates(self) -> set[str]:
-        """Names of gates that cannot grant a place right now."""
+        """Names of gates that cannot grant a place right now (as this daemon sees them)."""
         return {name for name in self._sems if self.is_full(name)}
+
+    async def blocked_gates(self) -> set[str]:
+        """`full_gates`, and on a shared store the per-task gates whose places other
+        daemons hold (so the claim passes over their dispatches instead of taking and
+        giving them back)."""
+        blocked = self.full_gates()
+        if not self._shared:
+            return blocked
+        held: dict[str, int] = {}
+        for row in await self._store.held_slots():
+            if row.gate.startswith("task:"):
+                held[row.gate] = held.get(row.gate, 0) + 1
+        for name, count in held.items():
+            capacity = self._configured.get(name) or self._on_demand(name)
+            if capacity is not None and count >= capacity:
+                blocked.add(name)
+        return blocked
 
     def snapshot(self) -> list[GateState]:
         return [
@@ -208,14 +226,22 @@ class ConcurrencyGate:
         return self._sems[name].capacity - held
 
     async def try_bind(self, name: str, holder: str) -> Slot | None:
-        """`bind`, except that on a shared gate the database may refuse (None: the
-        place taken by `wait_free` must then be given back)."""
+        """`bind`, except that on a shared gate the database may refuse. When it refuses
+        (None) or the write fails (an error), the place taken by `wait_free` (or
+        `try_acquire_place`) has been given back."""
         if not self._is_shared(name):
-            return await self._mirror(name, holder)
-        row_id = await self._store.try_take_slot(
-            name, holder, self._instance_id, self._sems[name].capacity, self._clock.now()
-        )
-        return None if row_id is None else self._own(name, holder, row_id)
+            return await self._mirror(name, holder)  # gives the place back on error
+        try:
+            row_id = await self._store.try_take_slot(
+                name, holder, self.instance_id, self._sems[name].capacity, self._clock.now()
+            )
+        except BaseException:
+            self.give_back(name)
+            raise
+        if row_id is None:
+            self.give_back(name)
+            return None
+        return self._own(name, holder, row_id)
 
     async def wait_free(self, name: str) -> None:
         """Take a place without a holder yet; follow with `bind` or `give_back`."""
@@ -267,7 +293,7 @@ class ConcurrencyGate:
         owned = {(slot.gate, slot.holder) for slots in self._holders.values() for slot in slots}
         repaired = 0
         for row in rows:
-            if row.instance_id != self._instance_id or (row.gate, row.holder) in owned:
+            if row.instance_id != self.instance_id or (row.gate, row.holder) in owned:
                 continue
             if await self._store.close_slot(row.id, self._clock.now()):
                 repaired += 1
@@ -291,7 +317,7 @@ class ConcurrencyGate:
         self._holders[name].add(slot)
         try:
             slot.mirror = await self._store.mirror_open(
-                name, holder, self._instance_id, self._clock.now()
+                name, holder, self.instance_id, self._clock.now()
             )
         except BaseException:
             await self.release(slot)
@@ -299,14 +325,16 @@ class ConcurrencyGate:
         return slot
 
     def _is_shared(self, name: str) -> bool:
-        return self._shared and (name == GLOBAL or name.startswith("runner:"))
+        """Whether the database decides this gate's places (every gate on a shared
+        store: `global`, `runner:*` and the per-task `task:*`)."""
+        return self._shared
 
     async def _take_shared(self, name: str, holder: str) -> Slot:
         """Ask the database until it grants a place, waking on `db_changed` or a poll."""
         while True:
             self._db_changed.clear()
             row_id = await self._store.try_take_slot(
-                name, holder, self._instance_id, self._sems[name].capacity, self._clock.now()
+                name, holder, self.instance_id, self._sems[name].capacity, self._clock.now()
             )
             if row_id is not None:
                 return self._own(name, holder, row_id)

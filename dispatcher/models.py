@@ -44,6 +44,7 @@ PLAN_STEP_NAME = "(plan)"
 PLANNER_RUNNER = "planner"
 
 SHUTDOWN_INTERRUPTION = "interrupted by daemon shutdown"
+LEASE_INTERRUPTION = "interrupted: this daemon's lease expired or was taken"
 """`attempts.error` of an attempt stopped by a graceful shutdown (not a crash)."""
 
 

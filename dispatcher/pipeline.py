@@ -20,9 +20,10 @@ from dispatcher import logs
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
-from dispatcher.errors import PlanError
+from dispatcher.errors import DispatcherError, PlanError
 from dispatcher.gate import ConcurrencyGate
 from dispatcher.models import (
+    LEASE_INTERRUPTION,
     PLAN_STEP_INDEX,
     PLAN_STEP_NAME,
     PLANNER_RUNNER,
@@ -46,6 +47,8 @@ log = logs.get_logger("dispatcher.pipeline")
 class CancelReason(Enum):
     USER = "user"
     SHUTDOWN = "shutdown"
+    LEASE = "lease"
+    """This daemon's lease expired or was taken: another daemon may run the work."""
 
 
 @dataclass(eq=False)
@@ -109,7 +112,8 @@ class Pipeline:
         self._store = store
         self._gate = gate
         self._clock = clock
-        self._instance_id = instance_id
+        self.instance_id = instance_id
+        """This instance (it changes when a daemon rejoins after a lost lease)."""
         self._rand = rand or random.Random()
         self.observer: Observer = observer or NullObserver()
 
@@ -298,7 +302,7 @@ class Pipeline:
             spec.step,
             spec.runner,
             spec.number,
-            self._instance_id,
+            self.instance_id,
             started,
         )
         if spec.effects:
@@ -353,6 +357,8 @@ class Pipeline:
     def _cancel_status(flight: InFlight) -> tuple[AttemptStatus, str]:
         if flight.reason is CancelReason.USER:
             return AttemptStatus.CANCELLED, "cancelled on request"
+        if flight.reason is CancelReason.LEASE:
+            return AttemptStatus.INTERRUPTED, LEASE_INTERRUPTION
         return AttemptStatus.INTERRUPTED, SHUTDOWN_INTERRUPTION
 
     # -- endings ---------------------------------------------------------------------------
@@ -360,9 +366,16 @@ class Pipeline:
     async def _after_cancel(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
         if flight.reason is CancelReason.USER:
             return await self._finish(dispatch, DispatchStatus.CANCELLED, "cancelled on request")
+        reason = "lease" if flight.reason is CancelReason.LEASE else "shutdown"
         with anyio.CancelScope(shield=True):
-            await self._store.requeue(dispatch.id, self._clock.now())
-        log.info("dispatch_requeued", reason="shutdown")
+            try:
+                await self._store.requeue(dispatch.id, self._clock.now())
+            except DispatcherError as exc:
+                if flight.reason is not CancelReason.LEASE:
+                    raise
+                # Fenced or unreachable: whoever reaps our lease requeues it.
+                log.warning("dispatch_requeue_failed", reason=reason, error=str(exc))
+        log.info("dispatch_requeued", reason=reason)
         return DispatchStatus.QUEUED
 
     async def _finish(

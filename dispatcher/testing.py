@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dispatcher.errors import StoreError
+from dispatcher.errors import LeaseLost, StoreError
 from dispatcher.models import Attempt, Dispatch, Instance, SlotRow
 from dispatcher.store.base import Migration, Row, Store
 from dispatcher.store.writes import Fold, Params, WriteBatch
@@ -142,15 +142,26 @@ class InMemoryStore(Store):
         await asyncio.sleep(0)
         yield _MemoryTx(self._statements)
 
-    async def _write_batch(self, writes: WriteBatch) -> None:
+    async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
+        if fence is not None and not self._sql_lease_check({"instance_id": fence}):
+            raise LeaseLost(f"instance {fence} was reaped: its writes are refused")
         for name, rows in writes:
             for row in rows:
                 self._statements[name](row)
 
     def _queue(self, name: str, key: Any, params: Params, fold: Fold = "replace") -> None:
-        """Applied at once: the fake has no queue (tests read the state right after)."""
-        if not self._closed:
-            self._statements[name](params)
+        """Applied at once: the fake has no queue (tests read the state right after).
+        Fenced on the lease like a batch of the shared stores."""
+        if self._closed:
+            return
+        if (
+            self.shared
+            and self.lease is not None
+            and not self._sql_lease_check({"instance_id": self.lease})
+        ):
+            self._lease_lost(LeaseLost(f"instance {self.lease} was reaped"))
+            return
+        self._statements[name](params)
 
     def _pending(self, name: str, key: Any) -> Params | None:
         return None
@@ -198,9 +209,13 @@ class InMemoryStore(Store):
             row["updated_at"] = now
         return [dict(row) for row in runnable[: p["limit"]]]
 
+    def _fenced_out(self, p: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
+        """Another instance holds the dispatch (the `instance_id` fence of the SQL)."""
+        return p["instance_id"] is not None and row["instance_id"] != p["instance_id"]
+
     def _sql_write_progress(self, p: Mapping[str, Any]) -> list[Row]:
         row = self.tables["dispatches"].get(p["id"])
-        if row is None or row["status"] in _FINAL:
+        if row is None or row["status"] in _FINAL or self._fenced_out(p, row):
             return []
         for column in ("plan", "current_step", "status"):
             if p[column] is not None:
@@ -212,7 +227,7 @@ class InMemoryStore(Store):
 
     def _sql_requeue(self, p: Mapping[str, Any]) -> list[Row]:
         row = self.tables["dispatches"].get(p["id"])
-        if row is not None and row["status"] in _IN_FLIGHT:
+        if row is not None and row["status"] in _IN_FLIGHT and not self._fenced_out(p, row):
             row.update(status="queued", instance_id=None, not_before=p["not_before"])
             row["updated_at"] = p["now"]
         return []
@@ -314,6 +329,10 @@ class InMemoryStore(Store):
     def _sql_gate_held_count(self, p: Mapping[str, Any]) -> list[Row]:
         return [{"n": sum(1 for row in self._sql_held_slots(p) if row["gate"] == p["gate"])}]
 
+    def _sql_lease_check(self, p: Mapping[str, Any]) -> list[Row]:
+        row = self.tables["instances"].get(p["instance_id"])
+        return [] if row is None or row["stopped_at"] is not None else [{"id": row["id"]}]
+
     def _sql_gate_lock(self, p: Mapping[str, Any]) -> list[Row]:
         return []  # a statement never suspends: takers of one gate are serialized anyway
 
@@ -407,9 +426,10 @@ class InMemoryStore(Store):
 
     def _sql_heartbeat(self, p: Mapping[str, Any]) -> list[Row]:
         row = self.tables["instances"].get(p["id"])
-        if row is not None:
-            row["heartbeat_at"] = p["now"]
-        return []
+        if row is None or row["stopped_at"] is not None:
+            return []
+        row["heartbeat_at"] = p["now"]
+        return [{"id": row["id"]}]
 
     def _sql_stop_instance(self, p: Mapping[str, Any]) -> list[Row]:
         row = self.tables["instances"].get(p["id"])

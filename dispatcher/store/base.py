@@ -41,7 +41,7 @@ from importlib import resources
 from typing import Any, ClassVar, Protocol
 
 from dispatcher import logs
-from dispatcher.errors import DatabaseCorrupt, KeyConflict, NotFound, StoreError
+from dispatcher.errors import DatabaseCorrupt, KeyConflict, LeaseLost, NotFound, StoreError
 from dispatcher.models import (
     Attempt,
     AttemptStatus,
@@ -153,10 +153,20 @@ class Store(ABC):
         self.on_fatal: Callable[[DatabaseCorrupt], None] | None = None
         """Told once when the database turns out damaged (the daemon stops)."""
         self._writes = WriteBuffer(
-            self._write_batch, database, on_fatal=self._corrupt, on_available=self._available
+            self._write_fenced,
+            database,
+            on_fatal=self._corrupt,
+            on_available=self._available,
+            on_lease_lost=self._lease_lost,
         )
         self.on_available: Callable[[], None] | None = None
         """Told when queued writes land again after an outage."""
+        self.lease: str | None = None
+        """The instance whose lease fences the writes about work it owns (set by the
+        daemon once registered; None for the CLI). On a shared store a write under a
+        lease that another daemon took is refused: `LeaseLost`."""
+        self.on_lease_lost: Callable[[LeaseLost], None] | None = None
+        """Told when a write or a heartbeat finds the lease taken."""
         self._ids: dict[str, Iterator[int]] = {}
         self._closed = False
         self._corrupt_seen = False
@@ -258,6 +268,7 @@ class Store(ABC):
             "now": self._time(now),
             "blocked_gates": self._list(sorted(blocked_gates)),
             "limit": max(limit, 0),
+            "fence": self.lease,
         }
         rows = await self._fetch("claim_many", params, first=True)
         claimed = [self.dispatch_from_row(row) for row in rows]
@@ -291,7 +302,8 @@ class Store(ABC):
         fields["now"] = self._time(now)
         queued = self._pending("write_progress", dispatch_id)
         if queued is None:
-            self._queue("write_progress", dispatch_id, {"id": dispatch_id, **_PROGRESS, **fields})
+            first = {"id": dispatch_id, "instance_id": self.lease, **_PROGRESS, **fields}
+            self._queue("write_progress", dispatch_id, first)
         elif not queued["final"]:  # once final, the row takes no further change
             queued.update(fields)
 
@@ -303,6 +315,7 @@ class Store(ABC):
             "id": dispatch_id,
             "now": self._time(now),
             "not_before": None if not_before is None else self._time(not_before),
+            "instance_id": self.lease,
         }
         await self._fetch("requeue", params)
 
@@ -574,10 +587,12 @@ class Store(ABC):
     async def _reap(self, keep: str, now: datetime, since: datetime) -> RecoveryReport:
         params = {"keep": keep, "now": self._time(now), "since": self._time(since)}
         async with self._tx() as tx:
+            # The lease first: its row lock waits for a fenced write of that instance in
+            # flight, and once it is taken every later fenced write of it is refused.
+            await tx.fetch("reap_instances", params)
             slots = await tx.fetch("reap_slots", params)
             attempts = await tx.fetch("reap_attempts", params)
             dispatches = await tx.fetch("reap_dispatches", params)
-            await tx.fetch("reap_instances", params)
         return RecoveryReport(
             slots_released=len(slots),
             attempts_interrupted=len(attempts),
@@ -598,8 +613,12 @@ class Store(ABC):
         await self._fetch("register_instance", params)
 
     async def heartbeat(self, instance_id: str, now: datetime) -> None:
-        """Stamp `heartbeat_at`."""
-        await self._fetch("heartbeat", {"id": instance_id, "now": self._time(now)})
+        """Stamp `heartbeat_at`: renew the lease. Raises `LeaseLost` when the instance was
+        reaped meanwhile: a heartbeat never revives it."""
+        if not await self._fetch("heartbeat", {"id": instance_id, "now": self._time(now)}):
+            exc = LeaseLost(f"instance {instance_id} was reaped: its lease is gone")
+            self._lease_lost(exc)
+            raise exc
 
     async def stop_instance(self, instance_id: str, now: datetime) -> None:
         """Stamp `stopped_at` (once)."""
@@ -620,6 +639,7 @@ class Store(ABC):
         slot_id = await self._next_id("gates")
         async with self._tx() as tx:
             if self.shared:
+                await self._check_lease(tx)
                 await tx.fetch("gate_lock", {"gate": gate})
             held: int = (await tx.fetch("gate_held_count", {"gate": gate}))[0]["n"]
             if held >= capacity:
@@ -738,6 +758,9 @@ class Store(ABC):
         except DatabaseCorrupt as exc:
             self._corrupt(exc)
             raise
+        except LeaseLost as exc:
+            self._lease_lost(exc)
+            raise
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Tx]:
@@ -750,6 +773,9 @@ class Store(ABC):
                 yield tx
         except DatabaseCorrupt as exc:
             self._corrupt(exc)
+            raise
+        except LeaseLost as exc:
+            self._lease_lost(exc)
             raise
 
     async def _migrate(self) -> None:
@@ -814,6 +840,22 @@ class Store(ABC):
         if self.on_fatal is not None:
             self.on_fatal(exc)
 
+    async def _write_fenced(self, writes: WriteBatch) -> None:
+        """A batch of queued writes, fenced on the lease where several daemons share the
+        database (see `_write_batch`)."""
+        await self._write_batch(writes, self.lease if self.shared else None)
+
+    async def _check_lease(self, tx: Tx) -> None:
+        """Inside `tx`: refuse to go on when this instance's lease was taken."""
+        if self.lease is not None and not await tx.fetch(
+            "lease_check", {"instance_id": self.lease}
+        ):
+            raise LeaseLost(f"instance {self.lease} was reaped: its writes are refused")
+
+    def _lease_lost(self, exc: LeaseLost) -> None:
+        if self.on_lease_lost is not None:
+            self.on_lease_lost(exc)
+
     def _available(self) -> None:
         if self.on_available is not None:
             self.on_available()
@@ -851,11 +893,13 @@ class Store(ABC):
         COMMIT; ROLLBACK on any exception."""
 
     @abstractmethod
-    async def _write_batch(self, writes: WriteBatch) -> None:
+    async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
         """Every write of `writes` in one transaction, one `executemany` per statement.
 
-        Raises `StoreBusy` / `StoreUnwritable` when it may land later, `DatabaseCorrupt`
-        when it never will, and `StoreError` when the database refused a write.
+        `fence`: first, in the same transaction, check that this instance's lease is
+        current (`lease_check`), and raise `LeaseLost` when it is not. Raises `StoreBusy`
+        / `StoreUnwritable` when it may land later, `DatabaseCorrupt` when it never will,
+        and `StoreError` when the database refused a write.
         """
 
     @abstractmethod

@@ -20,6 +20,9 @@ statement kind.
   (a constraint, a fence), the batch is written again one write at a time: the others
   land, the refused one is reported (`store_write_refused`) to the store's
   `on_refused` hook.
+- **A fence is not retried.** A batch refused because this daemon's lease was taken
+  (`LeaseLost`) is about work another daemon now owns: it is dropped
+  (`store_writes_fenced`) and the store's `on_lease_lost` hook is told.
 - **A damaged database is not retried.** `DatabaseCorrupt` stops the buffer: waiters
   get the error, and the store's `on_fatal` hook is told.
 """
@@ -37,6 +40,7 @@ from dispatcher import logs
 from dispatcher.errors import (
     DatabaseCorrupt,
     DispatcherError,
+    LeaseLost,
     StoreBusy,
     StoreError,
     StoreUnwritable,
@@ -87,12 +91,14 @@ class WriteBuffer:
         on_refused: Callable[[str, Mapping[str, Any], StoreError], None] | None = None,
         on_fatal: Callable[[DatabaseCorrupt], None] | None = None,
         on_available: Callable[[], None] | None = None,
+        on_lease_lost: Callable[[LeaseLost], None] | None = None,
     ) -> None:
         self._write_batch = write_batch
         self._database = database
         self.on_refused = on_refused
         self.on_fatal = on_fatal
         self.on_available = on_available
+        self.on_lease_lost = on_lease_lost
         self._pending = _Batch()
         self._in_flight: _Batch | None = None
         self._task: asyncio.Task[None] | None = None
@@ -192,6 +198,8 @@ class WriteBuffer:
                 await self._land(batch)
             except DatabaseCorrupt as exc:
                 self._fail(batch, exc)
+            except LeaseLost as exc:
+                self._fenced(batch, exc)
             except Exception as exc:  # a defect: say so loudly, don't hang the waiters
                 log.exception("store_write_failed", database=self._database, error=str(exc))
             finally:
@@ -218,7 +226,7 @@ class WriteBuffer:
     async def _write_or_split(self, batch: _Batch) -> None:
         try:
             await self._write_batch(batch.ordered())
-        except (StoreBusy, StoreUnwritable, DatabaseCorrupt):
+        except (StoreBusy, StoreUnwritable, DatabaseCorrupt, LeaseLost):
             raise
         except StoreError:
             await self._one_by_one(batch)
@@ -236,7 +244,7 @@ class WriteBuffer:
             for key, row in list(rows.items()):
                 try:
                     await self._write_batch([(name, [row])])
-                except (StoreBusy, StoreUnwritable, DatabaseCorrupt):
+                except (StoreBusy, StoreUnwritable, DatabaseCorrupt, LeaseLost):
                     raise
                 except StoreError as exc:
                     log.error("store_write_refused", statement=name, error=str(exc))
@@ -270,6 +278,16 @@ class WriteBuffer:
         )
         if self.on_available is not None:
             self.on_available()
+
+    def _fenced(self, batch: _Batch, exc: LeaseLost) -> None:
+        """The lease was taken: these writes are about work another daemon now owns.
+        They are dropped, not retried (the other daemon redoes the work)."""
+        log.error(
+            "store_writes_fenced", database=self._database, writes=batch.size(), error=str(exc)
+        )
+        batch.rows.clear()
+        if self.on_lease_lost is not None:
+            self.on_lease_lost(exc)
 
     def _fail(self, batch: _Batch, exc: DatabaseCorrupt) -> None:
         first = self.fatal is None

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from structlog.testing import capture_logs
 
+from dispatcher.errors import LeaseLost
 from dispatcher.models import AttemptStatus, DispatchStatus, Instance, NewDispatch
 from dispatcher.store.base import Store
 from dispatcher.store.postgres import PostgresStore
@@ -191,3 +192,64 @@ async def test_concurrent_starters_migrate_a_new_database_once() -> None:
             await opened.close()
     finally:
         postgres.drop_database(url)
+
+
+# -- leases and fencing (PostgreSQL) ---------------------------------------------------------
+
+
+async def test_a_reaped_instance_cannot_write_about_work_it_no_longer_owns(
+    pg_url: str, store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    """Daemon A froze past the TTL and B reaped it, then claimed A's dispatch. When A
+    resumes, every write it makes about that work is refused, it learns that it lost
+    its lease, and nothing of B's is touched."""
+    if not isinstance(store, PostgresStore):
+        return
+    a, b = store, await PostgresStore.open(pg_url)
+    lost: list[str] = []
+    a.on_lease_lost = lambda exc: lost.append(str(exc))
+    try:
+        for s, name in ((a, "A"), (b, "B")):
+            await s.register_instance(_instance(name, clock))
+            s.lease = name
+        taken, other = (await reserve()).id, (await reserve()).id
+        assert len(await a.claim_many("A", clock.now(), (), 2)) == 2
+        attempt = await a.start_attempt(taken, 0, "s", "shell", 1, "A", clock.now())
+        await a.flush()
+
+        clock.advance(40)
+        await b.heartbeat("B", clock.now())
+        report = await b.reap_dead_instances("B", clock.now(), ttl=30)
+        assert report.dispatches_requeued == 2
+        assert [d.id for d in await b.claim_many("B", clock.now(), (), 1)] == [taken]
+
+        with capture_logs() as logged:  # A resumes, not knowing
+            await a.finish_attempt(attempt, AttemptStatus.SUCCEEDED, clock.now())
+            await a.advance(taken, 1, clock.now())
+            await a.finish_dispatch(taken, DispatchStatus.SUCCEEDED, clock.now())
+            await a.mirror_open("global", f"dispatch:{taken}", "A", clock.now())
+            await a.flush()
+            await a.requeue(taken, clock.now())
+            claimed = await a.claim_many("A", clock.now(), (), 5)
+            with pytest.raises(LeaseLost):
+                await a.heartbeat("A", clock.now())
+            with pytest.raises(LeaseLost):
+                await a.try_take_slot("global", "x", "A", 10, clock.now())
+
+        assert claimed == []  # `other` is queued, but A's claim is fenced
+        assert lost and "reaped" in lost[0]
+        assert "store_writes_fenced" in [e["event"] for e in logged]
+        now_b = await b.get_dispatch(taken)
+        assert now_b is not None
+        assert (now_b.status, now_b.instance_id, now_b.current_step) == (
+            DispatchStatus.PLANNING,
+            "B",
+            0,
+        )
+        again = await b.get_dispatch(other)
+        assert again is not None and again.status is DispatchStatus.QUEUED
+        assert [x.status for x in await b.list_attempts(taken)] == [AttemptStatus.INTERRUPTED]
+        assert await b.held_slots() == []
+        assert {i.id for i in await b.live_instances(clock.now() - timedelta(days=1))} == {"B"}
+    finally:
+        await b.close()

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from dispatcher.errors import KeyConflict, NotFound
+from dispatcher.errors import KeyConflict, LeaseLost, NotFound
 from dispatcher.models import (
     AttemptStatus,
     DispatchStatus,
@@ -592,9 +592,13 @@ async def test_heartbeat_keeps_an_instance_live(store: Store, clock: FakeClock) 
     assert [i.id for i in await store.live_instances(since=clock.now())] == [NEW]
 
 
-async def test_a_stopped_instance_is_not_live(store: Store, clock: FakeClock) -> None:
+async def test_a_stopped_instance_is_not_live_and_its_heartbeat_fails_loudly(
+    store: Store, clock: FakeClock
+) -> None:
     await store.register_instance(instance(OLD, clock.now()))
     await store.stop_instance(OLD, clock.now())
-    await store.heartbeat(OLD, clock.now())
+
+    with pytest.raises(LeaseLost, match="reaped"):
+        await store.heartbeat(OLD, clock.now())  # never revives it
 
     assert await store.live_instances(since=clock.now() - timedelta(hours=1)) == []

@@ -14,12 +14,19 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 -- name: claim_many
 -- SKIP LOCKED: concurrent claimers (several daemons) pass over each other's rows
--- instead of waiting. The pick is a CTE so it runs once, before the update.
-WITH picked AS (
+-- instead of waiting. The pick is a CTE so it runs once, before the update. Fenced: a
+-- claimer whose lease (:fence, its instance) was taken claims nothing; its lease row,
+-- locked FOR SHARE, cannot be reaped until this commits. (:fence NULL: no fence.)
+WITH lease AS (
+    SELECT id FROM instances
+    WHERE id = :fence AND stopped_at IS NULL
+    FOR SHARE
+), picked AS (
     SELECT id FROM dispatches
     WHERE status = 'queued'
       AND (not_before IS NULL OR not_before <= :now)
       AND (gate_key IS NULL OR NOT (gate_key = ANY(:blocked_gates::text[])))
+      AND (CAST(:fence AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM lease))
     ORDER BY priority DESC, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -48,6 +55,12 @@ SELECT id FROM dispatches WHERE cancel_requested AND id = ANY(:ids::bigint[]);
 -- block of its own.
 SELECT nextval(pg_get_serial_sequence(:table, 'id')) AS id
 FROM generate_series(1, :size);
+
+-- name: lease_check
+-- The fence of a transaction that writes about work this instance owns: its lease is
+-- current (not reaped), and stays so until the commit (a reaper's UPDATE of this row
+-- waits for the FOR SHARE lock).
+SELECT id FROM instances WHERE id = :instance_id AND stopped_at IS NULL FOR SHARE;
 
 -- name: gate_lock
 -- Serializes the slot takers of one gate across every daemon until the commit.

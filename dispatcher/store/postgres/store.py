@@ -22,7 +22,13 @@ from typing import Any
 import asyncpg
 
 from dispatcher.config import redact_url as redact
-from dispatcher.errors import DatabaseCorrupt, StoreBusy, StoreError, StoreUnwritable
+from dispatcher.errors import (
+    DatabaseCorrupt,
+    LeaseLost,
+    StoreBusy,
+    StoreError,
+    StoreUnwritable,
+)
 from dispatcher.store.base import Migration, Row, Store
 from dispatcher.store.postgres.listen import Listener
 from dispatcher.store.sql import statements
@@ -190,9 +196,13 @@ class PostgresStore(Store):
             async with self._pool.acquire() as con, con.transaction():
                 yield _Tx(con)
 
-    async def _write_batch(self, writes: WriteBatch) -> None:
+    async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
         with wrap_exceptions(self._url, "write"):
             async with self._pool.acquire() as con, con.transaction():
+                if fence is not None and not await fetch(
+                    con, "lease_check", {"instance_id": fence}
+                ):
+                    raise LeaseLost(f"instance {fence} was reaped: its writes are refused")
                 for name, rows in writes:
                     stmt = statement(name)
                     await con.executemany(stmt.sql, [stmt.args(row) for row in rows])

@@ -23,7 +23,8 @@ SELECT id, status, fingerprint FROM dispatches WHERE key = :key;
 
 -- name: write_progress
 -- A queued change of an in-flight dispatch: plan, step and final status merged into one
--- statement (NULL: not changed). A dispatch already final is left alone.
+-- statement (NULL: not changed). A dispatch already final is left alone. Fenced: only
+-- the instance that holds the dispatch changes it (:instance_id NULL: no fence, the CLI).
 UPDATE dispatches
 SET plan = COALESCE(:plan, plan),
     current_step = COALESCE(:current_step, current_step),
@@ -31,12 +32,15 @@ SET plan = COALESCE(:plan, plan),
     error = CASE WHEN :final THEN :error ELSE error END,
     finished_at = CASE WHEN :final THEN :now ELSE finished_at END,
     updated_at = :now
-WHERE id = :id AND status NOT IN ('succeeded', 'failed', 'cancelled');
+WHERE id = :id AND status NOT IN ('succeeded', 'failed', 'cancelled')
+  AND (CAST(:instance_id AS TEXT) IS NULL OR instance_id = :instance_id);
 
 -- name: requeue
+-- Fenced like write_progress: a reaped daemon cannot take back a dispatch another holds.
 UPDATE dispatches
 SET status = 'queued', instance_id = NULL, not_before = :not_before, updated_at = :now
-WHERE id = :id AND status IN ('planning', 'running');
+WHERE id = :id AND status IN ('planning', 'running')
+  AND (CAST(:instance_id AS TEXT) IS NULL OR instance_id = :instance_id);
 
 -- name: request_cancel
 -- The right-hand sides see the row as it was before this update.
@@ -188,7 +192,9 @@ INSERT INTO instances (id, hostname, pid, version, started_at, heartbeat_at, sto
 VALUES (:id, :hostname, :pid, :version, :started_at, :heartbeat_at, :stopped_at);
 
 -- name: heartbeat
-UPDATE instances SET heartbeat_at = :now WHERE id = :id;
+-- Renews the lease: a reaped (stopped) instance is never revived; no row means it was.
+UPDATE instances SET heartbeat_at = :now WHERE id = :id AND stopped_at IS NULL
+RETURNING id;
 
 -- name: stop_instance
 UPDATE instances SET stopped_at = :now WHERE id = :id AND stopped_at IS NULL;

@@ -345,7 +345,8 @@ class SQLiteStore(Store):
                 await self._rollback()
                 raise
 
-    async def _write_batch(self, writes: WriteBatch) -> None:
+    async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
+        # No fence: one daemon per file (the instance lock) owns all of its work.
         async with self._lock:
             try:
                 await self._busy_retry(lambda: self._db.execute("BEGIN IMMEDIATE"), patience=0.0)
