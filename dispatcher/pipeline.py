@@ -20,7 +20,7 @@ from dispatcher import logs
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
-from dispatcher.errors import DispatcherError, PlanError
+from dispatcher.errors import DispatcherError, LeaseLost, PlanError
 from dispatcher.gate import ConcurrencyGate
 from dispatcher.models import (
     LEASE_INTERRUPTION,
@@ -125,6 +125,11 @@ class Pipeline:
                 with flight.scope:
                     return await self._plan_and_execute(dispatch, flight)
                 return await self._after_cancel(dispatch, flight)
+            except LeaseLost:
+                # Another daemon took this daemon's work: nothing of it may be written or
+                # run from here (the daemon ends its other dispatches too, and rejoins).
+                log.warning("dispatch_abandoned", reason="lease")
+                return DispatchStatus.QUEUED
             except Exception as exc:  # a defect or a dead database: fail loudly, don't lose it
                 log.exception("dispatch_crashed")
                 reason = f"internal error: {type(exc).__name__}: {exc}"

@@ -69,6 +69,8 @@ class _Batch:
     """`flush` callers: woken once the batch has landed."""
     readers: list[asyncio.Future[None]] = field(default_factory=list)
     """`settle` callers: woken once it landed, or once it cannot land for now."""
+    fenced: LeaseLost | None = None
+    """Set when the batch was refused by the lease fence: `flush` raises it."""
 
     def __bool__(self) -> bool:
         return any(self.rows.values())
@@ -204,7 +206,7 @@ class WriteBuffer:
                 log.exception("store_write_failed", database=self._database, error=str(exc))
             finally:
                 self._in_flight = None
-            _wake(batch.waiters)
+            _wake(batch.waiters, batch.fenced)
             _wake(batch.readers)
         if self.fatal is not None and self._pending:
             self._fail(self._pending, self.fatal)
@@ -286,6 +288,7 @@ class WriteBuffer:
             "store_writes_fenced", database=self._database, writes=batch.size(), error=str(exc)
         )
         batch.rows.clear()
+        batch.fenced = exc  # a flush waiting for these must not go on as if they landed
         if self.on_lease_lost is not None:
             self.on_lease_lost(exc)
 
@@ -301,7 +304,11 @@ class WriteBuffer:
             self.on_fatal(exc)
 
 
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
+def _wake(waiters: list[asyncio.Future[None]], error: BaseException | None = None) -> None:
     for waiter in waiters:
-        if not waiter.done():
+        if waiter.done():
+            continue
+        if error is None:
             waiter.set_result(None)
+        else:
+            waiter.set_exception(error)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from dispatcher.errors import DatabaseCorrupt, StoreBusy, StoreError, StoreUnwritable
+from dispatcher.errors import DatabaseCorrupt, LeaseLost, StoreBusy, StoreError, StoreUnwritable
 from dispatcher.store import writes
 from dispatcher.store.writes import WriteBatch, WriteBuffer
 
@@ -193,3 +193,20 @@ async def test_close_writes_what_is_queued() -> None:
 
     assert await queue.close(patience=5) == 0
     assert len(db.rows) == 100
+
+
+async def test_a_batch_refused_by_the_fence_is_dropped_and_its_flush_raises() -> None:
+    db = FakeDatabase()
+    lost: list[LeaseLost] = []
+    queue = buffer(db, on_lease_lost=lost.append)
+    db.fail(LeaseLost("instance a was reaped"))
+    queue.put("insert_attempt", 1, {"id": 1})
+    with capture_logs() as logged, pytest.raises(LeaseLost):
+        await queue.flush()  # a step with effects waiting for its start must not run
+
+    assert len(db.batches) == 1 and db.rows == []  # not retried
+    assert len(lost) == 1
+    assert [e["event"] for e in logged] == ["store_writes_fenced"]
+    queue.put("insert_attempt", 2, {"id": 2})  # later writes (a new lease) still land
+    await queue.flush()
+    assert db.rows == [("insert_attempt", 2)]
