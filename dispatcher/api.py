@@ -9,7 +9,6 @@ it is compared in constant time and never logged.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -19,7 +18,7 @@ import anyio
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from dispatcher import __version__, logs, service, statuspage
+from dispatcher import __version__, limits, logs, service, statuspage
 from dispatcher.config import Settings, split_listen
 from dispatcher.errors import (
     BadRequest,
@@ -216,20 +215,12 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def _json_body(request: web.Request) -> Any:
     raw = await request.read()  # aiohttp enforces client_max_size (413) while reading
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise BadRequest("body: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body: invalid JSON: {exc.msg} at column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"body: {exc}") from None
+        return limits.load_json(raw, outer_levels=1)  # the body is one object around params
+    except ValueError as exc:
+        raise limits.refuse_as(BadRequest, "body", exc) from None
 
 
 def _dispatch_id(request: web.Request) -> int:

@@ -6,6 +6,7 @@ shielded, so a cancelled step still records how it ended.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dispatcher import logs
+from dispatcher import limits, logs
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
@@ -296,7 +297,7 @@ class Pipeline:
             await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
         try:
-            outcome = await self._invoke(work)
+            outcome = storable(await self._invoke(work))
         except anyio.get_cancelled_exc_class():
             status, error = self._cancel_status(flight)
             ended = self._clock.now()
@@ -359,6 +360,7 @@ class Pipeline:
         self, dispatch: Dispatch, status: DispatchStatus, error: str | None = None
     ) -> DispatchStatus:
         now = self._clock.now()
+        error = None if error is None else limits.storable_text(error)
         with anyio.CancelScope(shield=True):
             await self._store.finish_dispatch(dispatch.id, status, now, error)
         self.observer.dispatch_finished(dispatch.task, str(status))
@@ -371,3 +373,16 @@ class Pipeline:
     def _line_logger(self, step: str) -> ChildOutputLog:
         """A fresh sink per attempt: the flood limit applies to each attempt alone."""
         return ChildOutputLog(log.bind(step=step), self.settings.log)
+
+
+def storable(outcome: Outcome) -> Outcome:
+    """What a step printed or raised, as text every store takes (no NUL, no lone
+    surrogate): it is recorded, never refused."""
+    error, output = outcome.error, outcome.output
+    if error is not None:
+        error = limits.storable_text(error)
+    if output is not None:
+        output = limits.storable_text(output)
+    if error is outcome.error and output is outcome.output:
+        return outcome
+    return dataclasses.replace(outcome, error=error, output=output)

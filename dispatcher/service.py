@@ -6,15 +6,16 @@ objects; they never print and never parse command lines.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from dispatcher import limits
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, NotFound
+from dispatcher.limits import MAX_PRIORITY
 from dispatcher.models import Attempt, Dispatch, DispatchStatus, NewDispatch, Reservation
 from dispatcher.planners import check_params, task_gate_key
 from dispatcher.purge import gate_cutoff
@@ -22,8 +23,6 @@ from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
-MAX_PRIORITY = 2**31 - 1
-"""Priorities are 32-bit: what the API's schema says, well inside SQLite's 64 bits."""
 SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority"})
 
 
@@ -47,6 +46,10 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         raise BadRequest(f"params must be a JSON object, got {type(request.params).__name__}")
     if any(not isinstance(name, str) for name in request.params):
         raise BadRequest("params: names must be strings")
+    try:
+        limits.check_params(request.params)
+    except limits.Refused as exc:
+        raise BadRequest(exc.located("params")) from None
     if request.key is not None:
         _check_key(request.key)
     priority = task.priority if request.priority is None else request.priority
@@ -67,10 +70,9 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
 def _check_key(key: str) -> None:
     if not 0 < len(key) <= MAX_KEY_LENGTH:
         raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:  # e.g. undecodable bytes in argv, or a lone surrogate in JSON
-        raise BadRequest("key must be valid UTF-8 text") from None
+    problem = limits.text_problem(key)  # e.g. undecodable bytes in argv
+    if problem is not None:
+        raise BadRequest(f"key: {problem}")
 
 
 async def submit(
@@ -84,9 +86,9 @@ async def submit(
 def parse_batch_line(number: int, line: str) -> SubmitRequest:
     """One JSON line of `submit --batch`: {"task", "params", "key", "priority"}."""
     try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"batch line {number}: invalid JSON: {exc.msg}") from None
+        item = limits.load_json(line, outer_levels=1)
+    except ValueError as exc:
+        raise limits.refuse_as(BadRequest, f"batch line {number}", exc) from None
     try:
         return request_from_json(item)
     except BadRequest as exc:
@@ -193,8 +195,15 @@ def dispatch_json(dispatch: Dispatch, attempts: list[Attempt] | None = None) -> 
     return data
 
 
+def _known_id(dispatch_id: int) -> int:
+    """Ids are positive 64-bit integers: any other cannot name a dispatch."""
+    if not 1 <= dispatch_id <= limits.INT_MAX:
+        raise NotFound(f"no dispatch with id {dispatch_id}")
+    return dispatch_id
+
+
 async def show(store: Store, dispatch_id: int) -> dict[str, Any]:
-    dispatch = await store.get_dispatch(dispatch_id)
+    dispatch = await store.get_dispatch(_known_id(dispatch_id))
     if dispatch is None:
         raise NotFound(f"no dispatch with id {dispatch_id}")
     return dispatch_json(dispatch, await store.list_attempts(dispatch_id))
@@ -207,7 +216,7 @@ async def list_dispatches(
 
 
 async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
-    dispatch = await store.request_cancel(dispatch_id, clock.now())
+    dispatch = await store.request_cancel(_known_id(dispatch_id), clock.now())
     return {
         "id": dispatch.id,
         "status": str(dispatch.status),
