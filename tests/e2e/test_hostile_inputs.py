@@ -34,6 +34,12 @@ shutdown_grace = "0s"
 [runners.noop]
 type = "noop"
 
+[runners.sh]
+type = "exec"
+
+[tasks.prints]
+steps = [{{ name = "p", runner = "sh", args = ["printf", 'a\\000b\\377c'] }}]
+
 [tasks.t]
 steps = [{{ name = "s", runner = "noop" }}]
 
@@ -86,12 +92,6 @@ def cli(daemon: Daemon, *args: str | bytes, stdin: bytes | None = None) -> Any:
         cwd=daemon.workdir,
         env={**_env(), "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8"},
     )
-
-
-def count(daemon: Daemon) -> int:
-    result = cli(daemon, "list", "--json", "--limit", "1000")
-    assert result.returncode == 0, result.stderr
-    return len(json.loads(result.stdout))
 
 
 def refused_in_one_line(result: Any, fragment: str) -> None:
@@ -196,10 +196,13 @@ def test_invalid_utf8_in_a_body_is_422(daemon: Daemon) -> None:
     assert answer.json()["error"]["message"] == "body: not UTF-8 text"
 
 
+ACCEPTED_LANE = "édge \U0001f600"
+
+
 def test_what_is_accepted_reads_back_as_strict_json(daemon: Daemon) -> None:
     """At the limits, everything is taken, stored and shown as it came (no NaN, no loss)."""
     params = {
-        "lane": "édge \U0001f600",
+        "lane": ACCEPTED_LANE,
         "deep": json.loads(nested(MAX_DEPTH - 1)),
         "ints": [2**63 - 1, -(2**63)],
         "float": 1.5e308,
@@ -217,12 +220,23 @@ def _no_constant(name: str) -> Any:
     raise AssertionError(f"{name} in JSON output")
 
 
+def test_what_a_step_prints_is_recorded_even_a_nul_byte(daemon: Daemon) -> None:
+    """PostgreSQL text cannot hold U+0000: it used to fail the attempt's final write."""
+    result = cli(daemon, "submit", "prints", "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["status"] == "succeeded"
+    assert shown["attempts"][0]["output"] == "a\ufffdb\ufffdc"
+
+
 def test_the_daemon_survived_every_hostile_input_and_nothing_refused_was_written(
     daemon: Daemon,
 ) -> None:
     """Last in this module: only the one dispatch accepted above exists; the daemon
     still answers and still runs work."""
-    assert count(daemon) == 1
+    result = cli(daemon, "list", "--json", "--limit", "1000")
+    written = [d for d in json.loads(result.stdout) if d["task"] != "prints"]
+    assert [d["params"]["lane"] for d in written] in ([], [ACCEPTED_LANE])
     assert call("GET", f"{api_url(daemon)}/healthz").status == 200
     result = cli(daemon, "submit", "k", "--param", "lane=after", "--wait", "--json")
     assert result.returncode == 0, result.stderr
