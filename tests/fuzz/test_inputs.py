@@ -23,6 +23,7 @@ from dispatcher import service
 from dispatcher.config import Settings, load_settings
 from dispatcher.durations import format_duration, parse_duration
 from dispatcher.errors import EX_CONFIG, EX_DATAERR, BadRequest, ConfigError, PlanError
+from dispatcher.limits import check_json
 from dispatcher.models import NewDispatch, Reservation
 from dispatcher.planners import validate_plan
 from dispatcher.store.sqlite import SQLiteStore
@@ -255,22 +256,44 @@ env_names = st.sampled_from(
         "DISPATCHER___X",
         "DISPATCHER_GATE__GLOBAL__DEEPER",
         "DISPATCHER_RUNNERS__NEW__TYPE",
+        "DISPATCHER_TASKS__HELLO__PRIORITY",
+        "DISPATCHER_RUNNERS__SH__ENV",
+        "DISPATCHER_DAEMON__KILL_GRACE",
     ]
 )
+hostile_env_values = st.one_of(
+    st.builds(lambda n: "[" * n + "]" * n, st.sampled_from([10, 5000, 100_000])),
+    st.builds(lambda n: "9" * n, st.integers(18, 6000)),
+    st.sampled_from(["nan", "inf", "-inf", "1e999", '"\\u0000"', "{A = '\\u0000'}"]),
+    st.builds(
+        lambda value: '[{name="s", runner="sh", kwargs={a=' + value + "}}]",
+        st.sampled_from(["nan", "inf", "9" * 30, "[" * 50 + "]" * 50, '"\\udcff"']),
+    ),
+    st.binary(max_size=6).map(lambda b: b.decode("utf-8", "surrogateescape")),
+)
+"""What an environment can carry: deep TOML, long numbers, NaN, undecodable bytes."""
 
 
 @FUZZ
-@given(st.dictionaries(env_names, st.text(max_size=20), max_size=3))
+@given(st.dictionaries(env_names, st.text(max_size=20) | hostile_env_values, max_size=3))
 @example({"DISPATCHER_GATE__GLOBAL__DEEPER": "1"})
 @example({"DISPATCHER_LOG__": "x"})
+@example({"DISPATCHER_GATE__GLOBAL": "[" * 100_000 + "]" * 100_000})
+@example({"DISPATCHER_TASKS__HELLO__PRIORITY": "9" * 5000})
+@example({"DISPATCHER_TASKS__HELLO__STEPS": '[{name="s", runner="sh", kwargs={a=nan}}]'})
 def test_any_environment_override_loads_or_is_one_line(
     tmp_path_factory: Any, environ: dict[str, str]
 ) -> None:
     tmp_path = tmp_path_factory.mktemp("cfg")
     try:
-        load_text(tmp_path, toml_document(BASE), environ)
+        settings = load_text(tmp_path, toml_document(BASE), environ)
     except ConfigError as exc:
         assert_config_error(exc, tmp_path)
+        assert len(exc.message) < 1000  # a huge value is never echoed whole
+    else:
+        for task in settings.tasks.values():  # what is loaded can be stored with a plan
+            for step in task.steps:
+                check_json(step.kwargs)
 
 
 # -- plans -------------------------------------------------------------------------------
