@@ -171,6 +171,7 @@ class Pipeline:
                     stdin=planner_input(dispatch),
                     on_line=lines,
                     keep_stdout=True,
+                    label=f"dispatch:{dispatch.id}/{PLAN_STEP_NAME}",
                 )
             finally:
                 lines.close()
