@@ -32,10 +32,17 @@ from dispatcher.models import (
     Dispatch,
     DispatchStatus,
     Step,
+    is_resource_shortage,
 )
 from dispatcher.observe import NullObserver, Observer
 from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
-from dispatcher.retry import StepHistory, backoff_delay, may_retry
+from dispatcher.retry import (
+    SHORTAGE_BACKOFF,
+    SHORTAGE_BACKOFF_MAX,
+    StepHistory,
+    backoff_delay,
+    may_retry,
+)
 from dispatcher.runners.base import Outcome, Runner, RunRequest
 from dispatcher.runners.process import run_process
 from dispatcher.runners.python import resolve_callable
@@ -133,6 +140,8 @@ class Pipeline:
         plan = dispatch.plan
         if plan is None:
             planned = await self._make_plan(dispatch, flight)
+            if planned is None:
+                return DispatchStatus.QUEUED  # deferred: a resource was lacking
             if isinstance(planned, str):
                 return await self._finish(dispatch, DispatchStatus.FAILED, planned)
             plan = planned
@@ -140,8 +149,11 @@ class Pipeline:
             log.debug("dispatch_planned", steps=len(plan))
         return await self._execute(dispatch, plan, flight)
 
-    async def _make_plan(self, dispatch: Dispatch, flight: InFlight) -> tuple[Step, ...] | str:
-        """The plan, or a one-line reason why there is none."""
+    async def _make_plan(
+        self, dispatch: Dispatch, flight: InFlight
+    ) -> tuple[Step, ...] | str | None:
+        """The plan, a one-line reason why there is none, or None when the planner
+        could not start for lack of a resource (the dispatch is queued again)."""
         task = self.settings.tasks[dispatch.task]
         if task.planner == "steps":
             return steps_plan(task, dispatch.params)
@@ -154,6 +166,9 @@ class Pipeline:
         )  # a planner (a process or user code) has effects
         plans: list[tuple[Step, ...]] = []
         outcome = await self._attempt(spec, flight, lambda: self._run_planner(dispatch, plans))
+        if is_resource_shortage(outcome.status, outcome.error):
+            await self._defer(dispatch, history.shortages + 1, outcome)
+            return None
         if not outcome.ok:
             return f"planner failed: {outcome.error}"
         return plans[0]
@@ -250,6 +265,9 @@ class Pipeline:
             lines.close()
         if outcome.ok:
             return Verdict.SUCCEEDED
+        if is_resource_shortage(outcome.status, outcome.error):
+            await self._defer(dispatch, history.shortages + 1, outcome)
+            return Verdict.RETRY_LATER
         return await self._after_failure(dispatch, step, history.failures + 1, outcome)
 
     async def _history(self, dispatch: Dispatch, index: int) -> StepHistory:
@@ -259,6 +277,19 @@ class Pipeline:
         if not dispatch.resumed or index != first:
             return StepHistory(attempts=0, failures=0, interruptions=0, succeeded=False)
         return StepHistory.of(await self._store.step_attempts(dispatch.id, index))
+
+    async def _defer(self, dispatch: Dispatch, shortages: int, outcome: Outcome) -> None:
+        """An infrastructure failure (a resource lacking to start a process): queue the
+        dispatch again, after a backoff of its own; the step's retries stay unused."""
+        delay = backoff_delay(shortages, SHORTAGE_BACKOFF, SHORTAGE_BACKOFF_MAX, self._rand)
+        now = self._clock.now()
+        await self._store.requeue(dispatch.id, now, now + timedelta(seconds=delay))
+        log.warning(
+            "step_deferred",
+            reason=outcome.error,
+            shortages=shortages,
+            delay_ms=round(delay * 1000),
+        )
 
     async def _after_failure(
         self, dispatch: Dispatch, step: Step, failures: int, outcome: Outcome

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
 import os
 import signal
 from collections.abc import Coroutine, Mapping, Sequence
@@ -24,7 +25,7 @@ import anyio
 
 from dispatcher import logs
 from dispatcher.durations import format_duration
-from dispatcher.models import AttemptStatus
+from dispatcher.models import RESOURCE_SHORTAGE, AttemptStatus
 from dispatcher.runners.base import LineSink, Outcome
 from dispatcher.runners.guard import GuardError, process_guard, step_token
 
@@ -38,6 +39,10 @@ _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 1.0
 """How long to keep reading the pipes after the group is gone (see `_supervise`)."""
 _REAP_TIMEOUT = 5.0
+
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+"""A process that cannot be started for one of these is the host's fault: the attempt
+is `interrupted` (`RESOURCE_SHORTAGE`), tried again later, and uses up no retry."""
 
 _log = logs.get_logger(__name__)
 
@@ -61,7 +66,8 @@ async def run_process(
     replaced, newline stripped). `Outcome.output` is the last `tail_bytes` of both
     streams in arrival order; `Outcome.stdout` is the whole stdout when `keep_stdout`
     (more than `MAX_KEPT_STDOUT` bytes of it fail the run: memory stays bounded).
-    A program that cannot be started is a failed Outcome, not an exception. On
+    A program that cannot be started is a failed Outcome, not an exception (an
+    `interrupted` one when a resource is lacking, see `SHORTAGE_ERRNOS`). On
     cancellation the process group is stopped (shielded) and the cancellation re-raised.
 
     The environment (`env`, or the daemon's) gets the daemon's guard token and a token of
@@ -76,7 +82,10 @@ async def run_process(
             argv, output, stdin=stdin is not None, env=env, cwd=cwd, label=label
         )
     except (OSError, ValueError) as exc:
-        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
+        error = _spawn_error(argv[0], cwd, exc)
+        if isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS:
+            return Outcome(AttemptStatus.INTERRUPTED, error=f"{RESOURCE_SHORTAGE}: {error}")
+        return Outcome(AttemptStatus.FAILED, error=error)
     try:
         timed_out = await _supervise(child, stdin, timeout, kill_grace)
     finally:
