@@ -242,6 +242,14 @@ class ApiSettings(_Section):
     listen: str | None = None
     """`HOST:PORT` (`[::1]:8080` for IPv6); port 0 picks a free one (logged)."""
     max_body: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Open connections at most (and at most half the process's descriptor limit); at
+    the cap, the longest-idle connection is closed for a new one."""
+    idle_timeout: Duration = Field(default=15.0, gt=0)
+    """A connection with no request in progress for this long is closed (one that sends
+    nothing, one that trickles its request head, an idle keep-alive one)."""
+    read_timeout: Duration = Field(default=30.0, gt=0)
+    """How long a request's body may take to arrive (then 408)."""
     url: str | None = None
     """Base URL of a daemon's API: `dispatcher submit` then goes there, not to the database."""
 
