@@ -10,15 +10,15 @@ process, in a session of its own, with a pipe from the daemon as stdin. It reads
                     `DISPATCHER_STEP=TOKEN` (what it left behind, also outside its
                     group and session); LABEL names the step in the log line
 
-Ended steps are dealt with as their lines arrive, while the daemon runs (the lines of
-one read share one scan of /proc). At end of file (the daemon exited or was killed: the
-kernel closes its end of the pipe either way) it sends SIGKILL to every group still
-registered, then to every process whose environment holds `DISPATCHER_GUARD=TOKEN`
-(read from /proc/PID/environ): that catches a step the daemon started but died before
-registering, and a grandchild that left its group with setsid. Then it exits. It
-ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT: its life is the pipe's, so a stop signal
-sent to every process of the service cannot take the guard away while the daemon
-drains.
+Ended steps are dealt with as their lines arrive, while the daemon runs (the lines that
+arrive during a scan and the short pause after it share the next scan of /proc). At end
+of file (the daemon exited or was killed: the kernel closes its end of the pipe either
+way) it sends SIGKILL to every group still registered, then to every process whose
+environment holds `DISPATCHER_GUARD=TOKEN` (read from /proc/PID/environ): that catches a
+step the daemon started but died before registering, and a grandchild that left its
+group with setsid. Then it exits. It ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT: its
+life is the pipe's, so a stop signal sent to every process of the service cannot take
+the guard away while the daemon drains.
 
 Standard library only, and no package import: it starts in a few milliseconds.
 """
@@ -44,6 +44,11 @@ _LABEL = re.compile(rb"[A-Za-z0-9:/#_.()-]{1,200}")
 
 _SCAN_ROUNDS = 50
 """Scans of /proc at most: a step forking while it is being killed needs another."""
+
+_SCAN_GAP = 0.05
+"""Seconds at least between two scans for ended steps (and twice the last scan's time):
+the lines that arrive meanwhile share the next scan, so a daemon ending hundreds of
+steps a second costs the guardian a few percent of a core, not most of one."""
 
 
 def main(argv: list[str]) -> int:
@@ -76,7 +81,9 @@ def read_groups(fd: int) -> set[int]:
             if step is not None:
                 ended[step[0]] = step[1]
         if ended:
+            started = time.monotonic()
             kill_steps(ended)
+            time.sleep(max(_SCAN_GAP, 2 * (time.monotonic() - started)))
     return groups
 
 
