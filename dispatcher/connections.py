@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import resource
 import socket
 from collections.abc import Callable, Iterable
@@ -36,7 +35,8 @@ import anyio.lowlevel
 from dispatcher import logs
 
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-"""Accept errors that mean "out of a resource": wait and try again."""
+"""Accept errors that mean "out of a resource": an idle connection is closed to give a
+descriptor back. Any other accept error is logged the same way and tried again."""
 
 ACCEPT_PAUSE = 0.1
 """Seconds between two tries after an accept error."""
@@ -178,9 +178,7 @@ class Acceptor:
             await self._room()
             try:
                 conn, _ = await loop.sock_accept(sock)
-            except OSError as exc:
-                if exc.errno not in RESOURCE_ERRNOS:
-                    raise
+            except OSError as exc:  # never the end of the API: log (throttled), go on
                 await self._accept_failed(exc)
                 continue
             await self._hand_over(loop, conn)
@@ -204,15 +202,18 @@ class Acceptor:
         except OSError:  # the peer went away already
             conn.close()
             return
+        except BaseException:  # cancelled with the API: no descriptor left behind
+            conn.close()
+            raise
         self.limiter.add(transport)
 
     async def _accept_failed(self, exc: OSError) -> None:
-        self._error = os.strerror(exc.errno or 0)
+        self._error = exc.strerror or str(exc)
         self._log_failures(self._failures.count(self.limiter.clock()))
-        if self.limiter.close_longest_idle():
+        if exc.errno in RESOURCE_ERRNOS and self.limiter.close_longest_idle():
             await anyio.lowlevel.checkpoint()  # the loop's next round closes its descriptor
         else:
-            await anyio.sleep(ACCEPT_PAUSE)  # nothing to give back: wait for one
+            await anyio.sleep(ACCEPT_PAUSE)  # nothing to give back (or another error)
 
     def _log_failures(self, count: int) -> None:
         if count:
