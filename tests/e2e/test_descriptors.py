@@ -28,7 +28,7 @@ WITH_LIMIT = (
 """Runs the daemon with a given soft and hard limit of open descriptors."""
 
 
-def config(idle_timeout: str = "60s") -> str:
+def config(idle_timeout: str = "60s", read_timeout: str = "30s") -> str:
     return f"""
 [database]
 path = "state/dispatcher.db"
@@ -46,11 +46,12 @@ steps = [{{ name = "say", runner = "sh", args = ["echo", "{{word}}"] }}]
 [api]
 listen = "127.0.0.1:0"
 idle_timeout = "{idle_timeout}"
+read_timeout = "{read_timeout}"
 """
 
 
-def limited(make_daemon: Any, soft: int, hard: int, idle_timeout: str = "60s") -> Daemon:
-    daemon: Daemon = make_daemon(config(idle_timeout))
+def limited(make_daemon: Any, soft: int, hard: int, **timeouts: str) -> Daemon:
+    daemon: Daemon = make_daemon(config(**timeouts))
     daemon.launcher = [sys.executable, "-c", WITH_LIMIT, str(soft), str(hard)]
     daemon.start()
     return daemon
@@ -136,4 +137,20 @@ def test_idle_and_trickling_connections_are_closed_after_idle_timeout(
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert kept.recv(4096).startswith(b"HTTP/1.1 200")
         wait_until(lambda: closed_by_server(kept), timeout=20)
+    assert daemon.stop() == 0
+
+
+def test_a_body_slower_than_read_timeout_is_answered_408_and_closed(make_daemon: Any) -> None:
+    daemon = limited(make_daemon, 1024, 1024, read_timeout="1s")
+    with socket.create_connection(("127.0.0.1", port_of(daemon)), timeout=20) as slow:
+        slow.sendall(
+            b"POST /v1/dispatches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"task": "echo", '
+        )  # and the rest never comes
+        answer = b""
+        while chunk := slow.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"code": "request_timeout"' in answer
+    assert daemon.cli_json("list") == []
     assert daemon.stop() == 0
