@@ -94,13 +94,13 @@ def text_problem(text: str) -> str | None:
 def check_json(value: Any, max_depth: int = MAX_DEPTH, path: Path = ()) -> None:
     """Refuse (`Refused`) a value that is not storable JSON; iterative, any depth.
 
-    Accepts None, bool, int (64-bit), finite float, valid text, and lists and dicts
-    (with text keys) of those, nested at most `max_depth` levels.
+    Accepts None, bool, int (64-bit), finite float, valid text, and lists (tuples) and
+    dicts (with text keys) of those, nested at most `max_depth` levels.
     """
     stack: list[tuple[Any, Path, int]] = [(value, path, 0)]
     while stack:
         item, at, depth = stack.pop()
-        if isinstance(item, dict | list):
+        if isinstance(item, dict | list | tuple):
             if depth >= max_depth:
                 raise Refused(at, _too_deep(max_depth))
             stack.extend(_children(item, at, depth + 1))
@@ -110,8 +110,10 @@ def check_json(value: Any, max_depth: int = MAX_DEPTH, path: Path = ()) -> None:
                 raise Refused(at, problem)
 
 
-def _children(item: dict[Any, Any] | list[Any], at: Path, depth: int) -> list[Any]:
-    if isinstance(item, list):
+def _children(
+    item: dict[Any, Any] | list[Any] | tuple[Any, ...], at: Path, depth: int
+) -> list[Any]:
+    if not isinstance(item, dict):  # a list (or a tuple from Python code: a JSON array)
         return [(child, (*at, index), depth) for index, child in reversed(list(enumerate(item)))]
     children = []
     for key, child in reversed(item.items()):

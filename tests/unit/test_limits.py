@@ -145,6 +145,12 @@ def test_python_values_that_are_not_json_are_refused() -> None:
             limits.check_json(value)
 
 
+def test_a_tuple_from_python_code_is_a_json_array() -> None:
+    limits.check_json({"a": (1, "x", [2])})
+    with pytest.raises(Refused, match="NaN"):
+        limits.check_json({"a": (1, float("nan"))})
+
+
 def test_storable_text_replaces_what_no_store_takes() -> None:
     assert limits.storable_text("plain") == "plain"
     assert limits.storable_text("a\x00b\udcffc") == "a\ufffdb?c"
