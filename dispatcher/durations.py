@@ -18,7 +18,7 @@ def parse_duration(text: object) -> float:
     seconds or minutes, and a config must not leave that to guessing.
     """
     if not isinstance(text, str):
-        raise ValueError(f'expected a duration string such as "30s" or "7d", got {text!r}')
+        raise ValueError(f'expected a duration string such as "30s" or "7d", got {_shown(text)}')
     compact = text.strip().replace(" ", "")
     if compact == "0":
         return 0.0
@@ -33,8 +33,12 @@ def parse_duration(text: object) -> float:
     return seconds
 
 
-def _shown(text: str) -> str:
-    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+def _shown(value: object) -> str:
+    """A value in a message, cut when long (an int's repr is not built past 40 digits)."""
+    if isinstance(value, int) and not -(10**40) < value < 10**40:
+        return "a number too large to show"
+    text = repr(value)
+    return text if len(text) <= 42 else text[:40] + "..."
 
 
 def format_duration(seconds: float) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -31,3 +32,6 @@ FUZZ = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 FUZZ_SLOW = settings(FUZZ, max_examples=max(FUZZ.max_examples // 3, 1))
 """The settings of a fuzz test whose examples each go through a store or a process."""
+
+TIMEOUT = pytest.mark.timeout(120 if FUZZ.max_examples <= 150 else 3600)
+"""The per-test timeout of the fuzz modules: the suite's 120 s, an hour for `deep`."""

@@ -25,10 +25,10 @@ from dispatcher import cli
 from dispatcher.limits import MAX_DEPTH, MAX_PARAMS_BYTES
 from tests.e2e.conftest import Daemon
 from tests.e2e.httphelp import api_url, call
-from tests.fuzz.profiles import FUZZ_SLOW
+from tests.fuzz.profiles import FUZZ_SLOW, TIMEOUT
 from tests.helpers import postgres
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, TIMEOUT]
 
 CONFIG = """
 [database]

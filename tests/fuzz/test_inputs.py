@@ -29,7 +29,9 @@ from dispatcher.planners import validate_plan
 from dispatcher.store.sqlite import SQLiteStore
 from dispatcher.templating import fill, placeholders
 from dispatcher.testing import FakeClock, InMemoryStore
-from tests.fuzz.profiles import FUZZ
+from tests.fuzz.profiles import FUZZ, TIMEOUT
+
+pytestmark = TIMEOUT
 
 # -- generated values --------------------------------------------------------------------
 
@@ -280,6 +282,7 @@ hostile_env_values = st.one_of(
 @example({"DISPATCHER_LOG__": "x"})
 @example({"DISPATCHER_GATE__GLOBAL": "[" * 100_000 + "]" * 100_000})
 @example({"DISPATCHER_TASKS__HELLO__PRIORITY": "9" * 5000})
+@example({"DISPATCHER_DATABASE__BUSY_TIMEOUT": "9" * 1000})
 @example({"DISPATCHER_TASKS__HELLO__STEPS": '[{name="s", runner="sh", kwargs={a=nan}}]'})
 def test_any_environment_override_loads_or_is_one_line(
     tmp_path_factory: Any, environ: dict[str, str]
