@@ -9,7 +9,8 @@ it is compared in constant time and never logged.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
-from dispatcher import __version__, logs, service, statuspage
+from dispatcher import __version__, limits, logs, service, statuspage
 from dispatcher.config import Settings, split_listen
+from dispatcher.connections import Acceptor, ConnectionLimiter, connection_cap, listening_sockets
+from dispatcher.durations import format_duration
 from dispatcher.errors import (
     BadRequest,
     DispatcherError,
@@ -56,6 +59,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "body_too_large",
 }
 
@@ -93,13 +97,16 @@ def _from_dispatcher_error(exc: DispatcherError) -> ApiError:
 
 @dataclass(frozen=True)
 class ApiServer:
-    """Where to listen, the token (if any) and the metrics it serves."""
+    """Where to listen, the token (if any), the connection limits and the metrics."""
 
     host: str
     port: int
     token: str | None
     max_body: int
     metrics: DaemonMetrics
+    max_connections: int = 1024
+    idle_timeout: float = 15.0
+    read_timeout: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiServer:
@@ -109,43 +116,79 @@ class ApiServer:
             raise ValueError("api.listen is not set")
         host, port = split_listen(api.listen)
         token = read_token(api.token_file) if api.token_file is not None else None
-        return cls(host, port, token, api.max_body, DaemonMetrics())
+        return cls(
+            host,
+            port,
+            token,
+            api.max_body,
+            DaemonMetrics(),
+            api.max_connections,
+            api.idle_timeout,
+            api.read_timeout,
+        )
 
     async def serve(
         self, daemon: Daemon, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """A side task of the daemon: serve until cancelled with its task group."""
+        loop = asyncio.get_running_loop()
+        limiter = ConnectionLimiter(
+            connection_cap(self.max_connections), self.idle_timeout, loop.time
+        )
         runner = web.AppRunner(
-            self.build_app(daemon), access_log=None, handle_signals=False, shutdown_timeout=2.0
+            self.build_app(daemon, limiter),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=2.0,
+            keepalive_timeout=self.idle_timeout,
         )
         await runner.setup()
+        sockets: list[socket.socket] = []
         try:
-            site = web.TCPSite(runner, self.host, self.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                where = f"{self.host}:{self.port}"
-                reason = str(exc.strerror or exc).rsplit(": ", 1)[-1]  # aiohttp wraps the OSError
-                raise Unavailable(f"api.listen {where}: cannot listen: {reason}") from None
+            sockets = self._listen()
+            assert runner.server is not None  # set up above
+            acceptor = Acceptor(sockets, runner.server, limiter)
             sources = LiveSources(daemon.gate.snapshot, lambda: len(daemon.state.inflight))
             self.metrics.watch(sources, daemon.instance_id, __version__)
-            host, port = runner.addresses[0][:2]
-            url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-            log.info("api_started", url=url, auth=self.token is not None)
-            task_status.started()
-            await self.metrics.measure_loop_lag()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(acceptor.serve)
+                self._log_started(sockets[0], limiter.max_connections)
+                task_status.started()
+                await self.metrics.measure_loop_lag()
         finally:
+            for sock in sockets:
+                sock.close()
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
             log.info("api_stopped")
 
-    def build_app(self, daemon: Daemon) -> web.Application:
-        """The aiohttp application: routes, auth, JSON errors, access log."""
-        app = web.Application(
-            client_max_size=self.max_body,
-            middlewares=[self._access_log, _json_errors, self._auth],
+    def _listen(self) -> list[socket.socket]:
+        try:
+            return listening_sockets(self.host, self.port)
+        except OSError as exc:
+            where = f"{self.host}:{self.port}"
+            raise Unavailable(f"api.listen {where}: cannot listen: {exc.strerror or exc}") from None
+
+    def _log_started(self, sock: socket.socket, max_connections: int) -> None:
+        host, port = sock.getsockname()[:2]
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        log.info(
+            "api_started",
+            url=url,
+            auth=self.token is not None,
+            max_connections=max_connections,
+            idle_timeout_s=self.idle_timeout,
         )
-        routes = _Routes(daemon, self.metrics)
+
+    def build_app(
+        self, daemon: Daemon, limiter: ConnectionLimiter | None = None
+    ) -> web.Application:
+        """The aiohttp application: routes, auth, JSON errors, access log."""
+        middlewares: list[Middleware] = [self._access_log, _json_errors, self._auth]
+        if limiter is not None:
+            middlewares.insert(0, _tracking(limiter))
+        app = web.Application(client_max_size=self.max_body, middlewares=middlewares)
+        routes = _Routes(daemon, self.metrics, self.read_timeout)
         app.add_routes(
             [
                 web.post("/v1/dispatches", routes.submit),
@@ -198,13 +241,32 @@ class ApiServer:
         return await handler(request)
 
 
+def _tracking(limiter: ConnectionLimiter) -> Middleware:
+    """Marks the connection busy while one of its requests is handled (so it is
+    neither idle nor closed to make room meanwhile)."""
+
+    @web.middleware
+    async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        limiter.request_started(transport)
+        try:
+            return await handler(request)
+        finally:
+            limiter.request_finished(transport)
+
+    return track
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes `{"error": {"code", "message"}}` with its status."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, **exc.headers)
+        response = error_response(exc.status, exc.code, exc.message, **exc.headers)
+        if exc.status == 408:
+            response.force_close()  # the rest of the body may still be on its way
+        return response
     except DispatcherError as exc:
         err = _from_dispatcher_error(exc)
         return error_response(err.status, err.code, err.message, **err.headers)
@@ -219,20 +281,16 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()  # aiohttp enforces client_max_size (413) while reading
+async def _json_body(request: web.Request, read_timeout: float) -> Any:
+    with anyio.move_on_after(read_timeout) as reading:
+        raw = await request.read()  # aiohttp enforces client_max_size (413) while reading
+    if reading.cancelled_caught:
+        message = f"body: not received within {format_duration(read_timeout)}"
+        raise ApiError(408, "request_timeout", message)
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise BadRequest("body: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body: invalid JSON: {exc.msg} at column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"body: {exc}") from None
+        return limits.load_json(raw, outer_levels=1)  # the body is one object around params
+    except ValueError as exc:
+        raise limits.refuse_as(BadRequest, "body", exc) from None
 
 
 def _dispatch_id(request: web.Request) -> int:
@@ -245,14 +303,16 @@ def _dispatch_id(request: web.Request) -> int:
 class _Routes:
     """The handlers, on one daemon."""
 
-    def __init__(self, daemon: Daemon, metrics: DaemonMetrics) -> None:
+    def __init__(self, daemon: Daemon, metrics: DaemonMetrics, read_timeout: float) -> None:
         self.daemon = daemon
         self._metrics = metrics
+        self._read_timeout = read_timeout
         self.started_at = daemon.clock.now()
 
     async def submit(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches: 201 created, 200 existing (same key), 409, 422."""
-        submission = service.request_from_json(await _json_body(request))
+        body = await _json_body(request, self._read_timeout)
+        submission = service.request_from_json(body)
         d = self.daemon
         reservation = await service.submit(d.settings, d.store, d.clock, submission)
         if reservation.created:

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from dispatcher import __version__, purge, service, watch
+from dispatcher import __version__, limits, purge, service, watch
 from dispatcher.clock import SystemClock
 from dispatcher.config import Settings, find_config, load_settings
 from dispatcher.durations import parse_duration
@@ -466,9 +466,9 @@ def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if args.params is not None:
         try:
-            loaded = json.loads(args.params)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"--params: invalid JSON: {exc.msg} at column {exc.colno}") from None
+            loaded = limits.load_json(args.params)
+        except ValueError as exc:
+            raise limits.refuse_as(BadRequest, "--params", exc) from None
         if not isinstance(loaded, dict):
             raise BadRequest(f"--params: expected a JSON object, got {type(loaded).__name__}")
         params.update(loaded)
@@ -477,6 +477,9 @@ def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise BadRequest(f"--param {item!r}: expected NAME=VALUE")
+        problem = limits.text_problem(item)  # e.g. bytes of argv that are not UTF-8
+        if problem is not None:
+            raise BadRequest(f"--param {name!r}: {problem}")
         if name in texts:
             raise UsageError(f"--param {name}: given twice; give each param once")
         if name in params:
@@ -638,13 +641,17 @@ async def _wait_batch(
 
 def _read_batch(source: str) -> list[str]:
     if source == "-":
-        return sys.stdin.read().splitlines()
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise BadRequest(f"--batch {source}: cannot read: {exc.strerror}") from None
     try:
-        return Path(source).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise BadRequest(f"--batch {source}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise BadRequest(f"--batch {source}: not UTF-8 text") from None
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadRequest(f"batch line {line}: not UTF-8 text") from None
 
 
 # -- submit --url -----------------------------------------------------------------------------
@@ -724,8 +731,8 @@ def _status_text(data: dict[str, Any]) -> str:
 
 
 async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    if args.limit < 1:
-        raise BadRequest("--limit must be at least 1")
+    if not 1 <= args.limit <= limits.INT_MAX:
+        raise BadRequest(f"--limit must be between 1 and {limits.INT_MAX}")
     status = DispatchStatus(args.status) if args.status else None
     rows = await service.list_dispatches(store, status, args.limit, settings)
     if args.json:

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from dispatcher import limits
 from dispatcher.durations import parse_duration
 from dispatcher.errors import ConfigError
 from dispatcher.params import ParamSpec
@@ -100,6 +101,14 @@ class RunnerSettings(_Section):
     cwd: str | None = None
     kill_grace: Duration | None = None
 
+    @field_validator("env")
+    @classmethod
+    def _env_can_be_passed(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not name or "=" in name or "\x00" in name + value:
+                raise ValueError(f"{name!r}: a name without '=' and text without NUL")
+        return env
+
 
 class StepFields(_Section):
     """The fields of a step, as a planner's plan carries them (args taken literally)."""
@@ -120,6 +129,24 @@ class StepFields(_Section):
         if call is not None:
             _check_call_spec(call)
         return call
+
+    @field_validator("args")
+    @classmethod
+    def _args_are_storable(cls, args: list[str]) -> list[str]:
+        for index, arg in enumerate(args):
+            problem = limits.text_problem(arg)
+            if problem is not None:
+                raise ValueError(f"[{index}]: {problem}")
+        return args
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs_are_storable(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            limits.check_json(kwargs)
+        except limits.Refused as exc:
+            raise ValueError(str(exc)) from None
+        return kwargs
 
 
 class StepSettings(StepFields):
@@ -152,7 +179,7 @@ class TaskSettings(_Section):
     """How long an external (`command`) planner may take."""
     concurrency: int | None = Field(default=None, ge=1)
     concurrency_key: str | None = None
-    priority: int = 0
+    priority: int = Field(default=0, ge=-limits.MAX_PRIORITY, le=limits.MAX_PRIORITY)
     description: str = ""
     params: dict[ParamName, ParamSpec] | None = None
     """Declared params (`[tasks.NAME.params.P]`); None: undeclared (any params taken)."""
@@ -257,6 +284,14 @@ class ApiSettings(_Section):
     listen: str | None = None
     """`HOST:PORT` (`[::1]:8080` for IPv6); port 0 picks a free one (logged)."""
     max_body: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Open connections at most (and at most half the process's descriptor limit); at
+    the cap, the longest-idle connection is closed for a new one."""
+    idle_timeout: Duration = Field(default=15.0, gt=0)
+    """A connection with no request in progress for this long is closed (one that sends
+    nothing, one that trickles its request head, an idle keep-alive one)."""
+    read_timeout: Duration = Field(default=30.0, gt=0)
+    """How long a request's body may take to arrive (then 408)."""
     url: str | None = None
     """Base URL of a daemon's API: `dispatcher submit` then goes there, not to the database."""
 
@@ -422,6 +457,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {_toml_limit(exc)}") from None
+
+
+def _toml_limit(exc: RecursionError | ValueError) -> str:
+    """tomllib's own limits: it recurses into arrays and tables, and `int()` takes at
+    most 4300 digits."""
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    return "a number too long"
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
@@ -439,13 +484,19 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[s
             if not isinstance(child, dict):
                 raise ConfigError(f"environment {var}: {'.'.join(path)} is not a table")
             node = child
-        node[path[-1]] = _env_value(raw)
+        try:
+            node[path[-1]] = _env_value(raw)
+        except (RecursionError, ValueError) as exc:
+            raise ConfigError(f"environment {var}: invalid TOML: {_toml_limit(exc)}") from None
         overridden[path] = var
     return overridden
 
 
 def _env_value(raw: str) -> Any:
-    """A TOML literal when the value is one (8, true, ["a"]), the raw string otherwise."""
+    """A TOML literal when the value is one (8, true, ["a"]), the raw string otherwise.
+
+    tomllib's `RecursionError` (deep nesting) and `ValueError` (an integer of more than
+    4300 digits) go to the caller."""
     try:
         return tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
@@ -465,13 +516,25 @@ def describe_error(exc: ValidationError) -> tuple[tuple[str, ...], str]:
     else:
         value = first.get("input")
         if isinstance(value, str | int | float | bool):
-            message += f" (got {value!r})"
+            message += f" (got {_shown(value)})"
     key = format_loc(first["loc"])
     located = f"{key}: {message}" if key else message
     more = len(errors) - 1
     if more:
         located += f" (and {more} more problem{'s' if more > 1 else ''})"
     return loc, located
+
+
+_INT_SHOWN = 10**80
+
+
+def _shown(value: str | float | bool) -> str:
+    """A value in a message: its repr, cut when long (an int's repr is not built past
+    4300 digits)."""
+    if isinstance(value, int) and not -_INT_SHOWN <= value <= _INT_SHOWN:
+        return "a number too large to show"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def _describe(exc: ValidationError, path: Path, overridden: dict[tuple[str, ...], str]) -> str:

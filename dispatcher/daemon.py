@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import resource
 import signal
 import socket
 import time
@@ -701,6 +702,35 @@ class Daemon:
                         flight.cancel(CancelReason.USER)
 
 
+NR_OPEN_FALLBACK = 1024 * 1024
+"""The kernel's usual `fs.nr_open`: what "no hard limit" can be raised to at most."""
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open descriptors to its hard limit (idle API
+    connections, steps' pipes and the database all need them); logged. The new soft
+    limit (steps inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        log.info("open_files_limit", soft=soft, hard=hard)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open_files_limit", soft=soft, hard=hard, not_raised=str(exc))
+        return soft
+    log.info("open_files_limit", soft=target, hard=hard, raised_from=soft)
+    return target
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return NR_OPEN_FALLBACK
+
+
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """Settings that changed but only take effect at the next start, not on reload."""
     changed = [] if old.database == new.database else ["database"]
@@ -755,6 +785,7 @@ async def run_daemon(
     """
     from dispatcher.store import open_store
 
+    raise_open_files_limit()
     side_tasks: list[SideTask] = []
     observer: Observer | None = None
     if settings.api.listen is not None:

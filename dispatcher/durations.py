@@ -7,6 +7,8 @@ import re
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+MAX_SECONDS = 100 * 365 * 86400.0
+"""A hundred years: longer durations are a mistake (and overflow dates and timers)."""
 
 
 def parse_duration(text: object) -> float:
@@ -16,7 +18,7 @@ def parse_duration(text: object) -> float:
     seconds or minutes, and a config must not leave that to guessing.
     """
     if not isinstance(text, str):
-        raise ValueError(f'expected a duration string such as "30s" or "7d", got {text!r}')
+        raise ValueError(f'expected a duration string such as "30s" or "7d", got {_shown(text)}')
     compact = text.strip().replace(" ", "")
     if compact == "0":
         return 0.0
@@ -25,7 +27,18 @@ def parse_duration(text: object) -> float:
             f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), "
             'such as "500ms", "30s" or "1h30m"'
         )
-    return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    if not seconds <= MAX_SECONDS:  # also catches a sum that overflowed to inf
+        raise ValueError(f"invalid duration {_shown(text)}: longer than 100 years")
+    return seconds
+
+
+def _shown(value: object) -> str:
+    """A value in a message, cut when long (an int's repr is not built past 40 digits)."""
+    if isinstance(value, int) and not -(10**40) < value < 10**40:
+        return "a number too large to show"
+    text = repr(value)
+    return text if len(text) <= 42 else text[:40] + "..."
 
 
 def format_duration(seconds: float) -> str:

@@ -47,6 +47,16 @@ SHUTDOWN_INTERRUPTION = "interrupted by daemon shutdown"
 LEASE_INTERRUPTION = "interrupted: this daemon's lease expired or was taken"
 """`attempts.error` of an attempt stopped by a graceful shutdown (not a crash)."""
 
+RESOURCE_SHORTAGE = "not started for lack of a resource"
+"""`attempts.error` prefix of an `interrupted` attempt whose process could not be
+started (EMFILE, ENFILE, EAGAIN, ENOMEM): the host's fault, not the step's. It is tried
+again later and uses up no retry."""
+
+
+def is_resource_shortage(status: AttemptStatus, error: str | None) -> bool:
+    """Whether an attempt (or an outcome) is a resource shortage (`RESOURCE_SHORTAGE`)."""
+    return status is AttemptStatus.INTERRUPTED and (error or "").startswith(RESOURCE_SHORTAGE)
+
 
 @dataclass(frozen=True, slots=True)
 class Step:

@@ -6,6 +6,7 @@ shielded, so a cancelled step still records how it ended.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 import structlog
 
-from dispatcher import logs
+from dispatcher import limits, logs
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
@@ -32,10 +33,17 @@ from dispatcher.models import (
     Dispatch,
     DispatchStatus,
     Step,
+    is_resource_shortage,
 )
 from dispatcher.observe import NullObserver, Observer
 from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
-from dispatcher.retry import StepHistory, backoff_delay, may_retry
+from dispatcher.retry import (
+    SHORTAGE_BACKOFF,
+    SHORTAGE_BACKOFF_MAX,
+    StepHistory,
+    backoff_delay,
+    may_retry,
+)
 from dispatcher.runners.base import Outcome, Runner, RunRequest
 from dispatcher.runners.process import run_process
 from dispatcher.runners.python import resolve_callable
@@ -145,6 +153,8 @@ class Pipeline:
         plan = dispatch.plan
         if plan is None:
             planned = await self._make_plan(dispatch, flight)
+            if planned is None:
+                return DispatchStatus.QUEUED  # deferred: a resource was lacking
             if isinstance(planned, str):
                 return await self._finish(dispatch, DispatchStatus.FAILED, planned)
             plan = planned
@@ -152,8 +162,11 @@ class Pipeline:
             log.debug("dispatch_planned", steps=len(plan))
         return await self._execute(dispatch, plan, flight)
 
-    async def _make_plan(self, dispatch: Dispatch, flight: InFlight) -> tuple[Step, ...] | str:
-        """The plan, or a one-line reason why there is none."""
+    async def _make_plan(
+        self, dispatch: Dispatch, flight: InFlight
+    ) -> tuple[Step, ...] | str | None:
+        """The plan, a one-line reason why there is none, or None when the planner
+        could not start for lack of a resource (the dispatch is queued again)."""
         task = self.settings.tasks[dispatch.task]
         if task.planner == "steps":
             return steps_plan(task, dispatch.params)
@@ -166,6 +179,9 @@ class Pipeline:
         )  # a planner (a process or user code) has effects
         plans: list[tuple[Step, ...]] = []
         outcome = await self._attempt(spec, flight, lambda: self._run_planner(dispatch, plans))
+        if is_resource_shortage(outcome.status, outcome.error):
+            await self._defer(dispatch, history.shortages + 1, outcome)
+            return None
         if not outcome.ok:
             return f"planner failed: {outcome.error}"
         return plans[0]
@@ -183,6 +199,7 @@ class Pipeline:
                     stdin=planner_input(dispatch),
                     on_line=lines,
                     keep_stdout=True,
+                    label=f"dispatch:{dispatch.id}/{PLAN_STEP_NAME}",
                 )
             finally:
                 lines.close()
@@ -261,6 +278,9 @@ class Pipeline:
             lines.close()
         if outcome.ok:
             return Verdict.SUCCEEDED
+        if is_resource_shortage(outcome.status, outcome.error):
+            await self._defer(dispatch, history.shortages + 1, outcome)
+            return Verdict.RETRY_LATER
         return await self._after_failure(dispatch, step, history.failures + 1, outcome)
 
     async def _history(self, dispatch: Dispatch, index: int) -> StepHistory:
@@ -270,6 +290,19 @@ class Pipeline:
         if not dispatch.resumed or index != first:
             return StepHistory(attempts=0, failures=0, interruptions=0, succeeded=False)
         return StepHistory.of(await self._store.step_attempts(dispatch.id, index))
+
+    async def _defer(self, dispatch: Dispatch, shortages: int, outcome: Outcome) -> None:
+        """An infrastructure failure (a resource lacking to start a process): queue the
+        dispatch again, after a backoff of its own; the step's retries stay unused."""
+        delay = backoff_delay(shortages, SHORTAGE_BACKOFF, SHORTAGE_BACKOFF_MAX, self._rand)
+        now = self._clock.now()
+        await self._store.requeue(dispatch.id, now, now + timedelta(seconds=delay))
+        log.warning(
+            "step_deferred",
+            reason=outcome.error,
+            shortages=shortages,
+            delay_ms=round(delay * 1000),
+        )
 
     async def _after_failure(
         self, dispatch: Dispatch, step: Step, failures: int, outcome: Outcome
@@ -315,7 +348,7 @@ class Pipeline:
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
         flight.attempt = spec.number
         try:
-            outcome = await self._invoke(work)
+            outcome = storable(await self._invoke(work))
         except anyio.get_cancelled_exc_class():
             status, error = self._cancel_status(flight)
             ended = self._clock.now()
@@ -387,6 +420,7 @@ class Pipeline:
         self, dispatch: Dispatch, status: DispatchStatus, error: str | None = None
     ) -> DispatchStatus:
         now = self._clock.now()
+        error = None if error is None else limits.storable_text(error)
         with anyio.CancelScope(shield=True):
             await self._store.finish_dispatch(dispatch.id, status, now, error)
         self.observer.dispatch_finished(dispatch.task, str(status))
@@ -399,3 +433,16 @@ class Pipeline:
     def _line_logger(self, step: str) -> ChildOutputLog:
         """A fresh sink per attempt: the flood limit applies to each attempt alone."""
         return ChildOutputLog(log.bind(step=step), self.settings.log)
+
+
+def storable(outcome: Outcome) -> Outcome:
+    """What a step printed or raised, as text every store takes (no NUL, no lone
+    surrogate): it is recorded, never refused."""
+    error, output = outcome.error, outcome.output
+    if error is not None:
+        error = limits.storable_text(error)
+    if output is not None:
+        output = limits.storable_text(output)
+    if error is outcome.error and output is outcome.output:
+        return outcome
+    return dataclasses.replace(outcome, error=error, output=output)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dispatcher import limits
 from dispatcher.config import Settings, StepFields, StepSettings, TaskSettings, describe_error
 from dispatcher.errors import BadRequest, PlanError
 from dispatcher.models import Dispatch, Step
@@ -82,15 +83,21 @@ def planner_input(dispatch: Dispatch) -> bytes:
     return json.dumps(document).encode()
 
 
+PLAN_LEVELS = 3
+"""Levels of a plan around a step's kwargs: {"steps": [{"kwargs": ...}]}."""
+
+
 def parse_plan_output(stdout: str) -> Any:
-    """The JSON a planner printed; `PlanError` when it is not JSON."""
+    """The JSON a planner printed; `PlanError` when it is not JSON or cannot be stored."""
     try:
-        return json.loads(stdout)
+        return limits.load_json(stdout, outer_levels=PLAN_LEVELS)
     except json.JSONDecodeError as exc:
         snippet = stdout.strip()[:80] or "nothing"
         raise PlanError(
             f"planner output is not JSON ({exc.msg} at line {exc.lineno}): {snippet!r}"
         ) from None
+    except ValueError as exc:
+        raise limits.refuse_as(PlanError, "planner output", exc) from None
 
 
 def validate_plan(raw: Any, settings: Settings) -> tuple[Step, ...]:

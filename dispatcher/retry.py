@@ -5,9 +5,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from dispatcher.models import SHUTDOWN_INTERRUPTION, Attempt, AttemptStatus, Step
+from dispatcher.models import (
+    SHUTDOWN_INTERRUPTION,
+    Attempt,
+    AttemptStatus,
+    Step,
+    is_resource_shortage,
+)
 
 FAILURE_STATUSES = frozenset({AttemptStatus.FAILED, AttemptStatus.TIMED_OUT})
+
+SHORTAGE_BACKOFF = 1.0
+SHORTAGE_BACKOFF_MAX = 60.0
+"""A step that could not start for lack of a resource waits 1 s, 2 s, 4 s ... up to a
+minute (with jitter) before its next try, whatever its own backoff says."""
 
 
 def backoff_delay(failures: int, base: float, cap: float, rand: random.Random) -> float:
@@ -28,12 +39,16 @@ class StepHistory:
     attempts: int
     failures: int
     interruptions: int
-    """Attempts cut short by a daemon crash; a graceful shutdown does not count."""
+    """Attempts cut short by a daemon crash; a graceful shutdown does not count, nor
+    does a resource shortage."""
     succeeded: bool = False
     """An attempt already succeeded (the daemon died before it recorded the advance)."""
+    shortages: int = 0
+    """Attempts that could not start for lack of a resource (`RESOURCE_SHORTAGE`)."""
 
     @classmethod
     def of(cls, attempts: list[Attempt]) -> StepHistory:
+        shortages = sum(1 for a in attempts if is_resource_shortage(a.status, a.error))
         return cls(
             succeeded=any(a.status is AttemptStatus.SUCCEEDED for a in attempts),
             attempts=len(attempts),
@@ -42,7 +57,9 @@ class StepHistory:
                 1
                 for a in attempts
                 if a.status is AttemptStatus.INTERRUPTED and a.error != SHUTDOWN_INTERRUPTION
-            ),
+            )
+            - shortages,
+            shortages=shortages,
         )
 
     @property

@@ -6,7 +6,6 @@ objects; they never print and never parse command lines.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +13,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dispatcher import limits
 from dispatcher import params as declared_params
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings, TaskSettings
 from dispatcher.errors import BadRequest, NotFound
+from dispatcher.limits import MAX_PRIORITY
 from dispatcher.models import (
     Attempt,
     AttemptStatus,
@@ -33,8 +34,6 @@ from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
-MAX_PRIORITY = 2**31 - 1
-"""Priorities are 32-bit: what the API's schema says, well inside SQLite's 64 bits."""
 SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority"})
 
 
@@ -58,6 +57,10 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         raise BadRequest(f"params must be a JSON object, got {type(request.params).__name__}")
     if any(not isinstance(name, str) for name in request.params):
         raise BadRequest("params: names must be strings")
+    try:
+        limits.check_params(request.params)
+    except limits.Refused as exc:
+        raise BadRequest(exc.located("params")) from None
     if request.key is not None:
         _check_key(request.key)
     priority = task.priority if request.priority is None else request.priority
@@ -156,10 +159,9 @@ def tasks_json(settings: Settings) -> list[dict[str, Any]]:
 def _check_key(key: str) -> None:
     if not 0 < len(key) <= MAX_KEY_LENGTH:
         raise BadRequest(f"key must be 1 to {MAX_KEY_LENGTH} characters")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:  # e.g. undecodable bytes in argv, or a lone surrogate in JSON
-        raise BadRequest("key must be valid UTF-8 text") from None
+    problem = limits.text_problem(key)  # e.g. undecodable bytes in argv
+    if problem is not None:
+        raise BadRequest(f"key: {problem}")
 
 
 async def submit(
@@ -173,9 +175,9 @@ async def submit(
 def parse_batch_line(number: int, line: str) -> SubmitRequest:
     """One JSON line of `submit --batch`: {"task", "params", "key", "priority"}."""
     try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"batch line {number}: invalid JSON: {exc.msg}") from None
+        item = limits.load_json(line, outer_levels=1)
+    except ValueError as exc:
+        raise limits.refuse_as(BadRequest, f"batch line {number}", exc) from None
     try:
         return request_from_json(item)
     except BadRequest as exc:
@@ -369,6 +371,13 @@ def dispatch_json(
     return data
 
 
+def _known_id(dispatch_id: int) -> int:
+    """Ids are positive 64-bit integers: any other cannot name a dispatch."""
+    if not 1 <= dispatch_id <= limits.INT_MAX:
+        raise NotFound(f"no dispatch with id {dispatch_id}")
+    return dispatch_id
+
+
 # -- waiting for a gate ------------------------------------------------------------------
 
 
@@ -434,7 +443,7 @@ async def show(
     clock: Clock | None = None,
 ) -> dict[str, Any]:
     """One dispatch with its attempts; with `settings`, also the gate it waits for."""
-    dispatch = await store.get_dispatch(dispatch_id)
+    dispatch = await store.get_dispatch(_known_id(dispatch_id))
     if dispatch is None:
         raise NotFound(f"no dispatch with id {dispatch_id}")
     waiting = None
@@ -461,7 +470,7 @@ async def list_dispatches(
 
 
 async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
-    dispatch = await store.request_cancel(dispatch_id, clock.now())
+    dispatch = await store.request_cancel(_known_id(dispatch_id), clock.now())
     return {
         "id": dispatch.id,
         "status": str(dispatch.status),

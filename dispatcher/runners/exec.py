@@ -42,6 +42,7 @@ class ExecRunner:
             on_line=request.on_line,
             env=self._environment(),
             cwd=self.cwd,
+            label=f"dispatch:{request.dispatch_id}/{request.step}#{request.attempt}",
         )
 
     def _environment(self) -> dict[str, str] | None:

@@ -1,4 +1,5 @@
-"""The daemon's side of the orphan guard: steps die with the daemon, even on SIGKILL.
+"""The daemon's side of the orphan guard: what a step started ends with the step, and
+steps die with the daemon, even on SIGKILL.
 
 One guardian process (`dispatcher/runners/guardian.py`) per daemon process, started
 with the daemon when its steps may start processes (else on the first spawn), in a
@@ -17,6 +18,12 @@ write, failing with EPIPE) starts a new one, registers the live groups again and
 replaced rather than allowed to stall the event loop. Its end is close-on-exec, so no
 step inherits it, and a child forked without exec (multiprocessing) closes it, so the
 guardian sees the end of file when the daemon itself dies.
+
+Each run of a step also carries a token of its own (`DISPATCHER_STEP=<token>`). When
+the step ends, however it ends (success, failure, timeout, cancel, drain), the daemon
+kills its process group and writes `!TOKEN LABEL`: the guardian then kills every
+process still carrying that token, those that left the group or the session (setsid,
+double fork) included, while the daemon goes on.
 
 Linux: the token scan reads /proc. Without /proc the registered groups are still
 killed, and `guardian_degraded` says what is lost.
@@ -37,6 +44,9 @@ from dispatcher.runners import guardian
 
 VARIABLE = guardian.VARIABLE
 """The environment variable that carries the token into steps."""
+
+STEP_VARIABLE = guardian.STEP_VARIABLE
+"""The environment variable that carries a step's own token (`step_token()`)."""
 
 _RESTART_SPACING = 1.0
 """The watcher thread starts a guardian at most once a second (one that dies at once)."""
@@ -89,9 +99,12 @@ class OrphanGuard:
                 os.environ[VARIABLE] = self.token
                 self._spawn()
 
-    def environment(self, env: Mapping[str, str]) -> dict[str, str]:
-        """`env` with this daemon's token (an explicit environment for a step)."""
-        return {**env, VARIABLE: self.token}
+    def environment(self, env: Mapping[str, str], step: str | None = None) -> dict[str, str]:
+        """`env` with this daemon's token, and the step's own token when given."""
+        tokens = (
+            {VARIABLE: self.token} if step is None else {VARIABLE: self.token, STEP_VARIABLE: step}
+        )
+        return {**env, **tokens}
 
     def add(self, pgid: int) -> None:
         """Register a started group (call right after the spawn, before any await).
@@ -113,6 +126,16 @@ class OrphanGuard:
             except GuardError as exc:
                 _log.error("guardian_restart_failed", error=exc.strerror)
 
+    def end_step(self, step: str, label: str = "") -> None:
+        """A step is over: the guardian kills every process still carrying its token
+        (whatever left the group or the session), now and off the event loop. Never
+        raises; `label` (no spaces) names the step in the guardian's log line."""
+        with self._lock:
+            try:
+                self._send(f"!{step} {label}\n".encode())
+            except GuardError as exc:
+                _log.error("guardian_restart_failed", error=exc.strerror)
+
     def close(self) -> None:
         """Close the pipe: the guardian kills what is still registered or carries the
         token, then exits. For a process that lives on after its steps (tests)."""
@@ -124,18 +147,23 @@ class OrphanGuard:
 
     def _send(self, line: bytes) -> None:
         """Write one line; on a dead or stuck guardian, start a new one (which gets
-        every group, this one included). Called with the lock held."""
+        every group, this one included) and write the line to it. Lock held."""
         if self._closed:
             return
         if self._proc is None:
             self._spawn()
-            return
-        try:
+        else:
+            try:
+                os.write(self._fd, line)
+                return
+            except BrokenPipeError:
+                self._restart("exited")
+            except BlockingIOError:
+                self._restart("not reading")
+        try:  # a fresh pipe: room for this line (a +/- line is already applied)
             os.write(self._fd, line)
-        except BrokenPipeError:
-            self._restart("exited")
-        except BlockingIOError:
-            self._restart("not reading")
+        except OSError as exc:
+            _log.error("guardian_write_failed", error=exc.strerror)
 
     def _restart(self, reason: str) -> None:
         old = self._proc
@@ -234,3 +262,8 @@ os.register_at_fork(after_in_child=lambda: _guard._forget_after_fork())
 def process_guard() -> OrphanGuard:
     """This process's guard."""
     return _guard
+
+
+def step_token() -> str:
+    """A new token for one run of a step (see `OrphanGuard.end_step`)."""
+    return secrets.token_hex(16)

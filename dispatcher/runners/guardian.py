@@ -1,18 +1,24 @@
-"""The guardian: kills a daemon's steps once the daemon is gone, however it died.
+"""The guardian: kills what a step left once the step ends, and a daemon's steps once
+the daemon is gone, however it died.
 
 Run as `python -I -S guardian.py TOKEN` by `dispatcher.runners.guard`, one per daemon
 process, in a session of its own, with a pipe from the daemon as stdin. It reads lines:
 
-    +PGID    a step's process group was started
-    -PGID    that group was stopped and reaped
+    +PGID           a step's process group was started
+    -PGID           that group was stopped and reaped
+    !TOKEN [LABEL]  a step ended: kill now every process whose environment holds
+                    `DISPATCHER_STEP=TOKEN` (what it left behind, also outside its
+                    group and session); LABEL names the step in the log line
 
-At end of file (the daemon exited or was killed: the kernel closes its end of the pipe
-either way) it sends SIGKILL to every group still registered, then to every process
-whose environment holds `DISPATCHER_GUARD=TOKEN` (read from /proc/PID/environ): that
-catches a step the daemon started but died before registering, and a grandchild that
-left its group with setsid. Then it exits. It ignores SIGTERM, SIGINT, SIGHUP and
-SIGQUIT: its life is the pipe's, so a stop signal sent to every process of the service
-cannot take the guard away while the daemon drains.
+Ended steps are dealt with as their lines arrive, while the daemon runs (the lines that
+arrive during a scan and the short pause after it share the next scan of /proc). At end
+of file (the daemon exited or was killed: the kernel closes its end of the pipe either
+way) it sends SIGKILL to every group still registered, then to every process whose
+environment holds `DISPATCHER_GUARD=TOKEN` (read from /proc/PID/environ): that catches a
+step the daemon started but died before registering, and a grandchild that left its
+group with setsid. Then it exits. It ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT: its
+life is the pipe's, so a stop signal sent to every process of the service cannot take
+the guard away while the daemon drains.
 
 Standard library only, and no package import: it starts in a few milliseconds.
 """
@@ -21,16 +27,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 VARIABLE = "DISPATCHER_GUARD"
 """The environment variable that carries the daemon's token into its steps."""
 
+STEP_VARIABLE = "DISPATCHER_STEP"
+"""The environment variable that carries one step's own token into its processes."""
+
+_TOKEN = re.compile(rb"[0-9a-f]{16,64}")
+_LABEL = re.compile(rb"[A-Za-z0-9:/#_.()-]{1,200}")
+
 _SCAN_ROUNDS = 50
 """Scans of /proc at most: a step forking while it is being killed needs another."""
+
+_SCAN_GAP = 0.05
+"""Seconds at least between two scans for ended steps (and twice the last scan's time):
+the lines that arrive meanwhile share the next scan, so a daemon ending hundreds of
+steps a second costs the guardian a few percent of a core, not most of one."""
 
 
 def main(argv: list[str]) -> int:
@@ -43,34 +61,73 @@ def main(argv: list[str]) -> int:
     killed_groups = kill_groups(groups)
     killed = kill_carriers(argv[1], spare=groups)
     if killed_groups or killed:
-        _report(killed_groups, killed)
+        _report("guardian_killed_orphans", groups=killed_groups, processes=killed)
     return 0
 
 
 def read_groups(fd: int) -> set[int]:
-    """Apply the +PGID / -PGID lines read from `fd` until end of file; the groups left."""
+    """Apply the lines read from `fd` until end of file; the groups left.
+
+    The steps that ended (`!TOKEN`) are dealt with after each read.
+    """
     groups: set[int] = set()
     pending = b""
     while chunk := _read(fd):
         pending += chunk
         *lines, pending = pending.split(b"\n")
+        ended: dict[bytes, bytes] = {}
         for line in lines:
-            apply(groups, line)
+            step = apply(groups, line)
+            if step is not None:
+                ended[step[0]] = step[1]
+        if ended:
+            started = time.monotonic()
+            kill_steps(ended)
+            time.sleep(max(_SCAN_GAP, 2 * (time.monotonic() - started)))
     return groups
 
 
-def apply(groups: set[int], line: bytes) -> None:
-    """One line of the protocol; anything malformed is ignored."""
-    sign, number = line[:1], line[1:]
-    if not number.isdigit():
-        return
-    pgid = int(number)
+def apply(groups: set[int], line: bytes) -> tuple[bytes, bytes] | None:
+    """One line of the protocol; anything malformed is ignored.
+
+    Answers (token, label) for a step that ended, None otherwise.
+    """
+    sign, rest = line[:1], line[1:]
+    if sign == b"!":
+        token, _, label = rest.partition(b" ")
+        if not _TOKEN.fullmatch(token):
+            return None
+        return token, label if _LABEL.fullmatch(label) else b""
+    if not rest.isdigit():
+        return None
+    pgid = int(rest)
     if pgid <= 1:
-        return  # never killpg(0) (our own group) or init's
+        return None  # never killpg(0) (our own group) or init's
     if sign == b"+":
         groups.add(pgid)
     elif sign == b"-":
         groups.discard(pgid)
+    return None
+
+
+def kill_steps(ended: dict[bytes, bytes], proc: str = "/proc") -> int:
+    """SIGKILL to every process carrying the token of a step that ended; how many.
+
+    One log line per step that left any (its label names it).
+    """
+    needles = {STEP_VARIABLE.encode() + b"=" + token: label for token, label in ended.items()}
+    killed: dict[bytes, set[int]] = {}
+    for _ in range(_SCAN_ROUNDS):
+        found = [(pid, needle) for pid, needle in carriers_of(needles, proc) if _kill(pid)]
+        if not found:
+            break
+        for pid, needle in found:
+            killed.setdefault(needle, set()).add(pid)
+        time.sleep(0.01)  # let the killed exit, so the next scan sees what they forked
+    for needle, pids in killed.items():
+        label = needles[needle].decode() or None
+        _report("step_leftovers_killed", processes=len(pids), step=label)
+    return sum(len(pids) for pids in killed.values())
 
 
 def kill_groups(groups: set[int]) -> int:
@@ -108,7 +165,13 @@ def kill_carriers(token: str, proc: str = "/proc", spare: set[int] | None = None
 
 def carriers(token: str, proc: str = "/proc") -> Iterator[int]:
     """The pids (other than ours) whose initial environment holds VARIABLE=token."""
-    needle = f"{VARIABLE}={token}".encode()
+    for pid, _ in carriers_of({f"{VARIABLE}={token}".encode()}, proc):
+        yield pid
+
+
+def carriers_of(needles: Collection[bytes], proc: str = "/proc") -> Iterator[tuple[int, bytes]]:
+    """(pid, needle) for each process (other than ours) whose initial environment holds
+    one of `needles` (`NAME=value` entries)."""
     own = os.getpid()
     try:
         entries = os.listdir(proc)
@@ -122,8 +185,11 @@ def carriers(token: str, proc: str = "/proc") -> Iterator[int]:
                 data = environ.read()
         except OSError:
             continue  # gone, another user's, or not dumpable
-        if needle in data.split(b"\0"):
-            yield int(name)
+        if any(needle in data for needle in needles):  # a cheap test first
+            for entry in data.split(b"\0"):
+                if entry in needles:
+                    yield int(name), entry
+                    break
 
 
 def _pgid(pid: int) -> int | None:
@@ -151,16 +217,15 @@ def _read(fd: int) -> bytes:
             return b""
 
 
-def _report(groups: int, processes: int) -> None:
-    """One JSON line on the daemon's log stream (stdout): the daemon is gone."""
+def _report(event: str, **fields: object) -> None:
+    """One JSON line on the daemon's log stream (stdout)."""
     now = time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
     line = {
         "timestamp": stamp,
         "level": "warning",
-        "event": "guardian_killed_orphans",
-        "groups": groups,
-        "processes": processes,
+        "event": event,
+        **fields,
         "pid": os.getpid(),
         "logger": "dispatcher.runners.guardian",
     }

@@ -7,13 +7,15 @@ daemon is SIGKILLed: the group is registered with this process's guardian
 token in its environment; once the daemon is gone the guardian kills the group and
 every process carrying the token, grandchildren included. Timeout and cancellation
 both stop the whole group: SIGTERM, then SIGKILL after `kill_grace`. When the main
-process exits, whatever is left of its group is killed too.
+process exits, whatever is left of its group is killed too, and the guardian kills
+every process carrying this run's own token (`DISPATCHER_STEP`): what left the group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
 import os
 import signal
 from collections.abc import Coroutine, Mapping, Sequence
@@ -23,9 +25,9 @@ import anyio
 
 from dispatcher import logs
 from dispatcher.durations import format_duration
-from dispatcher.models import AttemptStatus
+from dispatcher.models import RESOURCE_SHORTAGE, AttemptStatus
 from dispatcher.runners.base import LineSink, Outcome
-from dispatcher.runners.guard import GuardError, process_guard
+from dispatcher.runners.guard import GuardError, process_guard, step_token
 
 MAX_LINE = 64 * 1024
 """A longer line reaches `on_line` in pieces of this many bytes (memory stays bounded)."""
@@ -37,6 +39,10 @@ _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 1.0
 """How long to keep reading the pipes after the group is gone (see `_supervise`)."""
 _REAP_TIMEOUT = 5.0
+
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+"""A process that cannot be started for one of these is the host's fault: the attempt
+is `interrupted` (`RESOURCE_SHORTAGE`), tried again later, and uses up no retry."""
 
 _log = logs.get_logger(__name__)
 
@@ -52,6 +58,7 @@ async def run_process(
     keep_stdout: bool = False,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    label: str = "",
 ) -> Outcome:
     """Run `argv` to an Outcome: succeeded, failed (exit status or signal) or timed out.
 
@@ -59,18 +66,26 @@ async def run_process(
     replaced, newline stripped). `Outcome.output` is the last `tail_bytes` of both
     streams in arrival order; `Outcome.stdout` is the whole stdout when `keep_stdout`
     (more than `MAX_KEPT_STDOUT` bytes of it fail the run: memory stays bounded).
-    A program that cannot be started is a failed Outcome, not an exception. On
+    A program that cannot be started is a failed Outcome, not an exception (an
+    `interrupted` one when a resource is lacking, see `SHORTAGE_ERRNOS`). On
     cancellation the process group is stopped (shielded) and the cancellation re-raised.
 
-    An explicit `env` gets the daemon's guard token added (see `dispatcher.runners.guard`).
+    The environment (`env`, or the daemon's) gets the daemon's guard token and a token of
+    this run's own (see `dispatcher.runners.guard`); `label` names the run in the
+    guardian's log line when it kills what the run left behind.
     """
     if not argv:
         return Outcome(AttemptStatus.FAILED, error="cannot execute an empty command")
     output = _Output(on_line, tail_bytes, keep_stdout)
     try:
-        child = await _Child.spawn(argv, output, stdin=stdin is not None, env=env, cwd=cwd)
+        child = await _Child.spawn(
+            argv, output, stdin=stdin is not None, env=env, cwd=cwd, label=label
+        )
     except (OSError, ValueError) as exc:
-        return Outcome(AttemptStatus.FAILED, error=_spawn_error(argv[0], cwd, exc))
+        error = _spawn_error(argv[0], cwd, exc)
+        if isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS:
+            return Outcome(AttemptStatus.INTERRUPTED, error=f"{RESOURCE_SHORTAGE}: {error}")
+        return Outcome(AttemptStatus.FAILED, error=error)
     try:
         timed_out = await _supervise(child, stdin, timeout, kill_grace)
     finally:
@@ -178,11 +193,16 @@ class _Child:
         transport: asyncio.SubprocessTransport,
         protocol: _Protocol,
         loop: asyncio.AbstractEventLoop,
+        token: str,
+        label: str,
     ) -> None:
         self._transport = transport
         self._protocol = protocol
         self._process = asyncio.subprocess.Process(transport, protocol, loop)
         self.pid = self._process.pid
+        self.token = token
+        self._label = label
+        self._ended = False
 
     @classmethod
     async def spawn(
@@ -193,12 +213,14 @@ class _Child:
         stdin: bool,
         env: Mapping[str, str] | None,
         cwd: str | None,
+        label: str,
     ) -> _Child:
         """Start `argv` in a new session, guarded; raises OSError when it cannot be
         executed (or when no guardian can be started: nothing is run then)."""
         loop = asyncio.get_running_loop()
         orphan_guard = process_guard()
         orphan_guard.start()  # before the first fork: every step carries the token
+        token = step_token()
         # No preexec_fn: CPython then starts the child with vfork, the fast path.
         transport, protocol = await loop.subprocess_exec(
             lambda: _Protocol(loop, output),
@@ -206,11 +228,11 @@ class _Child:
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=orphan_guard.environment(env) if env is not None else None,
+            env=orphan_guard.environment(os.environ if env is None else env, token),
             cwd=cwd,
             start_new_session=True,
         )
-        child = cls(transport, protocol, loop)
+        child = cls(transport, protocol, loop, token, label)
         try:
             orphan_guard.add(child.pid)  # no await between the spawn and this
         except GuardError:
@@ -270,8 +292,12 @@ class _Child:
         if self.returncode is None:
             with anyio.move_on_after(_REAP_TIMEOUT):
                 await self._process.wait()
-        # Every member had SIGKILL: the group is over for the guardian too.
+        # Every member had SIGKILL: the group is over for the guardian too, and what
+        # left the group goes now (once: close is idempotent).
         process_guard().discard(self.pid)
+        if not self._ended:
+            self._ended = True
+            process_guard().end_step(self.token, self._label)
 
 
 async def _feed(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -23,11 +23,15 @@ from dispatcher import service
 from dispatcher.config import Settings, load_settings
 from dispatcher.durations import format_duration, parse_duration
 from dispatcher.errors import EX_CONFIG, EX_DATAERR, BadRequest, ConfigError, PlanError
+from dispatcher.limits import check_json
 from dispatcher.models import NewDispatch, Reservation
 from dispatcher.planners import validate_plan
 from dispatcher.store.sqlite import SQLiteStore
 from dispatcher.templating import fill, placeholders
 from dispatcher.testing import FakeClock, InMemoryStore
+from tests.fuzz.profiles import FUZZ, TIMEOUT
+
+pytestmark = TIMEOUT
 
 # -- generated values --------------------------------------------------------------------
 
@@ -67,6 +71,7 @@ def one_line(message: str) -> bool:
 # -- durations and templates -----------------------------------------------------------
 
 
+@FUZZ
 @given(duration_texts)
 @example("1h30m")
 @example("0")
@@ -82,6 +87,7 @@ def test_any_duration_text_parses_or_is_one_line_value_error(text: str) -> None:
             assert math.isclose(parse_duration(format_duration(seconds)), seconds, abs_tol=0.5)
 
 
+@FUZZ
 @given(st.lists(st.tuples(st.integers(0, 999), st.sampled_from(["ms", "s", "m", "h", "d"]))))
 def test_a_composed_duration_is_the_sum_of_its_parts(parts: list[tuple[int, str]]) -> None:
     assume(parts)
@@ -90,6 +96,7 @@ def test_a_composed_duration_is_the_sum_of_its_parts(parts: list[tuple[int, str]
     assert math.isclose(parse_duration(text), sum(n * unit[u] for n, u in parts))
 
 
+@FUZZ
 @given(st.text(max_size=30), st.dictionaries(st.text(max_size=5), json_values, max_size=4))
 @example("{a.b}", {})
 @example("{0}", {})
@@ -113,6 +120,7 @@ def test_any_template_is_used_or_refused_in_one_line(template: str, params: dict
             raise AssertionError("a missing param must be a KeyError")
 
 
+@FUZZ
 @given(
     st.lists(st.text(alphabet=string.ascii_letters + " -/{}", max_size=6), max_size=4),
     st.dictionaries(st.from_regex(r"[a-z]{1,4}", fullmatch=True), st.text(max_size=8), max_size=3),
@@ -213,6 +221,7 @@ def assert_config_error(exc: ConfigError, tmp_path: Path) -> None:
     assert exc.message.startswith((str(tmp_path / "fuzz.toml"), "environment DISPATCHER_"))
 
 
+@FUZZ
 @given(st.sampled_from(PATHS), json_values | duration_texts)
 def test_any_value_anywhere_in_the_config_loads_or_is_one_line(
     tmp_path_factory: Any, path: tuple[str, ...], value: Any
@@ -226,6 +235,7 @@ def test_any_value_anywhere_in_the_config_loads_or_is_one_line(
         assert isinstance(settings, Settings)
 
 
+@FUZZ
 @given(st.text(max_size=200))
 @example("[gate]\nglobal = 1e999\n")
 @example("[database]\nbusy_timeout = '9999999999999999999999d'\n")
@@ -248,21 +258,45 @@ env_names = st.sampled_from(
         "DISPATCHER___X",
         "DISPATCHER_GATE__GLOBAL__DEEPER",
         "DISPATCHER_RUNNERS__NEW__TYPE",
+        "DISPATCHER_TASKS__HELLO__PRIORITY",
+        "DISPATCHER_RUNNERS__SH__ENV",
+        "DISPATCHER_DAEMON__KILL_GRACE",
     ]
 )
+hostile_env_values = st.one_of(
+    st.builds(lambda n: "[" * n + "]" * n, st.sampled_from([10, 5000, 100_000])),
+    st.builds(lambda n: "9" * n, st.integers(18, 6000)),
+    st.sampled_from(["nan", "inf", "-inf", "1e999", '"\\u0000"', "{A = '\\u0000'}"]),
+    st.builds(
+        lambda value: '[{name="s", runner="sh", kwargs={a=' + value + "}}]",
+        st.sampled_from(["nan", "inf", "9" * 30, "[" * 50 + "]" * 50, '"\\udcff"']),
+    ),
+    st.binary(max_size=6).map(lambda b: b.decode("utf-8", "surrogateescape")),
+)
+"""What an environment can carry: deep TOML, long numbers, NaN, undecodable bytes."""
 
 
-@given(st.dictionaries(env_names, st.text(max_size=20), max_size=3))
+@FUZZ
+@given(st.dictionaries(env_names, st.text(max_size=20) | hostile_env_values, max_size=3))
 @example({"DISPATCHER_GATE__GLOBAL__DEEPER": "1"})
 @example({"DISPATCHER_LOG__": "x"})
+@example({"DISPATCHER_GATE__GLOBAL": "[" * 100_000 + "]" * 100_000})
+@example({"DISPATCHER_TASKS__HELLO__PRIORITY": "9" * 5000})
+@example({"DISPATCHER_DATABASE__BUSY_TIMEOUT": "9" * 1000})
+@example({"DISPATCHER_TASKS__HELLO__STEPS": '[{name="s", runner="sh", kwargs={a=nan}}]'})
 def test_any_environment_override_loads_or_is_one_line(
     tmp_path_factory: Any, environ: dict[str, str]
 ) -> None:
     tmp_path = tmp_path_factory.mktemp("cfg")
     try:
-        load_text(tmp_path, toml_document(BASE), environ)
+        settings = load_text(tmp_path, toml_document(BASE), environ)
     except ConfigError as exc:
         assert_config_error(exc, tmp_path)
+        assert len(exc.message) < 1000  # a huge value is never echoed whole
+    else:
+        for task in settings.tasks.values():  # what is loaded can be stored with a plan
+            for step in task.steps:
+                check_json(step.kwargs)
 
 
 # -- plans -------------------------------------------------------------------------------
@@ -299,6 +333,7 @@ plans = (
 )
 
 
+@FUZZ
 @given(plans)
 @example({"steps": [{"name": "a", "runner": "sh"}, {"name": "a", "runner": "sh"}]})
 @example([{"name": "a", "runner": "py"}])
@@ -326,6 +361,7 @@ requests = st.builds(
 )
 
 
+@FUZZ
 @given(requests)
 @example(service.SubmitRequest("hello", {"who": "w"}, "\udcff", None))
 @example(service.SubmitRequest("hello", {"who": "w"}, None, 2**64))
@@ -372,6 +408,7 @@ batch_lines = st.one_of(
 )
 
 
+@FUZZ
 @given(st.lists(batch_lines, max_size=8))
 def test_a_batch_is_written_whole_or_refused_writing_nothing(lines: list[str]) -> None:
     store = InMemoryStore()

@@ -16,11 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
 from dispatcher.models import AttemptStatus
 from dispatcher.runners import ExecRunner, RunRequest, guardian, run_process
-from dispatcher.runners.guard import VARIABLE, OrphanGuard, process_guard
+from dispatcher.runners.guard import STEP_VARIABLE, VARIABLE, OrphanGuard, process_guard
 from tests.integration.test_exec_runner import Lines, alive, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -209,6 +211,17 @@ def test_the_protocol_ignores_what_it_does_not_know() -> None:
     assert groups == {13}
 
 
+def test_a_step_line_names_a_hex_token_and_a_plain_label() -> None:
+    groups: set[int] = set()
+    token = b"0123456789abcdef"
+    assert guardian.apply(groups, b"!" + token + b" dispatch:1/s#1") == (token, b"dispatch:1/s#1")
+    assert guardian.apply(groups, b"!" + token) == (token, b"")
+    assert guardian.apply(groups, b"!" + token + b" bad label\x00") == (token, b"")
+    for line in [b"!", b"!short", b"!" + token.upper(), b"!" + token + b"x", b"! " + token]:
+        assert guardian.apply(groups, line) is None, line
+    assert groups == set()
+
+
 async def test_steps_carry_the_token_and_are_registered_while_they_run() -> None:
     sink = Lines()
     runner = ExecRunner("shell", env={"STEP_VAR": "x"})
@@ -342,3 +355,110 @@ def test_close_ends_the_guardian_which_kills_what_is_left(
     orphan_guard.close()
     assert left.wait(timeout=5) == -signal.SIGKILL
     assert wait_gone([pid], within=5) == []
+
+
+# -- a step's own token: what a step leaves ends with the step -----------------------
+
+
+def test_a_step_token_line_kills_that_steps_carriers_at_once_and_nothing_else() -> None:
+    step, other = secrets.token_hex(16), secrets.token_hex(16)
+    daemon_token = secrets.token_hex(8)
+    plain_env = {
+        key: value for key, value in os.environ.items() if key not in (VARIABLE, STEP_VARIABLE)
+    }
+
+    def sleeper(**env: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sleep", "60"], env={**plain_env, **env}, start_new_session=True)
+
+    leftover = sleeper(**{STEP_VARIABLE: step})  # even without the daemon's token
+    sibling = sleeper(**{STEP_VARIABLE: other, VARIABLE: daemon_token})
+    bystander = sleeper()
+    keeper = subprocess.Popen(
+        [*GUARDIAN, daemon_token],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        env=plain_env,
+    )
+    try:
+        assert keeper.stdin is not None and keeper.stdout is not None
+        keeper.stdin.write(f"!{step} dispatch:7/build#2\n!nothex label\n".encode())
+        keeper.stdin.flush()
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        report = json.loads(keeper.stdout.readline())
+        assert report["event"] == "step_leftovers_killed"
+        assert (report["processes"], report["step"]) == (1, "dispatch:7/build#2")
+        assert keeper.poll() is None  # the daemon lives on: so does its guardian
+        assert sibling.poll() is None and bystander.poll() is None
+        keeper.stdin.close()  # now the daemon is gone: its token's carriers go too
+        assert sibling.wait(timeout=10) == -signal.SIGKILL
+        assert keeper.wait(timeout=10) == 0
+        assert bystander.poll() is None
+    finally:
+        for proc in (leftover, sibling, bystander, keeper):
+            proc.kill()
+            proc.wait()
+        if keeper.stdout is not None:
+            keeper.stdout.close()
+
+
+ESCAPE = """\
+( setsid sh -c 'echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 60' \
+  </dev/null >/dev/null 2>&1 & )
+while [ ! -s {pidfile} ]; do sleep 0.01; done
+{then}
+"""
+"""A step that double-forks a grandchild into a session of its own, then goes on."""
+
+
+@pytest.mark.parametrize(
+    ("then", "limit", "status"),
+    [
+        ("exit 0", 10.0, AttemptStatus.SUCCEEDED),
+        ("exit 3", 10.0, AttemptStatus.FAILED),
+        ("sleep 60", 0.5, AttemptStatus.TIMED_OUT),
+    ],
+)
+async def test_the_grandchild_of_a_step_that_ended_is_killed(
+    tmp_path: Path, stray_pids: list[int], then: str, limit: float, status: AttemptStatus
+) -> None:
+    pidfile = tmp_path / "escaped"
+    script = ESCAPE.format(pidfile=pidfile, then=then)
+    outcome = await run_process(
+        ["sh", "-c", script], timeout=limit, kill_grace=0.2, on_line=Lines()
+    )
+    (pid,) = wait_for_pids(pidfile, 1)
+    stray_pids.append(pid)
+    assert outcome.status is status
+    assert os.getsid(pid) == pid  # it had left the step's session
+    assert wait_gone([pid], within=5) == []
+
+
+async def test_the_grandchild_of_a_cancelled_step_is_killed(
+    tmp_path: Path, stray_pids: list[int]
+) -> None:
+    pidfile = tmp_path / "escaped"
+    script = ESCAPE.format(pidfile=pidfile, then="sleep 60")
+    with anyio.move_on_after(30) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: run_process(
+                    ["sh", "-c", script], timeout=60, kill_grace=0.2, on_line=Lines()
+                )
+            )
+            (pid,) = await anyio.to_thread.run_sync(wait_for_pids, pidfile, 1)
+            stray_pids.append(pid)
+            tg.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    assert wait_gone([pid], within=5) == []
+
+
+async def test_each_run_carries_a_token_of_its_own() -> None:
+    sink = Lines()
+    for _ in range(2):
+        outcome = await run_process(
+            ["sh", "-c", f'echo "${STEP_VARIABLE}"'], timeout=10, kill_grace=0.2, on_line=sink
+        )
+        assert outcome.status is AttemptStatus.SUCCEEDED
+    first, second = sink.of("stdout")
+    assert len(first) == 32 and first != second

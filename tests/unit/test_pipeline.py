@@ -13,6 +13,7 @@ import pytest
 from dispatcher.config import Settings
 from dispatcher.gate import ConcurrencyGate
 from dispatcher.models import (
+    RESOURCE_SHORTAGE,
     SHUTDOWN_INTERRUPTION,
     AttemptStatus,
     Dispatch,
@@ -21,7 +22,7 @@ from dispatcher.models import (
 )
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import steps_plan, task_gate_capacity
-from dispatcher.runners.base import Runner
+from dispatcher.runners.base import Outcome, Runner
 from dispatcher.service import gate_capacities
 from dispatcher.testing import FakeClock, InMemoryStore
 
@@ -300,3 +301,47 @@ async def test_a_step_with_effects_runs_only_after_its_attempt_start_is_durable(
     assert await h.run_next() is DispatchStatus.SUCCEEDED
     expected = ["start_attempt", "flush", "run"] if effects else ["start_attempt", "run"]
     assert store.journal == expected * 3
+
+
+def short_of(resource: str = "Too many open files") -> Outcome:
+    """What the exec runner answers when its process cannot be started (EMFILE...)."""
+    return Outcome(
+        AttemptStatus.INTERRUPTED,
+        error=f"{RESOURCE_SHORTAGE}: cannot execute 'x': {resource}",
+    )
+
+
+async def test_a_step_that_cannot_start_for_lack_of_a_resource_uses_up_no_retry() -> None:
+    """Step b allows 2 retries; 5 resource shortages, then 2 failures, then success."""
+    work = ScriptedRunner("work", [ok(), *[short_of()] * 5, failed(3), failed(3), ok(), ok()])
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    delays = []
+    for _ in range(7):
+        assert await h.run_next() is DispatchStatus.QUEUED
+        queued = await h.store.get_dispatch(dispatch_id)
+        assert queued is not None and queued.not_before is not None
+        delays.append((queued.not_before - h.clock.now()).total_seconds())
+        h.clock.advance(120)
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    statuses = [status for step, _, status in h.attempts(dispatch_id) if step == "b"]
+    assert statuses == [AttemptStatus.INTERRUPTED] * 5 + [AttemptStatus.FAILED] * 2 + [
+        AttemptStatus.SUCCEEDED
+    ]
+    # the shortages back off on their own: 1 s, 2 s, 4 s ... (half fixed, half jitter)
+    for ceiling, delay in zip([1, 2, 4, 8, 16], delays[:5], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert 5 <= delays[5] <= 10  # then the step's own backoff (10 s) for its failures
+
+
+async def test_resource_shortages_are_not_crash_interruptions() -> None:
+    """max_interruptions (3) counts daemon crashes only: 5 shortages do not fail it."""
+    work = ScriptedRunner("work", [*[short_of("Cannot allocate memory")] * 5])
+    h = Harness({"work": work})
+    dispatch_id = await h.submit("three", x="1")
+    for _ in range(5):
+        assert await h.run_next() is DispatchStatus.QUEUED
+        h.clock.advance(120)
+    assert await h.run_next() is DispatchStatus.SUCCEEDED
+    assert [c.step for c in work.calls] == ["a"] * 6 + ["b", "c"]
+    assert [n for step, n, _ in h.attempts(dispatch_id) if step == "a"] == [1, 2, 3, 4, 5, 6]
