@@ -224,8 +224,8 @@ def check_batch(settings: Settings, lines: Iterable[str]) -> CheckedBatch:
             checked.news.append(validate_request(settings, request))
         except BadRequest as exc:
             message = exc.message
-            prefix = f"batch line {number}: "
-            checked.errors.append(message if message.startswith(prefix) else prefix + message)
+            named = message.startswith((f"batch line {number}: ", f"batch line {number} /"))
+            checked.errors.append(message if named else f"batch line {number}: {message}")
             continue
         checked.warnings += [f"batch line {number}: {w}" for w in param_warnings(settings, request)]
     return checked
