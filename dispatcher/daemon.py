@@ -334,6 +334,7 @@ class Daemon:
         )
         self.store.lease = self.instance_id
         self.lease.restart()
+        self._guard_lease(time.monotonic())
 
     def _start_guard(self) -> None:
         """Start the orphan guard now when steps may start processes (exec and python
@@ -581,7 +582,9 @@ class Daemon:
             except DispatcherError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
                 continue
-            if self.lease.renewed(sent_at):
+            ended_fence = self.lease.renewed(sent_at)
+            self._guard_lease(sent_at)
+            if ended_fence:
                 log.info("lease_renewed", silent_s=round(time.monotonic() - sent_at, 3))
                 self.wake()
             if self.store.shared:
@@ -621,6 +624,14 @@ class Daemon:
                     action="ending running steps before another daemon may reap them",
                 )
                 self._end_all(CancelReason.LEASE)
+
+    def _guard_lease(self, renewed_at: float) -> None:
+        """Tell the guardian the lease's deadline, so that it ends our steps even when
+        this process cannot (frozen by SIGSTOP, a paused VM): the same `fence_after`
+        from the renewal as our own `_lease_loop`."""
+        if self.store.shared:
+            left = self.lease.fence_after - (time.monotonic() - renewed_at)
+            process_guard().lease(max(round(left * 1000), 1))
 
     def _lease_lost(self, exc: LeaseLost) -> None:
         """A write or a heartbeat found our lease taken: another daemon reaped our work.

@@ -136,6 +136,19 @@ class OrphanGuard:
             except GuardError as exc:
                 _log.error("guardian_restart_failed", error=exc.strerror)
 
+    def lease(self, milliseconds: int) -> None:
+        """The daemon's lease was renewed: unless renewed again within `milliseconds`,
+        the guardian ends every step of this daemon (it is frozen or cut off, and
+        another daemon may soon reap its work). 0: no deadline. Never raises; nothing
+        happens before the guardian has started."""
+        if self._proc is None:
+            return
+        with self._lock:
+            try:
+                self._send(b"~%d\n" % max(milliseconds, 0))
+            except GuardError as exc:
+                _log.error("guardian_restart_failed", error=exc.strerror)
+
     def close(self) -> None:
         """Close the pipe: the guardian kills what is still registered or carries the
         token, then exits. For a process that lives on after its steps (tests)."""

@@ -9,6 +9,12 @@ process, in a session of its own, with a pipe from the daemon as stdin. It reads
     !TOKEN [LABEL]  a step ended: kill now every process whose environment holds
                     `DISPATCHER_STEP=TOKEN` (what it left behind, also outside its
                     group and session); LABEL names the step in the log line
+    ~MS             the daemon's lease was renewed (several daemons on one database):
+                    unless another `~` line comes within MS milliseconds, kill every
+                    registered group and every carrier of the daemon's token, as at
+                    end of file, but stay (`~0`: no deadline). A daemon frozen
+                    (SIGSTOP, a VM paused) or cut off from the database sends none:
+                    its steps end before another daemon may reap and rerun them.
 
 Ended steps are dealt with as their lines arrive, while the daemon runs (the lines that
 arrive during a scan and the short pause after it share the next scan of /proc). At end
@@ -28,10 +34,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 VARIABLE = "DISPATCHER_GUARD"
 """The environment variable that carries the daemon's token into its steps."""
@@ -57,7 +64,7 @@ def main(argv: list[str]) -> int:
         return 2
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_IGN)
-    groups = read_groups(0)
+    groups = read_groups(0, on_deadline=lambda live: fence(argv[1], live))
     killed_groups = kill_groups(groups)
     killed = kill_carriers(argv[1], spare=groups)
     if killed_groups or killed:
@@ -65,18 +72,39 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def read_groups(fd: int) -> set[int]:
+def fence(token: str, groups: set[int]) -> None:
+    """The daemon's lease deadline passed (it stopped renewing): end all its steps."""
+    killed_groups = kill_groups(groups)
+    killed = kill_carriers(token, spare=groups, also_spare={os.getppid()})
+    _report("guardian_fenced", groups=killed_groups, processes=killed, daemon_pid=os.getppid())
+
+
+def read_groups(fd: int, on_deadline: Callable[[set[int]], None] | None = None) -> set[int]:
     """Apply the lines read from `fd` until end of file; the groups left.
 
-    The steps that ended (`!TOKEN`) are dealt with after each read.
+    The steps that ended (`!TOKEN`) are dealt with after each read; `on_deadline` is
+    called when a lease deadline (`~MS`) passes with no renewal.
     """
     groups: set[int] = set()
     pending = b""
-    while chunk := _read(fd):
+    deadline: float | None = None
+    while True:
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not _readable(fd, wait):
+            deadline = None
+            if on_deadline is not None:
+                on_deadline(groups)
+            continue
+        chunk = _read(fd)
+        if not chunk:
+            return groups
         pending += chunk
         *lines, pending = pending.split(b"\n")
         ended: dict[bytes, bytes] = {}
         for line in lines:
+            if line[:1] == b"~":
+                deadline = _deadline(line[1:], deadline)
+                continue
             step = apply(groups, line)
             if step is not None:
                 ended[step[0]] = step[1]
@@ -84,7 +112,22 @@ def read_groups(fd: int) -> set[int]:
             started = time.monotonic()
             kill_steps(ended)
             time.sleep(max(_SCAN_GAP, 2 * (time.monotonic() - started)))
-    return groups
+
+
+def _deadline(ms: bytes, current: float | None) -> float | None:
+    """The new deadline a `~MS` line sets (malformed: unchanged; 0: none)."""
+    if not ms.isdigit() or len(ms) > 12:
+        return current
+    return time.monotonic() + int(ms) / 1000 if int(ms) else None
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """Whether `fd` has data (or end of file) within `timeout` seconds (None: wait)."""
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    except InterruptedError:  # pragma: no cover - PEP 475 retries already
+        return True
+    return bool(ready)
 
 
 def apply(groups: set[int], line: bytes) -> tuple[bytes, bytes] | None:
@@ -145,17 +188,27 @@ def kill_groups(groups: set[int]) -> int:
     return killed
 
 
-def kill_carriers(token: str, proc: str = "/proc", spare: set[int] | None = None) -> int:
+def kill_carriers(
+    token: str,
+    proc: str = "/proc",
+    spare: set[int] | None = None,
+    also_spare: Collection[int] = (),
+) -> int:
     """SIGKILL to every process carrying `token`, until a scan finds none; how many.
 
     Members of the groups in `spare` are left out (already killed with their group:
-    they can still be seen until they have exited). Without a readable `proc` (not
-    Linux, or not mounted) there is nothing to scan.
+    they can still be seen until they have exited), and so are the pids `also_spare`
+    (the daemon itself, alive when its lease deadline passes). Without a readable
+    `proc` (not Linux, or not mounted) there is nothing to scan.
     """
     spare = spare or set()
     killed: set[int] = set()
     for _ in range(_SCAN_ROUNDS):
-        found = [pid for pid in carriers(token, proc) if _pgid(pid) not in spare and _kill(pid)]
+        found = [
+            pid
+            for pid in carriers(token, proc)
+            if pid not in also_spare and _pgid(pid) not in spare and _kill(pid)
+        ]
         if not found:
             break
         killed.update(found)

@@ -462,3 +462,44 @@ async def test_each_run_carries_a_token_of_its_own() -> None:
         assert outcome.status is AttemptStatus.SUCCEEDED
     first, second = sink.of("stdout")
     assert len(first) == 32 and first != second
+
+
+def test_a_lease_deadline_that_passes_ends_the_steps_and_the_guardian_stays() -> None:
+    """`~MS`: unless renewed in time the guardian ends every step of the daemon (it is
+    frozen, or cut off from the database), and keeps watching; renewals keep them."""
+    token = "a" * 32
+    plain_env = {k: v for k, v in os.environ.items() if k != guardian.VARIABLE}
+
+    def sleeper() -> subprocess.Popen[bytes]:
+        env = {**plain_env, guardian.VARIABLE: token}
+        return subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+
+    keeper = subprocess.Popen(
+        [PY, "-I", "-S", str(Path(guardian.__file__)), token],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert keeper.stdin is not None and keeper.stdout is not None
+    renewed, fenced = sleeper(), sleeper()
+    try:
+        keeper.stdin.write(b"+%d\n~400\n" % renewed.pid)
+        keeper.stdin.flush()
+        for _ in range(4):  # renewed in time, four times over: nothing is killed
+            time.sleep(0.2)
+            keeper.stdin.write(b"~400\n")
+            keeper.stdin.flush()
+        assert renewed.poll() is None
+        time.sleep(0.8)  # no renewal: the deadline passes
+        assert renewed.wait(5) == -signal.SIGKILL  # its registered group
+        assert fenced.wait(5) == -signal.SIGKILL  # a carrier of the daemon's token
+        assert keeper.poll() is None  # the guardian stays for the daemon's next steps
+        report = json.loads(keeper.stdout.readline())
+        assert report["event"] == "guardian_fenced" and report["processes"] >= 1
+    finally:
+        for proc in (renewed, fenced):
+            proc.kill()
+            proc.wait(5)
+        keeper.stdin.close()
+        keeper.wait(10)
+        keeper.stdout.close()
