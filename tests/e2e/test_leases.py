@@ -147,7 +147,7 @@ def test_a_frozen_daemon_never_breaks_the_cap(
     wait_until(lambda: len(runs(log)) >= cap, timeout=60, interval=0.05)  # it holds every place
     assert frozen.proc is not None
     frozen.proc.send_signal(signal.SIGSTOP)  # early in its steps' lives
-    stopped_at = time.monotonic()
+    stopped_at, stopped_wall = time.monotonic(), time.time()
     for daemon in others:
         daemon.start()
     time.sleep(max(TTL + 3 - (time.monotonic() - stopped_at), 0))  # the others reap its work
@@ -161,6 +161,15 @@ def test_a_frozen_daemon_never_breaks_the_cap(
 
     executions = check_invariants(log, cap)
     assert set(executions) == set(before + after)
+    frozen_runs = [i for label in before for i in executions[label] if i[0] < stopped_wall]
+    last_tick = max(end for _, end in frozen_runs)
+    reruns = [i for label in before for i in executions[label] if i[0] > stopped_wall]
+    print(
+        f"\nlease figures: {count} daemons, cap {cap}: peak {peak([*frozen_runs, *reruns])}; "
+        f"the frozen daemon's steps ended {last_tick - stopped_wall:.2f}s after SIGSTOP "
+        f"(self-fence after {TTL - max(1.0, TTL / 5):.1f}s of silence, TTL {TTL:.0f}s); "
+        f"first rerun {min(s for s, _ in reruns) - stopped_wall:.2f}s after SIGSTOP"
+    )
     for daemon in daemons:
         assert daemon.proc is not None and daemon.proc.poll() is None, "a daemon died"
         assert not events_of(daemon, "daemon_crashed")
