@@ -173,6 +173,14 @@ class Dispatch:
         """Claimed before: earlier attempts may exist (a fresh dispatch has none)."""
         return self.claims != 1
 
+    def step_token(self, step: str) -> str:
+        """The same for every attempt of `step` of this dispatch, across retries and
+        restarts, and different for every other step and dispatch (`DISPATCHER_STEP_TOKEN`):
+        a digest of what never changes about the dispatch, and the step's name."""
+        stamp = self.created_at.isoformat()
+        material = json.dumps([self.id, stamp, self.fingerprint, step], separators=(",", ":"))
+        return hashlib.sha256(material.encode()).hexdigest()[:32]
+
 
 @dataclass(eq=False, slots=True)
 class SlotHandle:
