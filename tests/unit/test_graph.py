@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from dispatcher.config import Settings, describe_error, load_settings
@@ -16,8 +18,11 @@ from dispatcher.planners import steps_plan, validate_plan
 from dispatcher.templating import (
     MissingResult,
     ResultRef,
+    escape,
+    fill,
     fill_params,
     fill_results,
+    literal_with_refs,
     placeholders,
     template_fields,
 )
@@ -226,3 +231,25 @@ def test_check_config_exits_78_with_one_line_for_a_cycle(tmp_path: Path) -> None
         load_settings(path, {})
     assert str(caught.value) == f"{path}: tasks.ci: steps form a cycle: a -> b -> a"
     assert caught.value.exit_code == 78
+
+
+# -- properties of the two fills ------------------------------------------------------------
+
+texts = st.text(alphabet="ab {}.$\\\"'", max_size=12)
+
+
+@given(st.lists(st.tuples(texts, st.sampled_from(["x", "y"])), max_size=4), texts)
+def test_template_form_fills_like_a_plain_fill_when_no_result_is_used(
+    parts: list[tuple[str, str]], values: str
+) -> None:
+    """Params filled at plan time (values with braces included) come out unchanged
+    after the fill at start, and so does every literal brace."""
+    template = "".join(escape(text) + "{" + name + "}" for text, name in parts)
+    params = {"x": values, "y": values[::-1]}
+    assert fill_results(fill_params(template, params), {}) == fill(template, params)
+
+
+@given(texts, texts)
+def test_a_planner_arg_keeps_its_text_around_a_result_reference(before: str, after: str) -> None:
+    text = before + "{steps.build.result.path}" + after
+    assert fill_results(literal_with_refs(text), {"build": '{"path":"P"}'}) == before + "P" + after
