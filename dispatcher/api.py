@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from dispatcher import __version__, limits, logs, service, statuspage
+from dispatcher.branches import Branch
 from dispatcher.config import Settings, split_listen
 from dispatcher.connections import Acceptor, ConnectionLimiter, connection_cap, listening_sockets
 from dispatcher.durations import format_duration
@@ -393,6 +394,7 @@ class _Routes:
         flight = d.state.inflight.get(data["id"])
         if flight is not None and not DispatchStatus(data["status"]).is_final:
             data["waiting_for"] = flight.waiting_for
+            data["running"] = [service.branch_json(*_branch(b)) for b in flight.running()]
         return data
 
     async def _status_view(self) -> statuspage.StatusView:
@@ -437,17 +439,27 @@ class _Routes:
 
 
 def _running_row(dispatch: Dispatch, flight: InFlight) -> statuspage.RunningRow:
+    branches = flight.running()
+    first = branches[0] if branches else None
     return statuspage.RunningRow(
         dispatch.id,
         dispatch.task,
         str(dispatch.status),
-        flight.step,
+        first.step if first else None,
         dispatch.started_at,
         waiting_for=flight.waiting_for,
-        step_index=dispatch.current_step,
+        step_index=first.index if first else dispatch.current_step,
         steps=None if dispatch.plan is None else len(dispatch.plan),
-        attempt=flight.attempt,
+        attempt=first.attempt if first else None,
+        branches=tuple(
+            statuspage.BranchRow(b.step, b.index, b.attempt, b.waiting_for) for b in branches
+        ),
     )
+
+
+def _branch(branch: Branch) -> tuple[str, int | None, str | None]:
+    """A branch as `service.branch_json` takes it (no attempt while it waits)."""
+    return branch.step, None if branch.waiting_for else branch.attempt, branch.waiting_for
 
 
 def _queued_row(dispatch: Dispatch, full: set[str], now: datetime) -> statuspage.QueuedRow:

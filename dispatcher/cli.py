@@ -41,6 +41,8 @@ EXIT_NOT_SUCCEEDED = 1
 REMOTE_WAIT_POLL = 0.5
 FAILURE_TAIL_LINES = 5
 OUTPUT_TAIL_LINES = 10
+RESULT_CHARS = 200
+"""`show` prints a step's result up to this many characters (--json: all of it)."""
 
 EPILOG = """\
 examples:
@@ -709,19 +711,33 @@ async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> i
         print(f"  retry   not before {data['not_before']}")
     if data["error"]:
         print(f"  error   {data['error']}")
+    running = {branch["step"] for branch in data["running"]}
     for index, step in enumerate(data["plan"] or []):
-        mark = "*" if index == data["current_step"] else " "
-        print(f"  {mark} step {index}: {step['name']} [{step['runner']}] {' '.join(step['args'])}")
-    for attempt in data["attempts"]:
-        code = "" if attempt["exit_code"] is None else f" exit {attempt['exit_code']}"
-        error = f": {attempt['error']}" if attempt["error"] else ""
+        here = index == data["current_step"] and not running and data["status"] != "succeeded"
+        mark = "*" if step["name"] in running or here else " "
+        needs = f" (needs {', '.join(step['needs']) or 'nothing'})" if "needs" in step else ""
         print(
-            f"    {attempt['started_at']}  {attempt['step']} #{attempt['attempt']} "
-            f"{attempt['status']}{code}{error}"
+            f"  {mark} step {index}: {step['name']} [{step['runner']}] "
+            f"{' '.join(step['args'])}{needs}"
         )
-        if attempt["output"]:
-            print(_indent(service.tail_lines(attempt["output"], OUTPUT_TAIL_LINES), "      | "))
+    for attempt in data["attempts"]:
+        _print_attempt(attempt)
     return EX_OK
+
+
+def _print_attempt(attempt: dict[str, Any]) -> None:
+    code = "" if attempt["exit_code"] is None else f" exit {attempt['exit_code']}"
+    error = f": {attempt['error']}" if attempt["error"] else ""
+    print(
+        f"    {attempt['started_at']}  {attempt['step']} #{attempt['attempt']} "
+        f"{attempt['status']}{code}{error}"
+    )
+    if attempt["result"] is not None:
+        result = json.dumps(attempt["result"], ensure_ascii=False)
+        cut = result if len(result) <= RESULT_CHARS else result[:RESULT_CHARS] + " ..."
+        print(f"      result {cut}")
+    if attempt["output"]:
+        print(_indent(service.tail_lines(attempt["output"], OUTPUT_TAIL_LINES), "      | "))
 
 
 def _status_text(data: dict[str, Any]) -> str:
@@ -905,6 +921,8 @@ def _labelled(label: str, items: list[str]) -> list[str]:
 def _in_flight_text(item: dict[str, Any]) -> str:
     step = item["step"] or "(planning)"
     where = f"step {item['step_index'] + 1}/{item['steps']} {step}" if item["steps"] else step
+    if len(item["running"]) > 1:  # parallel branches
+        where = "steps " + ", ".join(f"{b['step']} #{b['attempt']}" for b in item["running"])
     state = f"waiting for {item['waiting_for']} at {where}" if item["waiting_for"] else where
     return f"{item['id']:>6} {item['task']:<16} {state}  {item['running_s']}s"
 

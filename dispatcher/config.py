@@ -29,8 +29,9 @@ from pydantic import (
 from dispatcher import limits
 from dispatcher.durations import parse_duration
 from dispatcher.errors import ConfigError
+from dispatcher.graph import Node, check_graph
 from dispatcher.params import ParamSpec
-from dispatcher.templating import placeholders, value_placeholders
+from dispatcher.templating import placeholders, strings, template_fields, value_placeholders
 
 ENV_PREFIX = "DISPATCHER_"
 ENV_CONFIG = "DISPATCHER_CONFIG"
@@ -122,6 +123,9 @@ class StepFields(_Section):
     backoff_max: Duration = 300.0
     call: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    needs: list[Name] | None = Field(default=None, max_length=1000)
+    """Steps that must succeed first; unset: the step before it."""
+    on_failure: Literal["finish_siblings", "cancel_siblings"] = "finish_siblings"
 
     @field_validator("call")
     @classmethod
@@ -156,7 +160,7 @@ class StepSettings(StepFields):
     @classmethod
     def _args_are_templates(cls, args: list[str]) -> list[str]:
         for arg in args:
-            placeholders(arg)
+            template_fields(arg)
         return args
 
     @field_validator("kwargs")
@@ -166,8 +170,18 @@ class StepSettings(StepFields):
         return kwargs
 
     def params_used(self) -> set[str]:
-        used = {name for arg in self.args for name in placeholders(arg)}
+        used = {name for arg in self.args for name in template_fields(arg)[0]}
         return used | set(value_placeholders(self.kwargs))
+
+    def results_used(self) -> set[str]:
+        """Steps whose results its args and kwargs use."""
+        texts = [*self.args, *strings(self.kwargs)]
+        return {ref.step for text in texts for ref in template_fields(text)[1]}
+
+    def node(self) -> Node:
+        """The step as the graph check sees it."""
+        needs = None if self.needs is None else tuple(self.needs)
+        return Node(self.name, needs, frozenset(self.results_used()))
 
 
 class TaskSettings(_Section):
@@ -202,6 +216,7 @@ class TaskSettings(_Section):
         names = [step.name for step in self.steps]
         if len(names) != len(set(names)):
             raise ValueError("step names must be unique within a task")
+        check_graph([step.node() for step in self.steps])
         self._templates_use_declared_params()
         return self
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 
 class DispatchStatus(StrEnum):
@@ -58,9 +58,18 @@ def is_resource_shortage(status: AttemptStatus, error: str | None) -> bool:
     return status is AttemptStatus.INTERRUPTED and (error or "").startswith(RESOURCE_SHORTAGE)
 
 
+OnFailure = Literal["finish_siblings", "cancel_siblings"]
+"""What a step that fails for good does to the steps running beside it: let them end
+(the dispatch fails once they have), or cancel them at once."""
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One step of a plan, with its params already filled in."""
+    """One step of a plan, with its params already filled in.
+
+    `templated`: its args and kwargs use results of earlier steps and are stored in
+    template form (see `dispatcher.templating`), filled when the step starts.
+    """
 
     name: str
     runner: str
@@ -71,6 +80,10 @@ class Step:
     backoff_max: float = 300.0
     call: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] | None = None
+    """Steps that must succeed first; None: the step before it (see `dispatcher.graph`)."""
+    on_failure: OnFailure = "finish_siblings"
+    templated: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -86,6 +99,12 @@ class Step:
             data["call"] = self.call
         if self.kwargs:
             data["kwargs"] = self.kwargs
+        if self.needs is not None:
+            data["needs"] = list(self.needs)
+        if self.on_failure != "finish_siblings":
+            data["on_failure"] = self.on_failure
+        if self.templated:
+            data["templated"] = True
         return data
 
     @classmethod
@@ -100,6 +119,9 @@ class Step:
             backoff_max=float(data.get("backoff_max", 300.0)),
             call=data.get("call"),
             kwargs=dict(data.get("kwargs", {})),
+            needs=None if data.get("needs") is None else tuple(data["needs"]),
+            on_failure=data.get("on_failure", "finish_siblings"),
+            templated=bool(data.get("templated", False)),
         )
 
 
@@ -162,6 +184,14 @@ class Dispatch:
         """Claimed before: earlier attempts may exist (a fresh dispatch has none)."""
         return self.claims != 1
 
+    def step_token(self, step: str) -> str:
+        """The same for every attempt of `step` of this dispatch, across retries and
+        restarts, and different for every other step and dispatch (`DISPATCHER_STEP_TOKEN`):
+        a digest of what never changes about the dispatch, and the step's name."""
+        stamp = self.created_at.isoformat()
+        material = json.dumps([self.id, stamp, self.fingerprint, step], separators=(",", ":"))
+        return hashlib.sha256(material.encode()).hexdigest()[:32]
+
 
 @dataclass(eq=False, slots=True)
 class SlotHandle:
@@ -187,6 +217,8 @@ class Attempt:
     error: str | None
     output: str | None
     instance_id: str | None
+    result: str | None = None
+    """What the step gave back, as JSON text (None: nothing)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,21 @@
 """Plan -> Execute of one dispatch, while the dispatch loop holds its `global` slot.
 
 The pipeline speaks in store verbs; it never sees SQL. Every outcome write is
-shielded, so a cancelled step still records how it ended.
+shielded, so a cancelled step still records how it ended. What runs when (steps side
+by side as their needs allow) is `dispatcher.branches`; running one step is here.
+
+A step is done when it has a succeeded attempt: a resumed dispatch reads its attempts
+once and runs only the steps not done, so a step that succeeded never runs again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -18,6 +23,7 @@ import anyio
 import structlog
 
 from dispatcher import limits, logs
+from dispatcher.branches import Branch, GraphRun, StepEnd, Verdict
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
@@ -29,6 +35,7 @@ from dispatcher.models import (
     PLAN_STEP_NAME,
     PLANNER_RUNNER,
     SHUTDOWN_INTERRUPTION,
+    Attempt,
     AttemptStatus,
     Dispatch,
     DispatchStatus,
@@ -44,10 +51,11 @@ from dispatcher.retry import (
     backoff_delay,
     may_retry,
 )
-from dispatcher.runners.base import Outcome, Runner, RunRequest
+from dispatcher.runners.base import Outcome, Runner, RunRequest, StepContext
 from dispatcher.runners.process import run_process
 from dispatcher.runners.python import resolve_callable
 from dispatcher.store.base import Store
+from dispatcher.templating import MissingResult, fill_results, map_strings
 
 log = logs.get_logger("dispatcher.pipeline")
 
@@ -61,21 +69,28 @@ class CancelReason(Enum):
 
 @dataclass(eq=False)
 class InFlight:
-    """A dispatch being worked on: its cancel scope and why it was cancelled."""
+    """A dispatch being worked on: its cancel scope, why it was cancelled, and the steps
+    started and not yet ended (its branches; the planner while it plans)."""
 
     dispatch_id: int
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     reason: CancelReason | None = None
-    step: str | None = None
-    waiting_for: str | None = None
-    """The gate whose place the current step waits for (`runner:NAME`), if any."""
-    attempt: int | None = None
-    """The number of the latest attempt started for this dispatch (None before one)."""
+    branches: dict[str, Branch] = field(default_factory=dict)
 
     def cancel(self, reason: CancelReason) -> None:
         if self.reason is None:
             self.reason = reason
         self.scope.cancel()
+
+    def running(self) -> list[Branch]:
+        """Its branches in plan order (the planner first)."""
+        return sorted(self.branches.values(), key=lambda branch: branch.index)
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The gate it waits for when every branch waits for a place (it runs nothing)."""
+        gates = [branch.waiting_for for branch in self.running()]
+        return gates[0] if gates and all(gates) else None
 
 
 Work = Callable[[], Awaitable[Outcome]]
@@ -92,12 +107,6 @@ class AttemptSpec:
     number: int
     effects: bool = True
     """Make the start durable before the work begins (see `Runner.effects`)."""
-
-
-class Verdict(Enum):
-    SUCCEEDED = "succeeded"
-    RETRY_LATER = "retry_later"
-    FAILED = "failed"
 
 
 class Pipeline:
@@ -170,17 +179,24 @@ class Pipeline:
         task = self.settings.tasks[dispatch.task]
         if task.planner == "steps":
             return steps_plan(task, dispatch.params)
-        history = await self._history(dispatch, PLAN_STEP_INDEX)
+        history = StepHistory.of([])
+        if dispatch.resumed:
+            history = StepHistory.of(await self._store.step_attempts(dispatch.id, PLAN_STEP_INDEX))
         if history.interruptions >= self.settings.daemon.max_interruptions:
             return f"planner was interrupted {history.interruptions} times; giving up"
-        flight.step = PLAN_STEP_NAME
         spec = AttemptSpec(
             dispatch.id, PLAN_STEP_INDEX, PLAN_STEP_NAME, PLANNER_RUNNER, history.next_attempt
         )  # a planner (a process or user code) has effects
         plans: list[tuple[Step, ...]] = []
-        outcome = await self._attempt(spec, flight, lambda: self._run_planner(dispatch, plans))
+        branch = flight.branches[PLAN_STEP_NAME] = Branch(PLAN_STEP_NAME, PLAN_STEP_INDEX)
+        try:
+            work = functools.partial(self._run_planner, dispatch, plans)
+            outcome = await self._attempt(spec, flight, branch, work)
+        finally:
+            del flight.branches[PLAN_STEP_NAME]
         if is_resource_shortage(outcome.status, outcome.error):
-            await self._defer(dispatch, history.shortages + 1, outcome)
+            retry_at = self._deferred(history.shortages + 1, outcome)
+            await self._store.requeue(dispatch.id, self._clock.now(), retry_at)
             return None
         if not outcome.ok:
             return f"planner failed: {outcome.error}"
@@ -229,110 +245,149 @@ class Pipeline:
     async def _execute(
         self, dispatch: Dispatch, plan: tuple[Step, ...], flight: InFlight
     ) -> DispatchStatus:
-        for index in range(dispatch.current_step, len(plan)):
-            step = plan[index]
-            flight.step = step.name
-            with structlog.contextvars.bound_contextvars(step=step.name, runner=step.runner):
-                verdict = await self._execute_step(dispatch, index, step, flight)
-            if verdict is Verdict.RETRY_LATER:
-                return DispatchStatus.QUEUED
-            if verdict is Verdict.FAILED:
-                return DispatchStatus.FAILED
-            await self._store.advance(dispatch.id, index + 1, self._clock.now())
-        return await self._finish(dispatch, DispatchStatus.SUCCEEDED)
+        attempts = await self._step_attempts(dispatch)
+        done = self._done_steps(dispatch, plan, attempts)
+        reached = dispatch.current_step
 
-    async def _execute_step(
-        self, dispatch: Dispatch, index: int, step: Step, flight: InFlight
-    ) -> Verdict:
-        history = await self._history(dispatch, index)
-        if history.succeeded:
-            # Its success is recorded, but the daemon died before `advance`: never rerun.
-            log.info("step_already_succeeded", step_index=index)
-            return Verdict.SUCCEEDED
-        if history.interruptions >= self.settings.daemon.max_interruptions:
-            reason = f"step {step.name!r} was interrupted {history.interruptions} times; giving up"
-            await self._finish(dispatch, DispatchStatus.FAILED, reason)
-            return Verdict.FAILED
-        runner = self.runners.get(step.runner)
-        if runner is None:
-            reason = f"step {step.name!r}: runner {step.runner!r} is no longer configured"
-            await self._finish(dispatch, DispatchStatus.FAILED, reason)
-            return Verdict.FAILED
+        async def advance(now_done: Mapping[str, str | None]) -> None:
+            # `current_step`: every step before it has succeeded (what `show` marks).
+            nonlocal reached
+            first = next((i for i, s in enumerate(plan) if s.name not in now_done), len(plan))
+            if first > reached:
+                reached = first
+                await self._store.advance(dispatch.id, first, self._clock.now())
+
+        async def run_step(step: Step, branch: Branch, results: Results) -> StepEnd:
+            history = StepHistory.of(attempts.get(branch.index, []))
+            with structlog.contextvars.bound_contextvars(step=step.name, runner=step.runner):
+                return await self._run_branch(dispatch, flight, branch, step, history, results)
+
+        end = await GraphRun(plan, done, flight.branches, run_step, advance).run()
+        if end.status is DispatchStatus.QUEUED:
+            await self._store.requeue(dispatch.id, self._clock.now(), end.not_before)
+            return DispatchStatus.QUEUED
+        return await self._finish(dispatch, end.status, end.reason)
+
+    async def _step_attempts(self, dispatch: Dispatch) -> dict[int, list[Attempt]]:
+        """Earlier attempts of each step, oldest first. A dispatch claimed for the first
+        time has none; neither has one whose plan is made in this run."""
+        if not dispatch.resumed or dispatch.plan is None:
+            return {}
+        found: dict[int, list[Attempt]] = {}
+        for attempt in await self._store.list_attempts(dispatch.id):
+            found.setdefault(attempt.step_index, []).append(attempt)
+        return found
+
+    @staticmethod
+    def _done_steps(
+        dispatch: Dispatch, plan: Sequence[Step], attempts: Mapping[int, list[Attempt]]
+    ) -> dict[str, str | None]:
+        """Steps that succeeded before, with their results: never run again."""
+        done: dict[str, str | None] = {}
+        for index, step in enumerate(plan):
+            succeeded = [a for a in attempts.get(index, []) if a.status is AttemptStatus.SUCCEEDED]
+            if succeeded or index < dispatch.current_step:
+                done[step.name] = succeeded[-1].result if succeeded else None
+            if succeeded and index >= dispatch.current_step:
+                # Its success is recorded, but the daemon died before `advance`.
+                log.info("step_already_succeeded", step=step.name, step_index=index)
+        return done
+
+    async def _run_branch(
+        self,
+        dispatch: Dispatch,
+        flight: InFlight,
+        branch: Branch,
+        step: Step,
+        history: StepHistory,
+        results: Results,
+    ) -> StepEnd:
+        """One step in its branch: checks, its args filled, one attempt, the verdict."""
+        refused = self._refusal(step, history)
+        if refused is not None:
+            return StepEnd(Verdict.FAILED, reason=refused)
+        try:
+            args, kwargs = _filled(step, results)
+        except MissingResult as exc:
+            log.warning("step_result_missing", error=str(exc))
+            return StepEnd(Verdict.FAILED, reason=f"step {step.name!r}: {exc}")
+        runner = self.runners[step.runner]
+        number = history.next_attempt
         lines = self._line_logger(step.name)
         request = RunRequest(
             dispatch_id=dispatch.id,
             step=step.name,
-            attempt=history.next_attempt,
-            args=step.args,
+            attempt=number,
+            args=args,
             timeout=step.timeout,
             call=step.call,
-            kwargs=step.kwargs,
+            kwargs=kwargs,
             on_line=lines,
+            context=_context(dispatch, step.name, number),
         )
         spec = AttemptSpec(
-            dispatch.id, index, step.name, step.runner, history.next_attempt, runner.effects
+            dispatch.id, branch.index, step.name, step.runner, number, runner.effects
         )
         try:
-            outcome = await self._attempt(spec, flight, lambda: runner.run(request))
+            outcome = await self._attempt(spec, flight, branch, lambda: runner.run(request))
         finally:
             lines.close()
         if outcome.ok:
-            return Verdict.SUCCEEDED
+            return StepEnd(Verdict.SUCCEEDED, result=outcome.result)
         if is_resource_shortage(outcome.status, outcome.error):
-            await self._defer(dispatch, history.shortages + 1, outcome)
-            return Verdict.RETRY_LATER
-        return await self._after_failure(dispatch, step, history.failures + 1, outcome)
+            retry_at = self._deferred(history.shortages + 1, outcome)
+            return StepEnd(Verdict.RETRY_LATER, retry_at=retry_at)
+        return self._after_failure(step, history.failures + 1, outcome)
 
-    async def _history(self, dispatch: Dispatch, index: int) -> StepHistory:
-        """Earlier attempts of a step. Only the step a resumed dispatch stopped at can
-        have any: steps run in order, and a failure re-queues the whole dispatch."""
-        first = PLAN_STEP_INDEX if dispatch.plan is None else dispatch.current_step
-        if not dispatch.resumed or index != first:
-            return StepHistory(attempts=0, failures=0, interruptions=0, succeeded=False)
-        return StepHistory.of(await self._store.step_attempts(dispatch.id, index))
+    def _refusal(self, step: Step, history: StepHistory) -> str | None:
+        """Why a step may not start at all (then the dispatch fails), if it may not."""
+        if history.interruptions >= self.settings.daemon.max_interruptions:
+            return f"step {step.name!r} was interrupted {history.interruptions} times; giving up"
+        if step.runner not in self.runners:
+            return f"step {step.name!r}: runner {step.runner!r} is no longer configured"
+        return None
 
-    async def _defer(self, dispatch: Dispatch, shortages: int, outcome: Outcome) -> None:
-        """An infrastructure failure (a resource lacking to start a process): queue the
-        dispatch again, after a backoff of its own; the step's retries stay unused."""
+    def _deferred(self, shortages: int, outcome: Outcome) -> datetime:
+        """An infrastructure failure (a resource lacking to start a process): when to try
+        again, after a backoff of its own; the step's retries stay unused."""
         delay = backoff_delay(shortages, SHORTAGE_BACKOFF, SHORTAGE_BACKOFF_MAX, self._rand)
-        now = self._clock.now()
-        await self._store.requeue(dispatch.id, now, now + timedelta(seconds=delay))
         log.warning(
             "step_deferred",
             reason=outcome.error,
             shortages=shortages,
             delay_ms=round(delay * 1000),
         )
+        return self._clock.now() + timedelta(seconds=delay)
 
-    async def _after_failure(
-        self, dispatch: Dispatch, step: Step, failures: int, outcome: Outcome
-    ) -> Verdict:
+    def _after_failure(self, step: Step, failures: int, outcome: Outcome) -> StepEnd:
         if may_retry(step, failures):
             delay = backoff_delay(failures, step.backoff, step.backoff_max, self._rand)
-            now = self._clock.now()
-            await self._store.requeue(dispatch.id, now, now + timedelta(seconds=delay))
+            retry_at = self._clock.now() + timedelta(seconds=delay)
             log.info("step_retry_scheduled", delay_ms=round(delay * 1000), failures=failures)
-            return Verdict.RETRY_LATER
+            return StepEnd(Verdict.RETRY_LATER, retry_at=retry_at)
         tries = f"{failures} attempt{'s' if failures > 1 else ''}"
         reason = f"step {step.name!r} failed after {tries}: {outcome.error}"
-        await self._finish(dispatch, DispatchStatus.FAILED, reason)
-        return Verdict.FAILED
+        return StepEnd(Verdict.FAILED, reason=reason)
 
-    async def _attempt(self, spec: AttemptSpec, flight: InFlight, work: Work) -> Outcome:
+    async def _attempt(
+        self, spec: AttemptSpec, flight: InFlight, branch: Branch, work: Work
+    ) -> Outcome:
         """One attempt: take the runner slot, record the row, run, record the end."""
         gate_name = f"runner:{spec.runner}"
         if not self._gate.has(gate_name):
-            return await self._record_attempt(spec, flight, work)
+            return await self._record_attempt(spec, flight, branch, work)
         holder = f"dispatch:{spec.dispatch_id}/{spec.step}#{spec.number}"
-        flight.waiting_for = gate_name
+        branch.waiting_for = gate_name
         try:
             async with self._gate.hold(gate_name, holder):
-                flight.waiting_for = None
-                return await self._record_attempt(spec, flight, work)
+                branch.waiting_for = None
+                return await self._record_attempt(spec, flight, branch, work)
         finally:
-            flight.waiting_for = None
+            branch.waiting_for = None
 
-    async def _record_attempt(self, spec: AttemptSpec, flight: InFlight, work: Work) -> Outcome:
+    async def _record_attempt(
+        self, spec: AttemptSpec, flight: InFlight, branch: Branch, work: Work
+    ) -> Outcome:
         started = self._clock.now()
         attempt_id = await self._store.start_attempt(
             spec.dispatch_id,
@@ -346,11 +401,11 @@ class Pipeline:
         if spec.effects:
             await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
-        flight.attempt = spec.number
+        branch.attempt = spec.number
         try:
             outcome = storable(await self._invoke(work))
         except anyio.get_cancelled_exc_class():
-            status, error = self._cancel_status(flight)
+            status, error = self._cancel_status(flight, branch)
             ended = self._clock.now()
             with anyio.CancelScope(shield=True):
                 await self._store.finish_attempt(attempt_id, status, ended, error=error)
@@ -366,6 +421,7 @@ class Pipeline:
                 exit_code=outcome.exit_code,
                 error=outcome.error,
                 output=outcome.output,
+                result=outcome.result,
             )
         self._observe_attempt(spec, outcome.status, ended - started)
         log.info(
@@ -392,11 +448,13 @@ class Pipeline:
         return outcome
 
     @staticmethod
-    def _cancel_status(flight: InFlight) -> tuple[AttemptStatus, str]:
+    def _cancel_status(flight: InFlight, branch: Branch) -> tuple[AttemptStatus, str]:
         if flight.reason is CancelReason.USER:
             return AttemptStatus.CANCELLED, "cancelled on request"
         if flight.reason is CancelReason.LEASE:
             return AttemptStatus.INTERRUPTED, LEASE_INTERRUPTION
+        if flight.reason is None and branch.cancelled_by is not None:
+            return AttemptStatus.CANCELLED, f"cancelled: step {branch.cancelled_by!r} failed"
         return AttemptStatus.INTERRUPTED, SHUTDOWN_INTERRUPTION
 
     # -- endings ---------------------------------------------------------------------------
@@ -446,3 +504,28 @@ def storable(outcome: Outcome) -> Outcome:
     if error is outcome.error and output is outcome.output:
         return outcome
     return dataclasses.replace(outcome, error=error, output=output)
+
+
+Results = Mapping[str, str | None]
+"""Results of the steps done so far: step name -> JSON text (None: it gave none)."""
+
+
+def _filled(step: Step, results: Results) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A step's args and kwargs with the results they use filled in; `MissingResult`."""
+    if not step.templated:
+        return step.args, step.kwargs
+    args = tuple(fill_results(arg, results) for arg in step.args)
+    kwargs: dict[str, Any] = map_strings(step.kwargs, lambda text: fill_results(text, results))
+    return args, kwargs
+
+
+def _context(dispatch: Dispatch, step: str, attempt: int) -> StepContext:
+    """Who the step is, as the runner hands it on."""
+    return StepContext(
+        dispatch_id=dispatch.id,
+        task=dispatch.task,
+        step=step,
+        attempt=attempt,
+        key=dispatch.key,
+        step_token=dispatch.step_token(step),
+    )

@@ -3,9 +3,13 @@ the pipeline's job (it runs as an attempt through the gate).
 
 - `steps`: the task's steps from the config, `{param}` filled in.
 - `command`: an external program reads the dispatch as JSON on stdin and prints the
-  plan as JSON: `{"steps": [{"name", "runner", "args", "timeout", "retries"}]}` (or
-  the bare list).
+  plan as JSON: `{"steps": [{"name", "runner", "args", "timeout", "retries", "needs",
+  "on_failure"}]}` (or the bare list).
 - `python`: an importable callable `f(task, params)` returns the same structure.
+
+A planner's args are taken literally, except `{steps.NAME.result[.FIELD]}`: a result
+reference, filled when the step starts. Every plan is checked as a graph (see
+`dispatcher.graph`) the way the config's steps are.
 """
 
 from __future__ import annotations
@@ -19,13 +23,25 @@ from pydantic import ValidationError
 from dispatcher import limits
 from dispatcher.config import Settings, StepFields, StepSettings, TaskSettings, describe_error
 from dispatcher.errors import BadRequest, PlanError
+from dispatcher.graph import Node, check_graph
 from dispatcher.models import Dispatch, Step
-from dispatcher.templating import fill, fill_value
+from dispatcher.templating import (
+    fill,
+    fill_params,
+    fill_value,
+    literal_refs,
+    literal_with_refs,
+    map_strings,
+    strings,
+    template_fields,
+)
 
 MAX_PLAN_STEPS = 1000
 
 
-def _to_step(fields: StepFields, args: Iterable[str], kwargs: dict[str, Any]) -> Step:
+def _to_step(
+    fields: StepFields, args: Iterable[str], kwargs: dict[str, Any], templated: bool = False
+) -> Step:
     return Step(
         name=fields.name,
         runner=fields.runner,
@@ -36,13 +52,21 @@ def _to_step(fields: StepFields, args: Iterable[str], kwargs: dict[str, Any]) ->
         backoff_max=fields.backoff_max,
         call=fields.call,
         kwargs=kwargs,
+        needs=None if fields.needs is None else tuple(fields.needs),
+        on_failure=fields.on_failure,
+        templated=templated,
     )
 
 
 def step_from_settings(step: StepSettings, params: Mapping[str, Any]) -> Step:
-    """A config step with its `{param}` templates filled."""
-    args = (fill(arg, params) for arg in step.args)
-    return _to_step(step, args, fill_value(step.kwargs, params))
+    """A config step with its `{param}` templates filled; one that uses results keeps
+    them, in template form, for its start."""
+    if not step.results_used():
+        args = (fill(arg, params) for arg in step.args)
+        return _to_step(step, args, fill_value(step.kwargs, params))
+    keep = (fill_params(arg, params) for arg in step.args)
+    kwargs = map_strings(step.kwargs, lambda text: fill_params(text, params))
+    return _to_step(step, keep, kwargs, templated=True)
 
 
 def steps_plan(task: TaskSettings, params: Mapping[str, Any]) -> tuple[Step, ...]:
@@ -114,7 +138,18 @@ def validate_plan(raw: Any, settings: Settings) -> tuple[Step, ...]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise PlanError(f"plan: step names must be unique (repeated: {', '.join(duplicates)})")
+    try:
+        check_graph([_node(step) for step in steps])
+    except ValueError as exc:
+        raise PlanError(f"plan: {exc}") from None
     return tuple(steps)
+
+
+def _node(step: Step) -> Node:
+    """A planned step as the graph check sees it."""
+    texts = [*step.args, *strings(step.kwargs)] if step.templated else []
+    uses = frozenset(ref.step for text in texts for ref in template_fields(text)[1])
+    return Node(step.name, step.needs, uses)
 
 
 def _validate_step(index: int, item: Any, settings: Settings) -> Step:
@@ -132,4 +167,7 @@ def _validate_step(index: int, item: Any, settings: Settings) -> Step:
         raise PlanError(f"{where}.runner: unknown runner {step.runner!r} (known: {known})")
     if runner.type == "python" and step.call is None:
         raise PlanError(f'{where}: a python runner step needs call = "module:func"')
-    return _to_step(step, step.args, step.kwargs)
+    if not any(literal_refs(text) for text in [*step.args, *strings(step.kwargs)]):
+        return _to_step(step, step.args, step.kwargs)
+    kwargs = map_strings(step.kwargs, literal_with_refs)
+    return _to_step(step, map(literal_with_refs, step.args), kwargs, templated=True)

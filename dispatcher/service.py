@@ -6,6 +6,7 @@ objects; they never print and never parse command lines.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dispatcher import params as declared_params
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings, TaskSettings
 from dispatcher.errors import BadRequest, NotFound
+from dispatcher.graph import Node, resolve_needs
 from dispatcher.limits import MAX_PRIORITY
 from dispatcher.models import (
     Attempt,
@@ -27,6 +29,7 @@ from dispatcher.models import (
     NewDispatch,
     Reservation,
     SlotRow,
+    Step,
 )
 from dispatcher.planners import check_params, task_gate_capacity, task_gate_key
 from dispatcher.purge import gate_cutoff
@@ -334,6 +337,7 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    """An attempt as `show --json` lists it (`result`: the step's JSON value, or null)."""
     return {
         "step": attempt.step,
         "runner": attempt.runner,
@@ -344,7 +348,24 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
         "exit_code": attempt.exit_code,
         "error": attempt.error,
         "output": attempt.output,
+        "result": None if attempt.result is None else json.loads(attempt.result),
     }
+
+
+def branch_json(step: str, attempt: int | None, waiting_for: str | None) -> dict[str, Any]:
+    """A step running (or waiting for its runner's place) in an in-flight dispatch."""
+    return {"step": step, "attempt": attempt, "waiting_for": waiting_for}
+
+
+def running_branches(dispatch: Dispatch, attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
+    """The steps an in-flight dispatch runs now, from the database: those with a running
+    attempt, in plan order (the daemon's API also knows the ones waiting for a place)."""
+    if dispatch.status.is_final:
+        return []
+    running = sorted(
+        (a for a in attempts if a.status is AttemptStatus.RUNNING), key=lambda a: a.step_index
+    )
+    return [branch_json(a.step, a.attempt, None) for a in running]
 
 
 def dispatch_json(
@@ -368,6 +389,7 @@ def dispatch_json(
     }
     if attempts is not None:
         data["attempts"] = [attempt_json(attempt) for attempt in attempts]
+        data["running"] = running_branches(dispatch, attempts)
     return data
 
 
@@ -381,11 +403,10 @@ def _known_id(dispatch_id: int) -> int:
 # -- waiting for a gate ------------------------------------------------------------------
 
 
-def _holds(row: SlotRow, dispatch_id: int) -> bool:
-    """Whether a gate row is held by this dispatch (`dispatch:ID` for `global` and
-    `task:` gates, `dispatch:ID/STEP#N` for a runner gate)."""
-    prefix = f"dispatch:{dispatch_id}"
-    return row.holder == prefix or row.holder.startswith(prefix + "/")
+def _holds(row: SlotRow, dispatch_id: int, step: str) -> bool:
+    """Whether a runner gate row is held by this step of this dispatch (its holder is
+    `dispatch:ID/STEP#N`)."""
+    return row.holder.startswith(f"dispatch:{dispatch_id}/{step}#")
 
 
 def waiting_for(
@@ -401,15 +422,7 @@ def waiting_for(
     A daemon knows this in memory too (the status page and the API use that).
     """
     if dispatch.status is DispatchStatus.RUNNING:
-        plan = dispatch.plan
-        if plan is None or dispatch.current_step >= len(plan):
-            return None
-        runner = settings.runners.get(plan[dispatch.current_step].runner)
-        if runner is None or runner.concurrency is None:
-            return None
-        gate = f"runner:{plan[dispatch.current_step].runner}"
-        mine = any(row.gate == gate and _holds(row, dispatch.id) for row in held)
-        return None if mine else gate
+        return _runner_waited_for(settings, dispatch, held)
     if dispatch.status is DispatchStatus.QUEUED and dispatch.gate_key is not None:
         if dispatch.not_before is not None and dispatch.not_before > now:
             return None  # waits for its retry time, not for a gate
@@ -418,6 +431,36 @@ def waiting_for(
         if capacity is not None and taken >= capacity:
             return dispatch.gate_key
     return None
+
+
+def _runner_waited_for(
+    settings: Settings, dispatch: Dispatch, held: Sequence[SlotRow]
+) -> str | None:
+    """The runner gate a running dispatch waits for: none of the steps it can run now
+    (`ready_steps`) runs, and the first on a capped runner holds no place of it."""
+    waits = []
+    for step in ready_steps(dispatch):
+        runner = settings.runners.get(step.runner)
+        if runner is None or runner.concurrency is None:
+            return None  # runs without a gate (or fails at once)
+        gate = f"runner:{step.runner}"
+        if any(row.gate == gate and _holds(row, dispatch.id, step.name) for row in held):
+            return None
+        waits.append(gate)
+    return waits[0] if waits else None
+
+
+def ready_steps(dispatch: Dispatch) -> list[Step]:
+    """Steps at or after `current_step` whose needs all lie before it: surely ready
+    (the database records done steps only as that prefix)."""
+    plan = dispatch.plan or ()
+    needs = resolve_needs([Node(step.name, step.needs) for step in plan])
+    before = {step.name for step in plan[: dispatch.current_step]}
+    return [
+        step
+        for step in plan[dispatch.current_step :]
+        if all(need in before for need in needs[step.name])
+    ]
 
 
 def output_tail(attempts: Sequence[Attempt], lines: int = 5) -> str | None:
@@ -562,7 +605,9 @@ def _current_step(dispatch: Dispatch) -> str | None:
     return dispatch.plan[dispatch.current_step].name
 
 
-def _in_flight_json(dispatch: Dispatch, now: datetime, waiting: str | None) -> dict[str, Any]:
+def _in_flight_json(
+    dispatch: Dispatch, now: datetime, waiting: str | None, running: list[dict[str, Any]]
+) -> dict[str, Any]:
     since = dispatch.started_at or dispatch.updated_at
     return {
         "id": dispatch.id,
@@ -572,6 +617,7 @@ def _in_flight_json(dispatch: Dispatch, now: datetime, waiting: str | None) -> d
         "step": _current_step(dispatch),
         "step_index": dispatch.current_step,
         "steps": None if dispatch.plan is None else len(dispatch.plan),
+        "running": running,
         "started_at": _ts(dispatch.started_at),
         "running_s": max(0, round((now - since).total_seconds())),
     }
@@ -605,7 +651,8 @@ async def _in_flight(
         if dispatch is None or dispatch.status not in _IN_FLIGHT:
             continue  # ended (or went back to the queue) since: its place is being freed
         waiting = waiting_for(settings, dispatch, held, now)
-        shown.append(_in_flight_json(dispatch, now, waiting))
+        running = running_branches(dispatch, await store.list_attempts(dispatch_id))
+        shown.append(_in_flight_json(dispatch, now, waiting, running))
     return len(ids), shown
 
 

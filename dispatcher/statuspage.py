@@ -26,8 +26,18 @@ COLOURS = {"succeeded": "#2f7d4f", "failed": "#b3261e", "cancelled": "#8a93a0"}
 
 
 @dataclass(frozen=True, slots=True)
+class BranchRow:
+    """One step an in-flight dispatch runs, or waits to run, beside its others."""
+
+    step: str
+    index: int
+    attempt: int | None
+    waiting_for: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class RunningRow:
-    """A dispatch this daemon works on now, and the step it is at."""
+    """A dispatch this daemon works on now, and the step it is at (its first branch)."""
 
     id: int
     task: str
@@ -39,6 +49,8 @@ class RunningRow:
     step_index: int = 0
     steps: int | None = None
     attempt: int | None = None
+    branches: tuple[BranchRow, ...] = ()
+    """Every step it runs now; more than one when its plan has parallel branches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,12 +196,15 @@ def _running(now: datetime, rows: Sequence[RunningRow]) -> str:
         if row.steps and row.step:
             step = f"{row.step_index + 1}/{row.steps} {row.step}"
         attempt = "" if row.attempt is None or row.waiting_for else f"#{row.attempt}"
+        shown = escape(step)
+        if len(row.branches) > 1:
+            shown, attempt = _branches(row.branches), ""
         body.append(
             f'<tr class="running" data-id="{row.id}" '
             f'data-waiting-for="{escape(row.waiting_for or "")}">'
             f'<td class="num">{_link(row.id)}</td>'
             f"<td>{escape(row.task)}</td><td>{_state(row.status, row.waiting_for)}</td>"
-            f'<td>{escape(step)}</td><td class="num">{attempt}</td>'
+            f'<td>{shown}</td><td class="num">{attempt}</td>'
             f"<td>{escape(_ts(row.started_at))}</td>"
             f'<td class="num">{escape(_ago(now, row.started_at))}</td></tr>'
         )
@@ -198,6 +213,21 @@ def _running(now: datetime, rows: Sequence[RunningRow]) -> str:
         "<th>started</th><th>for</th></tr>"
     )
     return _table(head, body, 7, "nothing in flight")
+
+
+def _branches(branches: Sequence[BranchRow]) -> str:
+    """Steps running side by side, one a line: `test #1`, `lint waiting for runner:x`."""
+    lines = []
+    for branch in branches:
+        if branch.waiting_for:
+            state = _state("", branch.waiting_for)
+        else:
+            state = "" if branch.attempt is None else f"#{branch.attempt}"
+        lines.append(
+            f'<div class="branch" data-step="{escape(branch.step)}">'
+            f"{escape(branch.step)} {state}</div>"
+        )
+    return "".join(lines)
 
 
 def _queued(rows: Sequence[QueuedRow], total: int) -> str:
@@ -431,17 +461,21 @@ def _json(value: Any) -> str:
 
 
 def _steps(data: Mapping[str, Any]) -> str:
+    running = {branch["step"] for branch in data.get("running") or ()}
     body = []
     for index, step in enumerate(data["plan"] or []):
         here = index == data["current_step"] and data["status"] not in ("succeeded",)
-        mark = "▶" if here else ""
+        mark = "▶" if step["name"] in running or (here and not running) else ""
+        needs = step.get("needs")
+        after = "(the one before)" if needs is None and index else ", ".join(needs or ())
         body.append(
             f'<tr class="step"><td>{mark}</td><td class="num">{index + 1}</td>'
-            f"<td>{escape(step['name'])}</td><td>{escape(step['runner'])}</td>"
+            f"<td>{escape(step['name'])}</td><td>{escape(after)}</td>"
+            f"<td>{escape(step['runner'])}</td>"
             f"<td><code>{escape(' '.join(step['args']))}</code></td></tr>"
         )
-    head = "<tr><th></th><th>#</th><th>step</th><th>runner</th><th>args</th></tr>"
-    return _table(head, body, 5, "not planned yet")
+    head = "<tr><th></th><th>#</th><th>step</th><th>needs</th><th>runner</th><th>args</th></tr>"
+    return _table(head, body, 6, "not planned yet")
 
 
 def _attempts(attempts: Sequence[Mapping[str, Any]], tail_lines: int) -> str:
@@ -452,6 +486,9 @@ def _attempts(attempts: Sequence[Mapping[str, Any]], tail_lines: int) -> str:
         tail = "\n".join(output.rstrip("\n").splitlines()[-tail_lines:])
         shown = f'<pre class="tail">{escape(tail)}</pre>' if tail else ""
         error = f'<div class="error">{escape(attempt["error"])}</div>' if attempt["error"] else ""
+        if attempt.get("result") is not None:
+            result = _json(attempt["result"])[:ERROR_CHARS]
+            error += f'<div class="result">result <code>{escape(result)}</code></div>'
         body.append(
             f'<tr class="attempt" data-status="{escape(attempt["status"])}">'
             f'<td>{escape(attempt["step"])}</td><td class="num">#{attempt["attempt"]}</td>'

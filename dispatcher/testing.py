@@ -287,7 +287,8 @@ class InMemoryStore(Store):
     def _sql_finish_attempt(self, p: Mapping[str, Any]) -> list[Row]:
         row = self.tables["attempts"].get(p["id"])
         if row is not None and row["status"] == "running":
-            row.update({k: p[k] for k in ("status", "ended_at", "exit_code", "error", "output")})
+            ended = ("status", "ended_at", "exit_code", "error", "output", "result")
+            row.update({k: p[k] for k in ended})
         return []
 
     def _sql_step_attempts(self, p: Mapping[str, Any]) -> list[Row]:

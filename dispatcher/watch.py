@@ -128,6 +128,9 @@ def _elapsed(seconds: float) -> str:
 
 
 def _step_text(data: dict[str, Any]) -> str:
+    branches = data.get("running") or []
+    if len(branches) > 1:  # parallel branches: `steps test (attempt 1), lint (attempt 2)`
+        return "steps " + ", ".join(_branch_text(branch) for branch in branches)
     plan = data.get("plan")
     index = data.get("current_step", 0)
     if not plan or index >= len(plan):
@@ -137,6 +140,14 @@ def _step_text(data: dict[str, Any]) -> str:
     if attempts and attempts[-1]["status"] == "running":
         text += f" (attempt {attempts[-1]['attempt']})"
     return text
+
+
+def _branch_text(branch: dict[str, Any]) -> str:
+    if branch["waiting_for"]:
+        return f"{branch['step']} (waiting for {branch['waiting_for']})"
+    if branch["attempt"] is None:
+        return str(branch["step"])
+    return f"{branch['step']} (attempt {branch['attempt']})"
 
 
 async def follow_one(

@@ -162,7 +162,7 @@ def drain_floor(count: int) -> float:
             db.execute(attempt, {"id": i, "dispatch_id": i, "step_index": 0, "step": "a",
                                  "runner": "noop", "attempt": 1, "status": "succeeded",
                                  "started_at": now, "ended_at": now, "exit_code": 0,
-                                 "error": None, "output": None,
+                                 "error": None, "output": None, "result": None,
                                  "instance_id": "floor"})  # fmt: skip
             db.execute(finish, {"id": i, "status": "succeeded", "now": now, "error": None,
                                 "final": True, "plan": plan, "current_step": 1})  # fmt: skip

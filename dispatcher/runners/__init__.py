@@ -1,6 +1,6 @@
 """Runners execute steps: `exec` (a subprocess), `python` (a callable), `noop`."""
 
-from dispatcher.runners.base import LineSink, Outcome, Runner, RunRequest
+from dispatcher.runners.base import LineSink, Outcome, Runner, RunRequest, StepContext
 from dispatcher.runners.exec import ExecRunner
 from dispatcher.runners.noop import NoopRunner
 from dispatcher.runners.process import run_process
@@ -14,6 +14,7 @@ __all__ = [
     "PythonRunner",
     "RunRequest",
     "Runner",
+    "StepContext",
     "resolve_callable",
     "run_process",
 ]

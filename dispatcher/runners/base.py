@@ -17,6 +17,34 @@ def _ignore_line(stream: str, line: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class StepContext:
+    """Who a step is: the `DISPATCHER_*` variables of an exec step, and the `context`
+    argument a python step asks for by naming a parameter so."""
+
+    dispatch_id: int
+    task: str
+    step: str
+    attempt: int
+    key: str | None
+    """The dispatch's idempotency key, if it has one."""
+    step_token: str
+    """The same for every attempt of this step of this dispatch, across retries and
+    daemon restarts: for a step to make its own effects idempotent."""
+
+    def environment(self) -> dict[str, str]:
+        """The variables an exec step finds in its environment (DISPATCHER_KEY is empty
+        when the dispatch has no key)."""
+        return {
+            "DISPATCHER_DISPATCH_ID": str(self.dispatch_id),
+            "DISPATCHER_TASK": self.task,
+            "DISPATCHER_STEP": self.step,
+            "DISPATCHER_ATTEMPT": str(self.attempt),
+            "DISPATCHER_KEY": self.key or "",
+            "DISPATCHER_STEP_TOKEN": self.step_token,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RunRequest:
     """One execution of one step: everything a runner needs, params already filled in."""
 
@@ -29,6 +57,8 @@ class RunRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
     stdin: bytes | None = None
     on_line: LineSink = _ignore_line
+    context: StepContext | None = None
+    """Who the step is (None where nobody asks: tests of a runner alone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +71,8 @@ class Outcome:
     output: str | None = None
     stdout: str | None = None
     """Full stdout, kept only when the caller asked for it (the command planner)."""
+    result: str | None = None
+    """The step's result as compact JSON text (see `dispatcher.runners.results`)."""
 
     @property
     def ok(self) -> bool:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 
+from dispatcher.models import AttemptStatus
 from dispatcher.runners.base import Outcome, RunRequest
 from dispatcher.runners.process import run_process
+from dispatcher.runners.results import ResultError, read_result_file
+
+RESULT_FILE = "result.json"
 
 
 class ExecRunner:
     """Runs `request.args` as an argv list in its own process group.
 
-    `env` is merged over the daemon's environment at each run; `cwd` is the working
+    `env` is merged over the daemon's environment at each run, and the step's context
+    (`DISPATCHER_DISPATCH_ID`, `DISPATCHER_STEP_TOKEN`, ...) over that. The step may
+    write one JSON value to the file named by `DISPATCHER_RESULT` (a fresh folder per
+    attempt): its result, read when it exits successfully. `cwd` is the working
     directory (the daemon's own when None). On timeout or cancellation the group gets
     SIGTERM, then SIGKILL after `kill_grace` seconds.
     """
@@ -33,19 +43,31 @@ class ExecRunner:
         self.cwd = cwd
 
     async def run(self, request: RunRequest) -> Outcome:
-        """Run the step's argv to an Outcome (see `run_process`)."""
-        return await run_process(
-            request.args,
-            timeout=request.timeout,
-            kill_grace=self.kill_grace,
-            stdin=request.stdin,
-            on_line=request.on_line,
-            env=self._environment(),
-            cwd=self.cwd,
-            label=f"dispatch:{request.dispatch_id}/{request.step}#{request.attempt}",
-        )
+        """Run the step's argv to an Outcome (see `run_process`), with its result."""
+        with tempfile.TemporaryDirectory(prefix="dispatcher-", ignore_cleanup_errors=True) as tmp:
+            result_path = Path(tmp) / RESULT_FILE
+            outcome = await run_process(
+                request.args,
+                timeout=request.timeout,
+                kill_grace=self.kill_grace,
+                stdin=request.stdin,
+                on_line=request.on_line,
+                env=self._environment(request, result_path),
+                cwd=self.cwd,
+                label=f"dispatch:{request.dispatch_id}/{request.step}#{request.attempt}",
+            )
+            if not outcome.ok:
+                return outcome
+            try:
+                return replace(outcome, result=read_result_file(result_path))
+            except ResultError as exc:
+                return replace(outcome, status=AttemptStatus.FAILED, error=str(exc))
 
-    def _environment(self) -> dict[str, str] | None:
-        if self.env is None:
-            return None
-        return {**os.environ, **self.env}
+    def _environment(self, request: RunRequest, result_path: Path) -> dict[str, str]:
+        context = request.context.environment() if request.context is not None else {}
+        return {
+            **os.environ,
+            **(self.env or {}),
+            **context,
+            "DISPATCHER_RESULT": str(result_path),
+        }

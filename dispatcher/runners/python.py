@@ -15,6 +15,7 @@ import anyio.to_thread
 from dispatcher.durations import format_duration
 from dispatcher.models import AttemptStatus
 from dispatcher.runners.base import Outcome, RunRequest
+from dispatcher.runners.results import ResultError, encode_result
 
 _MAX_ERROR = 500
 _SPEC_FORMS = "'package.module:function' or 'package.module:Class.method'"
@@ -60,7 +61,8 @@ def describe_exception(exc: BaseException) -> str:
 
 
 class PythonRunner:
-    """Calls `request.call` with `*request.args, **request.kwargs`.
+    """Calls `request.call` with `*request.args, **request.kwargs`, and with
+    `context=` the step's `StepContext` when the callable has a parameter of that name.
 
     Coroutine functions are awaited in the daemon's loop and cancelled properly on
     timeout or cancellation. Synchronous callables run in a worker thread. Python cannot
@@ -68,9 +70,11 @@ class PythonRunner:
     and abandons the thread, which runs on to its end in the background, its result
     dropped. Keep such callables short, or make them async.
 
-    The return value, turned into text with `str()` and cut at `output_limit`
-    characters, becomes `Outcome.output`; an exception becomes a failed Outcome whose
-    `error` is "ValueError: message" and whose `output` is the end of the traceback.
+    The return value is the step's result: it must be JSON (or None) and at most
+    `MAX_RESULT_BYTES` as JSON, else the step fails saying so. Turned into text with
+    `str()` and cut at `output_limit` characters, it is also `Outcome.output`. An
+    exception becomes a failed Outcome whose `error` is "ValueError: message" and whose
+    `output` is the end of the traceback.
     """
 
     effects = True
@@ -87,10 +91,11 @@ class PythonRunner:
             function = resolve_callable(request.call)
         except ValueError as exc:
             return Outcome(AttemptStatus.FAILED, error=str(exc))
+        kwargs = _with_context(function, request)
         with anyio.move_on_after(request.timeout):
             try:
-                result = await _invoke(function, request.args, request.kwargs)
-                return Outcome(AttemptStatus.SUCCEEDED, output=self._render(result))
+                result = await _invoke(function, request.args, kwargs)
+                return self._succeeded(result)
             except (Exception, SystemExit) as exc:  # SystemExit: a callable's sys.exit()
                 return Outcome(
                     AttemptStatus.FAILED,
@@ -100,6 +105,14 @@ class PythonRunner:
         return Outcome(
             AttemptStatus.TIMED_OUT, error=f"timed out after {format_duration(request.timeout)}"
         )
+
+    def _succeeded(self, result: object) -> Outcome:
+        output = self._render(result)
+        try:
+            encoded = encode_result(result)
+        except ResultError as exc:
+            return Outcome(AttemptStatus.FAILED, error=str(exc), output=output)
+        return Outcome(AttemptStatus.SUCCEEDED, output=output, result=encoded)
 
     def _render(self, result: object) -> str | None:
         if result is None:
@@ -111,6 +124,20 @@ class PythonRunner:
 
     def _clip_end(self, text: str) -> str:
         return text[-self.output_limit :] if self.output_limit > 0 else ""
+
+
+def _with_context(function: Callable[..., Any], request: RunRequest) -> Mapping[str, Any]:
+    """The step's kwargs, with `context` added when the callable names such a parameter
+    (and the step's kwargs do not set it)."""
+    if request.context is None or "context" in request.kwargs:
+        return request.kwargs
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature asks for nothing
+        return request.kwargs
+    if "context" not in parameters:
+        return request.kwargs
+    return {**request.kwargs, "context": request.context}
 
 
 async def _invoke(

@@ -392,6 +392,7 @@ class Store(ABC):
             "error": None,
             "output": None,
             "instance_id": instance_id,
+            "result": None,
         }
         self._queue("insert_attempt", attempt_id, row)
         return attempt_id
@@ -405,8 +406,12 @@ class Store(ABC):
         exit_code: int | None = None,
         error: str | None = None,
         output: str | None = None,
+        result: str | None = None,
     ) -> None:
-        """Stamp the attempt's final status; only a `running` attempt is changed."""
+        """Stamp the attempt's final status; only a `running` attempt is changed.
+
+        `result`: what the step gave back, as JSON text (the runner bounds its size).
+        """
         if status is AttemptStatus.RUNNING:
             raise ValueError("finish_attempt needs a final status, not running")
         end = {
@@ -415,6 +420,7 @@ class Store(ABC):
             "exit_code": exit_code,
             "error": error,
             "output": output,
+            "result": result,
         }
         insert = self._pending("insert_attempt", attempt_id)
         if insert is not None:  # not written yet: one row, complete (the first end wins)
@@ -708,6 +714,7 @@ class Store(ABC):
             error=row["error"],
             output=row["output"],
             instance_id=row["instance_id"],
+            result=row["result"],
         )
 
     def slot_from_row(self, row: Row) -> SlotRow:

@@ -296,6 +296,24 @@ async def test_attempt_lifecycle(store: Store, clock: FakeClock, reserve: Reserv
     assert [a.id for a in await store.list_attempts(dispatch_id)] == [first, second, other]
 
 
+async def test_a_result_is_kept_with_its_attempt_exactly_as_given(
+    store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    dispatch_id = (await reserve()).id
+    text = '{"path":"/tmp/app-1.2.tar","sizes":[1,2.5],"note":"héllo ✓","ok":true}'
+    first = await store.start_attempt(dispatch_id, 0, "build", "shell", 1, OLD, clock.now())
+    await store.flush()  # its row is written: the end is a separate update
+    await store.finish_attempt(first, AttemptStatus.SUCCEEDED, clock.now(), result=text)
+    folded = await store.start_attempt(dispatch_id, 1, "pack", "shell", 1, OLD, clock.now())
+    await store.finish_attempt(folded, AttemptStatus.SUCCEEDED, clock.now(), result='"x"')
+    plain = await store.start_attempt(dispatch_id, 2, "test", "shell", 1, OLD, clock.now())
+    await store.finish_attempt(plain, AttemptStatus.SUCCEEDED, clock.now())
+
+    results = [a.result for a in await store.list_attempts(dispatch_id)]
+
+    assert results == [text, '"x"', None]
+
+
 async def test_only_a_running_attempt_is_finished(
     store: Store, clock: FakeClock, reserve: Reserve
 ) -> None:

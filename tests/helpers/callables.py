@@ -76,3 +76,20 @@ class _AsyncCallable:
 
 
 async_instance = _AsyncCallable()
+
+
+def who_am_i(tag: str, context: Any) -> dict[str, Any]:
+    """Returns its context as a JSON result (asks for it by naming a parameter so)."""
+    return {
+        "tag": tag,
+        "dispatch_id": context.dispatch_id,
+        "task": context.task,
+        "step": context.step,
+        "attempt": context.attempt,
+        "key": context.key,
+        "token": context.step_token,
+    }
+
+
+def not_json() -> set[int]:
+    return {1, 2}

@@ -70,14 +70,14 @@ SELECT status, COUNT(*) AS n FROM dispatches GROUP BY status;
 -- The id is handed out by the store before the insert; an attempt that ended before
 -- its row was written is inserted complete.
 INSERT INTO attempts (id, dispatch_id, step_index, step, runner, attempt, status,
-                      started_at, ended_at, exit_code, error, output, instance_id)
+                      started_at, ended_at, exit_code, error, output, instance_id, result)
 VALUES (:id, :dispatch_id, :step_index, :step, :runner, :attempt, :status,
-        :started_at, :ended_at, :exit_code, :error, :output, :instance_id);
+        :started_at, :ended_at, :exit_code, :error, :output, :instance_id, :result);
 
 -- name: finish_attempt
 UPDATE attempts
 SET status = :status, ended_at = :ended_at, exit_code = :exit_code, error = :error,
-    output = :output
+    output = :output, result = :result
 WHERE id = :id AND status = 'running';
 
 -- name: step_attempts
