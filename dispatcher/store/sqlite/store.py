@@ -219,14 +219,21 @@ class SQLiteStore(Store):
     async def _connect(
         cls, path: Path, target: str | Path, busy_timeout: float, patience: float, mode: Access
     ) -> SQLiteStore:
+        connection = aiosqlite.connect(
+            target,
+            timeout=busy_timeout,
+            isolation_level=None,
+            cached_statements=256,
+            uri=isinstance(target, str),
+        )
         with wrap_exceptions(path, "open"):
-            db = await aiosqlite.connect(
-                target,
-                timeout=busy_timeout,
-                isolation_level=None,
-                cached_statements=256,
-                uri=isinstance(target, str),
-            )
+            try:
+                db = await connection
+            except BaseException:
+                # After a failed connect aiosqlite stops its thread without waiting for
+                # it; wait here, so that it never answers a loop that is gone.
+                await asyncio.to_thread(connection._thread.join, 5)
+                raise
         db.row_factory = sqlite3.Row
         store = cls(db, path, patience)
         try:
