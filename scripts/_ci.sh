@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/check-image and scripts/check-systemd: the result lines, waiting,
 # and Debian root filesystems made with debootstrap and cached between runs.
 #
