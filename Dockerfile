@@ -1,25 +1,30 @@
 # dispatcher in a container. Build: docker build -t dispatcher .
 # Run (docs/deploy.md): docker run -d --name dispatcher --stop-timeout 45 \
 #   -v dispatcher-state:/var/lib/dispatcher \
-#   -v "$PWD/dispatcher.toml:/etc/dispatcher/dispatcher.toml:ro" dispatcher
+#   -v "$PWD/config:/etc/dispatcher:ro" dispatcher
+# Mount the config folder, not the file: an editor replaces the file, and a file mount
+# would keep showing the old one to a reload.
 # Stop timeout: above daemon.shutdown_grace + kill_grace (30s + 5s by default), or
 # Docker's default of 10s SIGKILLs steps that were still draining.
+# scripts/check-image builds this and checks it under podman (docs/deploy.md).
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
+# pip and setuptools install the package, then leave: the runtime venv needs neither.
 RUN python -m venv /opt/dispatcher \
-    && /opt/dispatcher/bin/pip install --no-cache-dir .
+    && /opt/dispatcher/bin/pip install --no-cache-dir . \
+    && /opt/dispatcher/bin/pip uninstall --yes pip setuptools
 
 FROM python:3.11-slim
 # tini is PID 1: it forwards SIGTERM to the daemon (which drains) and reaps orphans.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini=0.19.* \
     && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 dispatcher \
-    && useradd --system --uid 10001 --gid dispatcher --no-create-home \
+    && groupadd --gid 10001 dispatcher \
+    && useradd --uid 10001 --gid dispatcher --no-create-home --no-log-init \
         --home-dir /var/lib/dispatcher --shell /usr/sbin/nologin dispatcher \
     && install -d -o dispatcher -g dispatcher -m 0750 /var/lib/dispatcher
 COPY --from=build /opt/dispatcher /opt/dispatcher

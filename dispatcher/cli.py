@@ -316,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except DispatcherError as exc:
+        if args.command == "run":
+            from dispatcher import logs
+
+            if logs.run_failed(exc.message, exc.exit_code):
+                return exc.exit_code  # stderr is the journal too: the event says it all
         print(f"dispatcher: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

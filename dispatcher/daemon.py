@@ -553,6 +553,12 @@ class Daemon:
             log.error("config_reload_failed", error=str(exc), kept="the running configuration")
             self.notifier.ready(status=f"reload refused: {exc}")
             return
+        if settings == self.settings:
+            # Nothing new: say so. (In a container, a single-file bind mount keeps the
+            # old file when an editor on the host replaces it: docs/deploy.md.)
+            log.info("config_unchanged", config=str(settings.source))
+            self.notifier.ready(status=self._inflight_summary())
+            return
         restart_required = restart_only_changes(self.settings, settings)
         self.settings = settings
         self.pipeline.settings = settings

@@ -1,7 +1,10 @@
 """structlog configuration: JSON lines on stdout, stdlib loggers in the same stream.
 
 Exceptions are rendered as structured data (`exception` is a list of frames, no
-locals) so one event stays one line.
+locals) so one event stays one line. When stdout is the journal (`$JOURNAL_STREAM`
+names it), each line starts with its syslog priority (`<3>` for an error), which
+journald takes off and stores as the entry's PRIORITY: `journalctl -p err` then finds
+the errors, and `journalctl -o cat` prints the JSON alone.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import atexit
 import contextvars
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -44,17 +48,86 @@ def _leading_fields(_logger: object, _name: str, event: EventDict) -> EventDict:
     return {**head, **event}
 
 
-def _renderer(fmt: str) -> list[Processor]:
+CONSOLE_LEADING = ("dispatch_id", "task", "step", "status")
+"""After the event, what a person at a terminal looks for first (console format)."""
+
+
+def _console_fields(_logger: object, _name: str, event: EventDict) -> EventDict:
+    """The console's order: `CONSOLE_LEADING`, then the rest as logged; no
+    `instance_id` (the same on every line of one run), and the logger's name only
+    for a library's record."""
+    event.pop("instance_id", None)
+    if str(event.get("logger", "")).startswith("dispatcher"):
+        del event["logger"]
+    head = {key: event.pop(key) for key in CONSOLE_LEADING if key in event}
+    return {**head, **event}
+
+
+SYSLOG_PRIORITIES = {
+    "critical": 3,
+    "fatal": 3,
+    "exception": 3,
+    "error": 3,
+    "warning": 4,
+    "warn": 4,
+    "info": 6,
+    "debug": 7,
+}
+"""syslog priority per level name; journald reads it from a `<N>` line prefix."""
+
+
+def journal_prefix(level: str) -> str:
+    """`<N>` for a level: the prefix journald turns into the entry's priority."""
+    return f"<{SYSLOG_PRIORITIES.get(level, 6)}>"
+
+
+def is_journal(stream: TextIO) -> bool:
+    """Whether `stream` is the journal: systemd names that stream's device and inode
+    in `$JOURNAL_STREAM` ("DEV:INODE") when stdout or stderr is connected to it."""
+    dev, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        stat = os.fstat(stream.fileno())
+        return (stat.st_dev, stat.st_ino) == (int(dev), int(inode))
+    except (OSError, ValueError, AttributeError):  # no file descriptor, a bad value
+        return False
+
+
+class _Prioritised:
+    """Wraps the renderer: its line starts with the event's journal prefix."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event: EventDict) -> str:
+        level = str(event.get("level", method_name))
+        return journal_prefix(level) + str(self._renderer(logger, method_name, event))
+
+
+def _renderer(fmt: str, *, journal: bool = False, colors: bool = False) -> list[Processor]:
+    processors: list[Processor]
     if fmt == "console":
-        return [structlog.dev.ConsoleRenderer(colors=False)]
-    return [
-        structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        ),
-        structlog.processors.UnicodeDecoder(),
-        _leading_fields,
-        structlog.processors.JSONRenderer(default=str),
-    ]
+        processors = [
+            _console_fields,
+            structlog.dev.ConsoleRenderer(
+                colors=colors,
+                sort_keys=False,
+                exception_formatter=structlog.dev.plain_traceback,  # never show locals
+            ),
+        ]
+    else:
+        processors = [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
+            structlog.processors.UnicodeDecoder(),
+            _leading_fields,
+            structlog.processors.JSONRenderer(default=str),
+        ]
+    if journal:
+        processors[-1] = _Prioritised(processors[-1])
+    return processors
 
 
 _METHOD_LEVELS = {"warn": "warning", "exception": "error", "fatal": "critical"}
@@ -75,9 +148,10 @@ class _JSONLine:
     at a fraction of the chain's cost; any other goes through the chain itself.
     """
 
-    def __init__(self, chain: list[Processor]) -> None:
+    def __init__(self, chain: list[Processor], *, journal: bool = False) -> None:
         self._chain = chain
         self._encode = json.JSONEncoder(default=_json_default).encode
+        self._journal = journal
 
     def __call__(self, logger: Any, method_name: str, event: EventDict) -> Any:
         if "exc_info" in event or "stack_info" in event or "exception" in event:
@@ -85,9 +159,10 @@ class _JSONLine:
             for processor in self._chain:
                 rendered = processor(logger, method_name, rendered)
             return rendered
+        level = _METHOD_LEVELS.get(method_name, method_name)
         line = {
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "level": _METHOD_LEVELS.get(method_name, method_name),
+            "level": level,
             "event": event.pop("event", None),
         }
         line.update(event)
@@ -99,6 +174,8 @@ class _JSONLine:
             name = getattr(logger, "name", None)
             if name is not None:
                 line["logger"] = name
+        if self._journal:
+            return journal_prefix(level) + self._encode(line)
         return self._encode(line)
 
 
@@ -224,9 +301,10 @@ def get_logger(name: str) -> Any:
 
 def reset() -> None:
     """Back to structlog's defaults (tests)."""
-    global _generation
+    global _generation, _configured
     structlog.reset_defaults()
     _generation += 1
+    _configured = False
 
 
 async def flush_loop() -> None:
@@ -244,20 +322,52 @@ def flush() -> None:
     _SINK.flush()
 
 
+class _LibraryChatter(logging.Filter):
+    """Libraries' `info` records (APScheduler's "Added job", "Running job", ...) are
+    `debug` here: an operator's `info` stream is the daemon's own events."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and not record.name.startswith("dispatcher"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self._level <= logging.DEBUG
+        return True
+
+
+def _wants_colors(stream: TextIO) -> bool:
+    """Colours for a person at a terminal (unless `$NO_COLOR` is set), never in a file."""
+    try:
+        return stream.isatty() and not os.environ.get("NO_COLOR")
+    except (OSError, ValueError):
+        return False
+
+
+_configured = False
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Send our events and the stdlib `logging` tree as lines to one stream.
 
     Our loggers render straight to the stream; library loggers pass through a
-    `ProcessorFormatter` with the same processors, so both look the same.
+    `ProcessorFormatter` with the same processors, so both look the same. On the
+    journal each line carries its syslog priority (see the module's docstring).
     """
+    global _generation, _configured
     _SINK.flush()
     _SINK.stream = stream or sys.stdout
+    journal = is_journal(_SINK.stream)
+    colors = fmt == "console" and not journal and _wants_colors(_SINK.stream)
+    renderer = _renderer(fmt, journal=journal, colors=colors)
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_renderer(fmt)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
     )
     handler = logging.StreamHandler(_SinkStream())
     handler.setFormatter(formatter)
+    handler.addFilter(_LibraryChatter(_LEVELS[level]))
     handler.lock = _SINK.lock  # one lock for both writers: lines never interleave
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -267,13 +377,28 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     chain: list[Processor] = [
         *_shared_processors(),
         structlog.processors.StackInfoRenderer(),
-        *_renderer(fmt),
+        *renderer,
     ]
     structlog.configure(
-        processors=[_JSONLine(chain)] if fmt == "json" else chain,
+        processors=[_JSONLine(chain, journal=journal)] if fmt == "json" else chain,
         logger_factory=_line_logger_factory,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=False,  # see `Logger`
     )
-    global _generation
     _generation += 1
+    _configured = True
+
+
+def run_failed(message: str, exit_code: int) -> bool:
+    """`dispatcher run` stops on a user's error (a bad configuration, a database it
+    cannot open, another daemon on it): say so as a `daemon_failed` event in the log
+    stream too, configured with the defaults if the configuration could not be read.
+
+    Returns whether stderr is the journal as well, where the plain error line would
+    be the same message again without a priority.
+    """
+    if not _configured:
+        configure()
+    get_logger("dispatcher.daemon").error("daemon_failed", error=message, exit_code=exit_code)
+    flush()
+    return is_journal(sys.stderr)

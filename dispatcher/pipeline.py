@@ -59,6 +59,9 @@ from dispatcher.templating import MissingResult, fill_results, map_strings
 
 log = logs.get_logger("dispatcher.pipeline")
 
+_FAILED_ATTEMPTS = frozenset({AttemptStatus.FAILED, AttemptStatus.TIMED_OUT})
+"""Attempts logged at `warning` (a failed dispatch is logged at `error`)."""
+
 
 class CancelReason(Enum):
     USER = "user"
@@ -424,7 +427,8 @@ class Pipeline:
                 result=outcome.result,
             )
         self._observe_attempt(spec, outcome.status, ended - started)
-        log.info(
+        log_at = log.warning if outcome.status in _FAILED_ATTEMPTS else log.info
+        log_at(
             "attempt_finished",
             step=spec.step,
             runner=spec.runner,
@@ -483,9 +487,8 @@ class Pipeline:
             await self._store.finish_dispatch(dispatch.id, status, now, error)
         self.observer.dispatch_finished(dispatch.task, str(status))
         duration = (now - dispatch.created_at).total_seconds()
-        log.info(
-            "dispatch_finished", status=status, error=error, duration_ms=round(duration * 1000)
-        )
+        log_at = log.error if status is DispatchStatus.FAILED else log.info
+        log_at("dispatch_finished", status=status, error=error, duration_ms=round(duration * 1000))
         return status
 
     def _line_logger(self, step: str) -> ChildOutputLog:

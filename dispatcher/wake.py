@@ -5,6 +5,13 @@ process (the CLI) only at its next poll. Instead the daemon binds a datagram soc
 Linux's abstract namespace, named after its database file; a process that has just
 committed a submission sends it one byte, and the daemon claims at once.
 
+The name is made from the file's identity, its device and inode, not its path: daemons
+in containers that share the host's network namespace all have a
+`/var/lib/dispatcher/dispatcher.db`, but each its own file, so each its own socket (a
+name made from the path would let one daemon take the name and the others fall back
+to polling, or wake each other for nothing). Any path to the same file gives the same
+name, the CLI beside the daemon's included.
+
 Nothing depends on it: a lost datagram, a sender in another network namespace (the
 host, against a daemon in a container), a name already taken or a platform without
 abstract sockets all leave the daemon to its `poll_interval`, as before. The socket
@@ -31,8 +38,15 @@ MIN_SPACING = 0.01
 
 
 def address(database: Path) -> str:
-    """The socket's name for a database file (the same for every path to it)."""
-    digest = hashlib.sha256(os.fsencode(database.resolve())).hexdigest()[:40]
+    """The socket's name for a database file: its device and inode, so the same for
+    every path to it and different for another file at the same path. (A file that
+    does not exist yet is named by its real path.)"""
+    try:
+        stat = os.stat(database)
+        identity = f"{stat.st_dev}:{stat.st_ino}".encode()
+    except OSError:
+        identity = os.fsencode(database.resolve())
+    digest = hashlib.sha256(identity).hexdigest()[:40]
     return f"\0dispatcher-wake/{digest}"
 
 

@@ -283,9 +283,19 @@ def _report(event: str, **fields: object) -> None:
         "logger": "dispatcher.runners.guardian",
     }
     try:
-        print(json.dumps(line), flush=True)
+        print(_journal_prefix("<4>") + json.dumps(line), flush=True)
     except OSError:
         pass  # nobody reads the stream any more
+
+
+def _journal_prefix(prefix: str) -> str:
+    """`prefix` when stdout is the journal (as `dispatcher.logs.is_journal` decides)."""
+    dev, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stdout.fileno())
+        return prefix if (stat.st_dev, stat.st_ino) == (int(dev), int(inode)) else ""
+    except (OSError, ValueError):
+        return ""
 
 
 if __name__ == "__main__":

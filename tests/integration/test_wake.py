@@ -103,3 +103,30 @@ async def test_a_flood_of_datagrams_wakes_the_daemon_a_bounded_number_of_times(
     # Every burst is answered (the first at once, the last one included), yet no more
     # often than once per MIN_SPACING.
     assert 2 <= wakes.count <= took / wake.MIN_SPACING + 1
+
+
+async def test_two_files_at_one_path_have_two_sockets(tmp_path: Path) -> None:
+    """Containers on one host network each have their own /var/lib/dispatcher/dispatcher.db:
+    the same path, different files. Their daemons must not share (or fight over) a
+    socket. A file replaced by another at the same path shows the same thing here."""
+    database = tmp_path / "d.db"
+    database.write_bytes(b"first")
+    first_wakes, second_wakes = Wakes(), Wakes()
+    first = wake.Listener(database, first_wakes)
+    first.start()
+    try:
+        database.rename(tmp_path / "first.db")  # the first daemon's file, elsewhere now
+        database.write_bytes(b"second")  # another file at the same path
+        second = wake.Listener(database, second_wakes)
+        second.start()  # not "address already in use"
+        try:
+            wake.send(database)
+            await second_wakes.next()
+            wake.send(tmp_path / "first.db")
+            await first_wakes.next()
+            await asyncio.sleep(0.1)
+            assert (first_wakes.count, second_wakes.count) == (1, 1)
+        finally:
+            second.close()
+    finally:
+        first.close()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -114,3 +116,111 @@ def test_a_module_logger_follows_each_new_configuration() -> None:
     assert [json.loads(line)["event"] for line in first.getvalue().splitlines()] == ["one"]
     (line,) = second.getvalue().splitlines()
     assert "two" in line and not line.startswith("{")
+
+
+def _journal_of(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As systemd does: $JOURNAL_STREAM names the device and inode of the stream."""
+    stat = os.stat(path)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+
+
+def test_on_the_journal_each_line_starts_with_its_syslog_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "journal"
+    path.touch()
+    _journal_of(path, monkeypatch)
+    with path.open("w") as journal:
+        logs.configure("debug", "json", stream=journal)
+        log = structlog.get_logger("dispatcher.test")
+        try:
+            log.debug("looked")
+            log.info("dispatch_finished", status="succeeded")
+            log.warning("attempt_finished", status="failed")
+            log.error("dispatch_finished", status="failed")
+            try:
+                _fail()
+            except ValueError:
+                log.exception("dispatch_crashed")
+            logging.getLogger("some.library").warning("library trouble")
+            logging.getLogger("some.library").critical("library disaster")
+            logs.flush()
+        finally:
+            logging.getLogger().handlers.clear()
+            logs.reset()
+    lines = path.read_text().splitlines()
+    prefixes = [line[: line.index("{")] for line in lines]
+    assert prefixes == ["<7>", "<6>", "<4>", "<3>", "<3>", "<4>", "<3>"]
+    events = [json.loads(line[3:]) for line in lines]  # the rest is the JSON, unchanged
+    assert [e["level"] for e in events] == [
+        *("debug", "info", "warning", "error", "error", "warning", "critical"),
+    ]
+
+
+def test_another_stream_gets_no_prefix_even_under_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$JOURNAL_STREAM is inherited by children whose stdout is something else (a
+    pipe, a file): only the stream it names gets prefixes."""
+    journal = tmp_path / "journal"
+    journal.touch()
+    _journal_of(journal, monkeypatch)
+    with (tmp_path / "file").open("w") as other:
+        logs.configure("info", "json", stream=other)
+        try:
+            structlog.get_logger("dispatcher.test").error("dispatch_finished")
+            logs.flush()
+        finally:
+            logging.getLogger().handlers.clear()
+            logs.reset()
+    assert (tmp_path / "file").read_text().startswith('{"timestamp"')
+
+
+def test_library_chatter_is_debug(stream: io.StringIO) -> None:
+    """APScheduler announces every job run at INFO: that is debug for an operator."""
+    scheduler = logging.getLogger("apscheduler.executors.default")
+    scheduler.info('Running job "purge_gates"')
+    scheduler.warning("Run time of job was missed")
+    lines = [json.loads(line) for line in written(stream).splitlines()]
+    assert [(e["level"], e["event"]) for e in lines] == [("warning", "Run time of job was missed")]
+
+    shown = io.StringIO()
+    logs.configure("debug", "json", stream=shown)
+    scheduler.info('Running job "purge_gates"')
+    (line,) = written(shown).splitlines()
+    assert json.loads(line)["level"] == "debug"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_console_format_leads_with_what_a_person_looks_for() -> None:
+    plain, terminal = io.StringIO(), _Terminal()
+    try:
+        for out in (plain, terminal):
+            logs.configure("info", "console", stream=out)
+            with structlog.contextvars.bound_contextvars(instance_id="4e0d986e7413"):
+                structlog.get_logger("dispatcher.test").info(
+                    "attempt_finished",
+                    runner="shell",
+                    attempt=1,
+                    status="failed",
+                    step="greet",
+                    task="hello",
+                    dispatch_id=7,
+                )
+            logs.flush()
+    finally:
+        logging.getLogger().handlers.clear()
+        logs.reset()
+    line = plain.getvalue().strip()
+    assert "\x1b[" not in line  # no colours in a file or a pipe
+    after_event = line.split("attempt_finished", 1)[1].split()
+    assert after_event[:6] == [
+        *("dispatch_id=7", "task=hello", "step=greet", "status=failed", "runner=shell"),
+        "attempt=1",
+    ]
+    assert "instance_id" not in line and "4e0d986e7413" not in line
+    assert "\x1b[" in terminal.getvalue()  # colours at a terminal

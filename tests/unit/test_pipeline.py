@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 
 from dispatcher.config import Settings
 from dispatcher.gate import ConcurrencyGate
@@ -128,6 +129,28 @@ async def test_failed_step_is_retried_later_with_backoff_then_fails_for_good() -
     assert final is not None
     assert final.error == "step 'b' failed after 3 attempts: exited with status 4"
     assert [n for _, n, _ in h.attempts(dispatch_id)] == [1, 1, 2, 3]
+
+
+async def test_failures_are_logged_as_warnings_and_a_failed_dispatch_as_an_error() -> None:
+    work = ScriptedRunner("work", [ok(), failed(3), failed(3), failed(4)])
+    h = Harness({"work": work})
+    await h.submit("three", x="1")
+    with structlog.testing.capture_logs() as events:
+        for _ in range(3):
+            await h.run_next()
+            h.clock.advance(60)
+    levels = [
+        (e["event"], e.get("status"), e["log_level"])
+        for e in events
+        if e["event"] in ("attempt_finished", "dispatch_finished")
+    ]
+    assert levels == [
+        ("attempt_finished", AttemptStatus.SUCCEEDED, "info"),
+        ("attempt_finished", AttemptStatus.FAILED, "warning"),
+        ("attempt_finished", AttemptStatus.FAILED, "warning"),
+        ("attempt_finished", AttemptStatus.FAILED, "warning"),
+        ("dispatch_finished", DispatchStatus.FAILED, "error"),
+    ]
 
 
 async def test_resume_skips_succeeded_steps() -> None:
