@@ -19,7 +19,7 @@ replaced rather than allowed to stall the event loop. Its end is close-on-exec, 
 step inherits it, and a child forked without exec (multiprocessing) closes it, so the
 guardian sees the end of file when the daemon itself dies.
 
-Each run of a step also carries a token of its own (`DISPATCHER_STEP=<token>`). When
+Each run of a step also carries a token of its own (`DISPATCHER_STEP_GUARD=<token>`). When
 the step ends, however it ends (success, failure, timeout, cancel, drain), the daemon
 kills its process group and writes `!TOKEN LABEL`: the guardian then kills every
 process still carrying that token, those that left the group or the session (setsid,

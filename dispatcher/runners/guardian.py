@@ -7,7 +7,7 @@ process, in a session of its own, with a pipe from the daemon as stdin. It reads
     +PGID           a step's process group was started
     -PGID           that group was stopped and reaped
     !TOKEN [LABEL]  a step ended: kill now every process whose environment holds
-                    `DISPATCHER_STEP=TOKEN` (what it left behind, also outside its
+                    `DISPATCHER_STEP_GUARD=TOKEN` (what it left behind, also outside its
                     group and session); LABEL names the step in the log line
     ~MS             the daemon's lease was renewed (several daemons on one database):
                     unless another `~` line comes within MS milliseconds, kill every
@@ -43,7 +43,7 @@ from collections.abc import Callable, Collection, Iterator
 VARIABLE = "DISPATCHER_GUARD"
 """The environment variable that carries the daemon's token into its steps."""
 
-STEP_VARIABLE = "DISPATCHER_STEP"
+STEP_VARIABLE = "DISPATCHER_STEP_GUARD"
 """The environment variable that carries one step's own token into its processes."""
 
 _TOKEN = re.compile(rb"[0-9a-f]{16,64}")

@@ -8,7 +8,7 @@ token in its environment; once the daemon is gone the guardian kills the group a
 every process carrying the token, grandchildren included. Timeout and cancellation
 both stop the whole group: SIGTERM, then SIGKILL after `kill_grace`. When the main
 process exits, whatever is left of its group is killed too, and the guardian kills
-every process carrying this run's own token (`DISPATCHER_STEP`): what left the group.
+every process carrying this run's own token (`DISPATCHER_STEP_GUARD`): what left the group.
 """
 
 from __future__ import annotations

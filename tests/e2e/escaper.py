@@ -4,7 +4,7 @@ usage: escaper.py PIDFILE THEN     THEN: exit | fail | sleep
 
 It double-forks a grandchild that calls setsid (a session and group of its own,
 reparented away from the step) and drops the daemon's token from its environment, so
-only the step's own token (`DISPATCHER_STEP`) still marks it. The grandchild writes
+only the step's own token (`DISPATCHER_STEP_GUARD`) still marks it. The grandchild writes
 its pid to PIDFILE and sleeps; the step waits for that file, then exits 0, exits 1 or
 sleeps.
 """

@@ -3,7 +3,7 @@ daemon runs on.
 
 The step (`escaper.py`) double-forks a grandchild into a session of its own and drops
 the daemon's token from its environment: neither the step's process group nor the
-daemon-exit sweep can reach it, only the step's own token (`DISPATCHER_STEP`).
+daemon-exit sweep can reach it, only the step's own token (`DISPATCHER_STEP_GUARD`).
 """
 
 from __future__ import annotations
