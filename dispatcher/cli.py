@@ -578,13 +578,13 @@ def _indent(text: str, prefix: str) -> str:
 async def _submit_batch(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     lines = _read_batch(args.batch)
     checked = service.check_batch(settings, lines)
-    _warn_once(checked.warnings)
     if len(checked.errors) == 1:  # one bad line: one line says it all
         raise BadRequest(f"{checked.errors[0]} (nothing was submitted)")
     if checked.errors:
         for error in checked.errors[: service.MAX_BATCH_ERRORS]:
             print(f"dispatcher: error: {error}", file=sys.stderr)
         raise BadRequest(_refusal(checked, len(lines)))
+    _warn_once(checked.warnings)  # only once the batch is taken: "stored anyway" is true
     answers = await _save_batch(store, checked.news, sys.stderr)
     summary = service.batch_summary(answers)
     print(f"dispatcher: batch: {summary.text()}", file=sys.stderr)

@@ -39,6 +39,7 @@ _CHUNK = 64 * 1024
 _DRAIN_TIMEOUT = 1.0
 """How long to keep reading the pipes after the group is gone (see `_supervise`)."""
 _REAP_TIMEOUT = 5.0
+_GROUP_GONE_TIMEOUT = 0.5  # killed members normally go within milliseconds
 
 SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 """A process that cannot be started for one of these is the host's fault: the attempt
@@ -280,6 +281,18 @@ class _Child:
         self.signal_group(signal.SIGKILL)
         await self.wait_exit(_REAP_TIMEOUT)
 
+    async def _group_gone(self) -> None:
+        """Wait (briefly) until the members that had SIGKILL are gone: the signal is
+        sent when killpg returns, not yet delivered. Orphans left as zombies under an
+        init that does not reap would keep the group alive, hence the bound."""
+        with anyio.move_on_after(_GROUP_GONE_TIMEOUT):
+            while True:
+                try:
+                    os.killpg(self.pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                await anyio.sleep(0.005)
+
     async def close(self, kill_grace: float) -> None:
         """Stop the group, close the pipes and wait for the transport to finish.
 
@@ -292,6 +305,7 @@ class _Child:
         if self.returncode is None:
             with anyio.move_on_after(_REAP_TIMEOUT):
                 await self._process.wait()
+        await self._group_gone()
         # Every member had SIGKILL: the group is over for the guardian too, and what
         # left the group goes now (once: close is idempotent).
         process_guard().discard(self.pid)

@@ -196,7 +196,7 @@ def test_batch_reports_every_bad_line_up_to_the_limit_and_writes_nothing(daemon:
     assert result.stderr.splitlines() == [
         "dispatcher: error: batch line 2: unknown task 'nope' (known: held, quick)",
         "dispatcher: error: batch line 4: task 'quick': missing param 'n'",
-        "dispatcher: error: batch line 5: invalid JSON: Expecting value",
+        "dispatcher: error: batch line 5: invalid JSON: Expecting value at column 1",
         "dispatcher: error: 3 of 5 batch lines refused (listed above); nothing was submitted",
     ]
     many = daemon.cli("submit", "--batch", "-", stdin=lines(*[{"task": "nope"}] * 25))
