@@ -107,24 +107,40 @@ class GraphRun:
 
     async def run(self) -> GraphEnd:
         """Run until nothing more can start and every started step has ended."""
-        try:
-            async with anyio.create_task_group() as tg:
-                self._start_ready(tg)
-        except ExceptionGroup as group:  # a defect in a branch: raise it as itself
-            raise _first(group) from group
+        ready = self._ready()
+        while len(ready) == 1:  # one step at a time (a chain): run it here, no task group
+            if not await self._run_one(self._start(ready[0])):
+                return self._end()
+            ready = self._ready()
+        if ready:
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._start_ready(tg)
+            except ExceptionGroup as group:  # a defect in a branch: raise it as itself
+                raise _first(group) from group
         return self._end()
 
-    def _start_ready(self, tg: TaskGroup) -> None:
+    def _ready(self) -> list[str]:
         if self._failure is not None:
-            return
-        for name in ready_steps(self._needs, self._done, self._started):
-            index, _step = self._plan[name]
-            branch = Branch(name, index)
-            self._started.add(name)
-            self._branches[name] = branch
-            tg.start_soon(self._branch, tg, branch, name=f"step {name}")
+            return []
+        return ready_steps(self._needs, self._done, self._started)
+
+    def _start(self, name: str) -> Branch:
+        branch = Branch(name, self._plan[name][0])
+        self._started.add(name)
+        self._branches[name] = branch
+        return branch
+
+    def _start_ready(self, tg: TaskGroup) -> None:
+        for name in self._ready():
+            tg.start_soon(self._branch, tg, self._start(name), name=f"step {name}")
 
     async def _branch(self, tg: TaskGroup, branch: Branch) -> None:
+        if await self._run_one(branch):
+            self._start_ready(tg)
+
+    async def _run_one(self, branch: Branch) -> bool:
+        """Run one started step to its end; True if it succeeded (more may start)."""
         step = self._plan[branch.step][1]
         end: StepEnd | None = None
         try:
@@ -133,16 +149,17 @@ class GraphRun:
         finally:
             del self._branches[branch.step]
         if end is None:  # cancelled because a sibling failed: its attempt says so
-            return
+            return False
         if end.verdict is Verdict.SUCCEEDED:
             self._done[step.name] = end.result
             await self._on_done(self._done)
-            self._start_ready(tg)
-        elif end.verdict is Verdict.RETRY_LATER:
+            return True
+        if end.verdict is Verdict.RETRY_LATER:
             assert end.retry_at is not None
             self._retry_at = max(self._retry_at or end.retry_at, end.retry_at)
         else:
             self._failed(step, end.reason or f"step {step.name!r} failed")
+        return False
 
     def _failed(self, step: Step, reason: str) -> None:
         if self._failure is None:

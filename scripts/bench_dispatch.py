@@ -76,21 +76,30 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {**os.environ, "PYTHONPATH": str(tree or ROOT)}
         # Only `run` and `init` create a database (older trees create it on submit).
-        subprocess.run(self._command("init"), env=self.env, capture_output=True, check=False)
+        # Run from the temporary folder: `python -m` puts the working directory first on
+        # sys.path, which would shadow PYTHONPATH with this checkout's code.
+        subprocess.run(
+            self._command("init"), env=self.env, cwd=self.dir, capture_output=True, check=False
+        )
 
     def _command(self, *args: str) -> list[str]:
         return [PYTHON, "-m", "dispatcher", "--config", str(self.config), *args]
 
     def cli(self, *args: str, stdin: bytes | None = None) -> bytes:
         done = subprocess.run(
-            self._command(*args), input=stdin, check=True, capture_output=True, env=self.env
+            self._command(*args),
+            input=stdin,
+            check=True,
+            capture_output=True,
+            env=self.env,
+            cwd=self.dir,
         )
         return done.stdout
 
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("wb")
         self.proc = subprocess.Popen(
-            self._command("run"), stdout=log, stderr=subprocess.STDOUT, env=self.env
+            self._command("run"), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir
         )
         while b"daemon_started" not in (self.dir / "daemon.log").read_bytes():
             if self.proc.poll() is not None:
@@ -163,9 +172,10 @@ def drain_floor(count: int) -> float:
                                  "runner": "noop", "attempt": 1, "status": "succeeded",
                                  "started_at": now, "ended_at": now, "exit_code": 0,
                                  "error": None, "output": None, "result": None,
-                                 "instance_id": "floor"})  # fmt: skip
+                                 "instance_id": "floor", "not_before": None})  # fmt: skip
             db.execute(finish, {"id": i, "status": "succeeded", "now": now, "error": None,
-                                "final": True, "plan": plan, "current_step": 1})  # fmt: skip
+                                "final": True, "plan": plan, "current_step": 1,
+                                "instance_id": "floor", "not_before": None})  # fmt: skip
         db.execute("COMMIT")
         done += len(ids)
     elapsed = time.perf_counter() - started
