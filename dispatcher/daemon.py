@@ -229,6 +229,8 @@ class Daemon:
                 await self._dispatch_loop()
                 tg.cancel_scope.cancel()
         finally:
+            if self.store.shared:  # no steps left to fence: the guardian's deadline goes
+                process_guard().lease(0)
             if self.state.fatal is None:
                 with anyio.CancelScope(shield=True), suppress(DispatcherError):
                     await self.store.stop_instance(self.instance_id, self.clock.now())

@@ -6,20 +6,26 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.helpers import postgres
 
 STEP = Path(__file__).with_name("step.py")
 ROOT = Path(__file__).resolve().parents[2]
+
+
+FINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -85,6 +91,42 @@ class Daemon:
             cwd=self.workdir,
             env=_env(),
         )
+
+    def statuses(self) -> dict[int, str]:
+        """Every dispatch's status, read from the database directly: what a test polls
+        while it waits (a CLI process per poll would cost half a second of CPU each; the
+        CLI's own answers are asserted where they are the point)."""
+        database = tomllib.loads(self.config.read_text()).get("database", {})
+        query = "SELECT id, status FROM dispatches"
+        if "url" in database:
+            url = database["url"]
+
+            async def read() -> list[Any]:
+                con = await asyncpg.connect(url)
+                try:
+                    return list(await con.fetch(query))
+                finally:
+                    await con.close()
+
+            return {row[0]: row[1] for row in postgres.run_sync(read)}
+        path = self.config.parent / database.get("path", "dispatcher.db")
+        if not path.exists():
+            return {}
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10) as db:
+            return dict(db.execute(query).fetchall())
+
+    def wait_status(self, dispatch_id: int, *wanted: str, timeout: float = 60) -> None:
+        """Wait until the dispatch has one of the `wanted` statuses."""
+        wait_until(lambda: self.statuses().get(dispatch_id) in wanted, timeout, interval=0.05)
+
+    def wait_all_final(self, count: int, timeout: float = 60) -> None:
+        """Wait until `count` dispatches exist and every one is final."""
+
+        def done() -> bool:
+            statuses = self.statuses()
+            return len(statuses) == count and all(s in FINAL for s in statuses.values())
+
+        wait_until(done, timeout, interval=0.05)
 
     def cli_json(self, *args: str) -> Any:
         result = self.cli(*args, "--json")
@@ -153,11 +195,13 @@ def _env() -> dict[str, str]:
 
 
 def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1) -> None:
+    """Poll `predicate` until it holds. A slow predicate (one that runs the CLI) is
+    polled at most half the time, so waiting does not take a core from the daemon."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while (started := time.monotonic()) < deadline:
         if predicate():
             return
-        time.sleep(interval)
+        time.sleep(max(interval, time.monotonic() - started))
     raise AssertionError("condition not met in time")
 
 

@@ -112,7 +112,7 @@ def test_http_submission_starts_at_once_without_waiting_for_the_poll(
     )
     assert answer.status == 201
     wait_until(lambda: started_labels(tmp_path) == ["w"], timeout=60)
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "succeeded", timeout=60)
+    daemon.wait_status(1, "succeeded", timeout=60)
     assert daemon.stop() == 0
 
 
@@ -125,7 +125,7 @@ def test_cancel_over_http_is_202_and_stops_a_running_step(tmp_path: Path, make_d
     assert answer.status == 202
     assert answer.json()["cancel_requested"] is True
     # with poll_interval at 10 minutes, only the API's direct cancel can explain this
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "cancelled", timeout=60)
+    daemon.wait_status(1, "cancelled", timeout=60)
     samples = metric_samples(call("GET", f"{url}/metrics").body.decode())
     finished = ("dispatcher_dispatches_finished_total", (("status", "cancelled"), ("task", "one")))
     assert samples[finished] == 1

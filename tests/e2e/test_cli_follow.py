@@ -166,7 +166,7 @@ def test_wait_timeout_exits_75_and_the_dispatch_goes_on(tmp_path: Path, daemon: 
         "it goes on (dispatcher show 1)"
     )
     release(tmp_path, "c")
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "succeeded")
+    daemon.wait_status(1, "succeeded")
     assert daemon.stop() == 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import STEP, peak_concurrency, read_records, wait_until
+from .conftest import FINAL, STEP, peak_concurrency, read_records, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +74,8 @@ def batch(task: str, count: int, secs: float, prefix: str = "") -> str:
 
 
 def all_final(daemon: Any, count: int) -> bool:
-    rows = daemon.cli_json("list", "--limit", "10000")
-    return len(rows) == count and all(
-        row["status"] in ("succeeded", "failed", "cancelled") for row in rows
-    )
+    statuses = daemon.statuses()
+    return len(statuses) == count and all(s in FINAL for s in statuses.values())
 
 
 def attempts_of_all(daemon: Any) -> list[dict[str, Any]]:
@@ -291,7 +289,7 @@ def test_cancel_stops_a_running_step(tmp_path: Path, make_daemon: Any) -> None:
     wait_until(lambda: any(r.kind == "start" for r in read_records(log)), timeout=20)
     result = daemon.cli("cancel", "1")
     assert result.returncode == 0 and "cancel requested" in result.stdout
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "cancelled", timeout=10)
+    daemon.wait_status(1, "cancelled", timeout=10)
     assert [a["status"] for a in daemon.cli_json("show", "1")["attempts"]] == ["cancelled"]
     assert not _alive(read_records(log)[0].pid)
     assert daemon.stop() == 0
@@ -311,7 +309,7 @@ def test_a_cli_cancel_wakes_the_daemon_instead_of_waiting_for_its_poll(
 
     assert daemon.cli("cancel", "1").returncode == 0
 
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "cancelled", timeout=20)
+    daemon.wait_status(1, "cancelled", timeout=20)
     assert time.monotonic() - asked < 10  # not the 60 s poll
     assert not _alive(read_records(log)[0].pid)
     assert daemon.stop() == 0

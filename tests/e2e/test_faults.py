@@ -299,7 +299,7 @@ def test_a_full_disk_during_a_batch_loses_nothing_once_space_returns(
         filler.unlink()  # space comes back
 
         daemon.wait_for_event("database_available", timeout=30)
-        wait_until(lambda: _queue(daemon).get("succeeded") == len(accepted), timeout=90)
+        wait_until(lambda: _statuses(daemon).get("succeeded") == len(accepted), timeout=90)
         assert _queue(daemon) == {"succeeded": len(accepted)}  # nothing stuck
         assert daemon.proc is not None and daemon.proc.poll() is None  # no restart
         assert daemon.stop() == 0
@@ -474,10 +474,9 @@ def _queue(daemon: Daemon) -> dict[str, int]:
 
 
 def _statuses(daemon: Daemon) -> dict[str, int]:
-    rows = daemon.cli_json("list", "--limit", "1000")
     counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    for status in daemon.statuses().values():
+        counts[status] = counts.get(status, 0) + 1
     return counts
 
 
@@ -485,10 +484,7 @@ def _statuses(daemon: Daemon) -> dict[str, int]:
 
 
 def _finished(daemon: Daemon, dispatch_id: str) -> dict[str, Any]:
-    wait_until(
-        lambda: daemon.cli_json("show", dispatch_id)["status"] in ("succeeded", "failed"),
-        timeout=60,
-    )
+    daemon.wait_status(int(dispatch_id), "succeeded", "failed", timeout=60)
     shown: dict[str, Any] = daemon.cli_json("show", dispatch_id)
     return shown
 

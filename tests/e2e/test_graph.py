@@ -57,7 +57,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 def finished(daemon: Any, dispatch_id: int) -> dict[str, Any]:
     """`show --json` of the dispatch once it is final."""
-    wait_until(lambda: daemon.cli_json("show", str(dispatch_id))["status"] in FINAL, 90)
+    daemon.wait_status(dispatch_id, *FINAL, timeout=90)
     shown: dict[str, Any] = daemon.cli_json("show", str(dispatch_id))
     return shown
 

@@ -55,7 +55,7 @@ def test_waiting_for_a_runner_place_is_shown_as_waiting_with_the_gate(
     daemon.start()
     url = api_url(daemon)
     daemon.cli("submit", "fails")
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "failed")
+    daemon.wait_status(1, "failed")
     daemon.cli("submit", "held", "--param", "name=a")
     daemon.cli("submit", "held", "--param", "name=b")
     wait_until(lambda: daemon.cli_json("show", "3")["waiting_for"] == "runner:py")
@@ -88,6 +88,6 @@ def test_waiting_for_a_runner_place_is_shown_as_waiting_with_the_gate(
 
     (tmp_path / "release-a").touch()
     (tmp_path / "release-b").touch()
-    wait_until(lambda: daemon.cli_json("show", "3")["status"] == "succeeded")
+    daemon.wait_status(3, "succeeded")
     assert daemon.cli_json("show", "3")["waiting_for"] is None
     assert daemon.stop() == 0

@@ -113,8 +113,8 @@ def submit(daemon: Daemon, labels: list[str], seconds: float) -> None:
 
 
 def all_succeeded(daemon: Daemon, count: int) -> bool:
-    rows = daemon.cli_json("list", "--limit", "1000")
-    return len(rows) == count and all(row["status"] == "succeeded" for row in rows)
+    statuses = daemon.statuses()
+    return len(statuses) == count and all(s == "succeeded" for s in statuses.values())
 
 
 def check_invariants(log: Path, cap: int) -> dict[str, list[Interval]]:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers import postgres
 
-from .conftest import STEP, peak_concurrency, read_records, wait_until
+from .conftest import FINAL, STEP, peak_concurrency, read_records, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,7 @@ def _running_on(url: str, instance_id: str) -> int:
 
 
 def _finished(daemon: Any) -> int:
-    rows = daemon.cli_json("list", "--limit", "100000")
-    return sum(row["status"] in ("succeeded", "failed", "cancelled") for row in rows)
+    return sum(status in FINAL for status in daemon.statuses().values())
 
 
 def _reaped_events(daemons: list[Any]) -> list[dict[str, Any]]:

@@ -100,7 +100,7 @@ def test_ready_watchdog_status_stopping(
 
         # The step's environment carries none of systemd's variables.
         daemon.cli("submit", "envdump")
-        wait_until(lambda: daemon.cli_json("show", "1")["status"] == "succeeded", timeout=20)
+        daemon.wait_status(1, "succeeded", timeout=20)
         output = [e["line"] for e in daemon.events() if e.get("event") == "step_output"]
         assert any(line.startswith("PATH=") for line in output)
         assert not [line for line in output if line.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))]
@@ -185,7 +185,7 @@ def test_a_flood_of_child_output_cannot_flood_the_log(tmp_path: Path, make_daemo
     daemon = make_daemon(config(tmp_path, global_=2, extra=FLOOD))
     daemon.start()
     daemon.cli("submit", "flood")
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "succeeded", timeout=60)
+    daemon.wait_status(1, "succeeded", timeout=60)
     summary = daemon.wait_for_event("step_output_summary")
     assert daemon.stop() == 0
     events = daemon.events()
@@ -210,7 +210,7 @@ def test_status_gives_the_whole_picture(tmp_path: Path, make_daemon: Any) -> Non
     assert down.returncode == 0 and "NOT RUNNING" in down.stdout
     daemon.cli("submit", "fail")
     daemon.start()
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "failed", timeout=20)
+    daemon.wait_status(1, "failed", timeout=20)
     daemon.cli("submit", "three", "--param", "n=long", "--param", "secs=30")
     daemon.cli("submit", "one", "--param", "n=waiting", "--param", "secs=1")
     steps_log = tmp_path / "steps.log"

@@ -74,7 +74,7 @@ def test_status_page_shows_gates_running_dispatch_and_failures(
     daemon.start()
     url = api_url(daemon)
     call("POST", f"{url}/v1/dispatches", {"task": "fails", "params": {"prog": HOSTILE}})
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "failed")
+    daemon.wait_status(1, "failed")
     call("POST", f"{url}/v1/dispatches", {"task": "one", "params": {"n": "long", "secs": "60"}})
     starts = lambda: [r for r in read_records(tmp_path / "steps.log") if r.kind == "start"]  # noqa: E731
     wait_until(lambda: len(starts()) == 1)

@@ -81,8 +81,7 @@ def start_escapee(
 
 
 def status(daemon: Daemon) -> str:
-    status: str = daemon.cli_json("show", "1")["status"]
-    return status
+    return daemon.statuses()[1]
 
 
 def assert_gone_while_the_daemon_runs(daemon: Daemon, pid: int) -> None:
