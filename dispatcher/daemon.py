@@ -43,17 +43,17 @@ from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
 from dispatcher.lease import Lease, LeaseState
 from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
-from dispatcher.notify import Notifier
 from dispatcher.observe import NullObserver, Observer, Observers
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import task_gate_capacity
 from dispatcher.runners.base import Runner
 from dispatcher.runners.exec import ExecRunner
-from dispatcher.runners.guard import GuardError, process_guard
 from dispatcher.runners.noop import NoopRunner
+from dispatcher.runners.orphan_guard import GuardError, process_guard
 from dispatcher.runners.python import PythonRunner
 from dispatcher.service import gate_capacities
 from dispatcher.store.base import Store
+from dispatcher.systemd import Notifier
 
 log = logs.get_logger("dispatcher.daemon")
 
