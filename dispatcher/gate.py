@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from dispatcher import logs
 from dispatcher.clock import Clock
-from dispatcher.models import SlotHandle
 from dispatcher.store.base import Store
 
 log = logs.get_logger("dispatcher.gate")
@@ -96,11 +95,12 @@ class FifoSemaphore:
 
 @dataclass(eq=False)
 class Slot:
-    """One held place in one gate, and its mirror row."""
+    """One held place in one gate, and the id of its `gates` row (a `SlotRow` once read
+    back from the database)."""
 
     gate: str
     holder: str
-    mirror: SlotHandle | None = None
+    row_id: int | None = None
     released: bool = field(default=False)
 
 
@@ -267,9 +267,9 @@ class ConcurrencyGate:
         self._holders[slot.gate].discard(slot)
         self._sems[slot.gate].release()
         self._drop_if_idle(slot.gate)
-        if slot.mirror is not None:
+        if slot.row_id is not None:
             # Queued, not awaited: nothing here can be cancelled half-way.
-            self._store.mirror_close(slot.mirror, self._clock.now())
+            self._store.mirror_close(slot.row_id, self._clock.now())
 
     @asynccontextmanager
     async def hold(self, name: str, holder: str) -> AsyncIterator[Slot]:
@@ -316,7 +316,7 @@ class ConcurrencyGate:
         slot = Slot(gate=name, holder=holder)
         self._holders[name].add(slot)
         try:
-            slot.mirror = await self._store.mirror_open(
+            slot.row_id = await self._store.mirror_open(
                 name, holder, self.instance_id, self._clock.now()
             )
         except BaseException:
@@ -342,7 +342,7 @@ class ConcurrencyGate:
                 await asyncio.wait_for(self._db_changed.wait(), self._poll_interval)
 
     def _own(self, name: str, holder: str, row_id: int) -> Slot:
-        slot = Slot(gate=name, holder=holder, mirror=SlotHandle(name, holder, row_id))
+        slot = Slot(gate=name, holder=holder, row_id=row_id)
         self._holders[name].add(slot)
         return slot
 
