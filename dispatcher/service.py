@@ -31,7 +31,7 @@ from dispatcher.models import (
     SlotRow,
     Step,
 )
-from dispatcher.planners import check_params, task_gate_capacity, task_gate_key
+from dispatcher.planners import check_params, planner_of, task_gate_capacity, task_gate_key
 from dispatcher.purge import gate_cutoff
 from dispatcher.store.base import Store
 
@@ -95,8 +95,8 @@ def param_warnings(settings: Settings, request: SubmitRequest) -> list[str]:
     """Params of a task without declarations that none of its templates uses (stored
     anyway, as before declarations existed; most often a typo)."""
     task = settings.tasks.get(request.task)
-    if task is None or task.params is not None or task.planner != "steps":
-        return []  # declared: unknown ones are refused; other planners may read any
+    if task is None or task.params is not None or planner_of(task).external:
+        return []  # declared: unknown ones are refused; an external planner may read any
     if not isinstance(request.params, dict):
         return []
     names = declared_params.unused(request.params, task.params_used())
@@ -145,7 +145,7 @@ def tasks_json(settings: Settings) -> list[dict[str, Any]]:
                 "name": name,
                 "description": task.description,
                 "planner": task.planner,
-                "steps": [step.name for step in task.steps],
+                "steps": [step.name for step in task.configured_steps()],
                 "declared": declared is not None,
                 "params": (
                     [declared[p].to_json(p) for p in sorted(declared)]
