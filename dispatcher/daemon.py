@@ -39,16 +39,22 @@ from dispatcher.errors import (
     StoreError,
     Unavailable,
 )
-from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
+from dispatcher.gate import (
+    GLOBAL,
+    ConcurrencyGate,
+    Slot,
+    dispatch_holder,
+    gate_capacities,
+    task_gate_capacity,
+)
 from dispatcher.lease import Lease, LeaseState
 from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
 from dispatcher.observe import NullObserver, Observer, Observers
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
-from dispatcher.planners import planner_of, task_gate_capacity
+from dispatcher.planners import planner_of
 from dispatcher.runners.base import RUNNER_TYPES, Runner
 from dispatcher.runners.orphan_guard import GuardError, process_guard
-from dispatcher.service import gate_capacities
 from dispatcher.store.base import Store
 from dispatcher.systemd import Notifier
 
@@ -445,7 +451,7 @@ class Daemon:
             log.error("claim_duplicate", dispatch_id=dispatch.id)
             self.gate.give_back(GLOBAL)
             return
-        holder = f"dispatch:{dispatch.id}"
+        holder = dispatch_holder(dispatch.id)
         task_slot = None
         if dispatch.gate_key is not None and self.gate.has(dispatch.gate_key):
             if not self.gate.try_acquire_place(dispatch.gate_key):

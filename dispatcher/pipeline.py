@@ -28,7 +28,7 @@ from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError, LeaseLost
-from dispatcher.gate import ConcurrencyGate
+from dispatcher.gate import ConcurrencyGate, runner_gate, step_holder
 from dispatcher.models import (
     LEASE_INTERRUPTION,
     PLAN_STEP_INDEX,
@@ -353,10 +353,10 @@ class Pipeline:
         self, spec: AttemptSpec, flight: InFlight, branch: Branch, work: Work
     ) -> Outcome:
         """One attempt: take the runner slot, record the row, run, record the end."""
-        gate_name = f"runner:{spec.runner}"
+        gate_name = runner_gate(spec.runner)
         if not self._gate.has(gate_name):
             return await self._record_attempt(spec, flight, branch, work)
-        holder = f"dispatch:{spec.dispatch_id}/{spec.step}#{spec.number}"
+        holder = step_holder(spec.dispatch_id, spec.step, spec.number)
         branch.waiting_for = gate_name
         try:
             async with self._gate.hold(gate_name, holder):

@@ -103,24 +103,6 @@ def check_params(task_name: str, task: TaskSettings, params: Mapping[str, Any]) 
         )
 
 
-def task_gate_key(task_name: str, task: TaskSettings, params: Mapping[str, Any]) -> str | None:
-    """The per-task gate a dispatch needs: `task:NAME` or `task:NAME:VALUE`, if any."""
-    if task.concurrency is None:
-        return None
-    if task.concurrency_key is None:
-        return f"task:{task_name}"
-    return f"task:{task_name}:{fill(task.concurrency_key, params)}"
-
-
-def task_gate_capacity(settings: Settings, gate: str) -> int | None:
-    """Capacity of a per-task gate by its name, for gates made on demand."""
-    if not gate.startswith("task:"):
-        return None
-    task_name = gate.split(":", 2)[1]
-    task = settings.tasks.get(task_name)
-    return task.concurrency if task else None
-
-
 def planner_input(dispatch: Dispatch) -> bytes:
     """What a `command` planner reads on stdin."""
     document = {"id": dispatch.id, "task": dispatch.task, "params": dispatch.params}

@@ -13,12 +13,11 @@ import anyio
 import pytest
 
 from dispatcher.config import Settings
-from dispatcher.gate import ConcurrencyGate
+from dispatcher.gate import ConcurrencyGate, gate_capacities, task_gate_capacity
 from dispatcher.models import AttemptStatus, Dispatch, DispatchStatus, NewDispatch
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
-from dispatcher.planners import steps_plan, task_gate_capacity
+from dispatcher.planners import steps_plan
 from dispatcher.runners.base import Outcome, RunRequest
-from dispatcher.service import gate_capacities
 from dispatcher.testing import FakeClock, InMemoryStore
 
 from .fakes import failed

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from dispatcher.config import Settings
-from dispatcher.gate import ConcurrencyGate
+from dispatcher.gate import ConcurrencyGate, gate_capacities, task_gate_capacity
 from dispatcher.models import (
     RESOURCE_SHORTAGE,
     SHUTDOWN_INTERRUPTION,
@@ -22,9 +22,8 @@ from dispatcher.models import (
     NewDispatch,
 )
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
-from dispatcher.planners import steps_plan, task_gate_capacity
+from dispatcher.planners import steps_plan
 from dispatcher.runners.base import Outcome, Runner
-from dispatcher.service import gate_capacities
 from dispatcher.testing import FakeClock, InMemoryStore
 
 from .fakes import CrashingRunner, ScriptedRunner, failed, ok
