@@ -29,7 +29,7 @@ from dispatcher.runners.orphan_guard import (
     guardian,
     process_guard,
 )
-from tests.integration.test_exec_runner import Lines, alive, wait_gone
+from tests.helpers.processes import Lines, alive, wait_gone
 
 pytestmark = pytest.mark.slow
 
