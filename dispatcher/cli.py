@@ -34,6 +34,7 @@ from dispatcher.errors import (
     NotFound,
     UsageError,
 )
+from dispatcher.gate import GLOBAL
 from dispatcher.models import DispatchStatus, NewDispatch, Reservation
 from dispatcher.store.base import Access, Store
 
@@ -884,7 +885,7 @@ async def _status(args: argparse.Namespace, settings: Settings, store: Store) ->
 def _status_lines(data: dict[str, Any]) -> list[str]:
     lines = _daemon_lines(data)
     queue = data["queue"]
-    global_gate = next((g for g in data["gates"] if g["name"] == "global"), None)
+    global_gate = next((g for g in data["gates"] if g["name"] == GLOBAL), None)
     cap = f" (global {global_gate['held']}/{global_gate['capacity']})" if global_gate else ""
     finals = ", ".join(f"{queue[str(s)]} {s}" for s in service.FINAL_STATUSES)
     lines.append(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -22,6 +22,8 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -29,9 +31,14 @@ from pydantic import (
 from dispatcher import limits
 from dispatcher.durations import parse_duration
 from dispatcher.errors import ConfigError
-from dispatcher.graph import Node, check_graph
+from dispatcher.graph import Node
 from dispatcher.params import ParamSpec
 from dispatcher.templating import placeholders, strings, template_fields, value_placeholders
+
+if TYPE_CHECKING:
+    from dispatcher.planners import Planner
+    from dispatcher.registry import Registry
+    from dispatcher.runners.base import RunnerType
 
 ENV_PREFIX = "DISPATCHER_"
 ENV_CONFIG = "DISPATCHER_CONFIG"
@@ -95,20 +102,43 @@ class GateSettings(_Section):
     global_: int = Field(default=4, ge=1, alias="global")
 
 
-class RunnerSettings(_Section):
-    type: Literal["exec", "python", "noop"]
-    concurrency: int | None = Field(default=None, ge=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    kill_grace: Duration | None = None
+def runner_types() -> Registry[RunnerType[Any]]:
+    """The registry of runner types (`dispatcher.runners.base.RUNNER_TYPES`)."""
+    from dispatcher.runners.base import RUNNER_TYPES  # the runner modules import this one
 
-    @field_validator("env")
+    return RUNNER_TYPES
+
+
+def planners() -> Registry[Planner]:
+    """The registry of planners (`dispatcher.planners.PLANNERS`)."""
+    from dispatcher.planners import PLANNERS  # planners.py imports this module
+
+    return PLANNERS
+
+
+class RunnerSettings(_Section):
+    """`[runners.NAME]`: the keys of every runner type. A type that reads more declares
+    a subclass as its settings model (see `dispatcher.runners.base.RunnerType`)."""
+
+    type: str
+    concurrency: int | None = Field(default=None, ge=1)
+
+    @field_validator("type")
     @classmethod
-    def _env_can_be_passed(cls, env: dict[str, str]) -> dict[str, str]:
-        for name, value in env.items():
-            if not name or "=" in name or "\x00" in name + value:
-                raise ValueError(f"{name!r}: a name without '=' and text without NUL")
-        return env
+    def _type_is_registered(cls, name: str) -> str:
+        runner_types().require(name)
+        return name
+
+
+def _runner_by_type(value: Any, handler: ValidatorFunctionWrapHandler) -> RunnerSettings:
+    """`[runners.NAME]` validated by the settings model of its `type`."""
+    name = value.get("type") if isinstance(value, dict) else None
+    kind = runner_types().get(name) if isinstance(name, str) else None
+    if kind is None:  # not a table, no type or an unknown one: the base model says so
+        validated: RunnerSettings = handler(value)
+    else:
+        validated = kind.settings.model_validate(value)
+    return validated
 
 
 class StepFields(_Section):
@@ -131,7 +161,7 @@ class StepFields(_Section):
     @classmethod
     def _call_is_spec(cls, call: str | None) -> str | None:
         if call is not None:
-            _check_call_spec(call)
+            check_call_spec(call)
         return call
 
     @field_validator("args")
@@ -184,13 +214,14 @@ class StepSettings(StepFields):
         return Node(self.name, needs, frozenset(self.results_used()))
 
 
+DEFAULT_PLANNER = "steps"
+
+
 class TaskSettings(_Section):
-    planner: Literal["steps", "command", "python"] = "steps"
-    steps: list[StepSettings] = Field(default_factory=list)
-    command: list[str] = Field(default_factory=list)
-    call: str | None = None
-    timeout: Duration = Field(default=60.0, gt=0)
-    """How long an external (`command`) planner may take."""
+    """`[tasks.NAME]`: the keys of every task. A planner declares a subclass with the
+    keys it reads as its settings model (see `dispatcher.planners.Planner`)."""
+
+    planner: str = DEFAULT_PLANNER
     concurrency: int | None = Field(default=None, ge=1)
     concurrency_key: str | None = None
     priority: int = Field(default=0, ge=-limits.MAX_PRIORITY, le=limits.MAX_PRIORITY)
@@ -198,27 +229,31 @@ class TaskSettings(_Section):
     params: dict[ParamName, ParamSpec] | None = None
     """Declared params (`[tasks.NAME.params.P]`); None: undeclared (any params taken)."""
 
+    @field_validator("planner")
+    @classmethod
+    def _planner_is_registered(cls, name: str) -> str:
+        planners().require(name)
+        return name
+
     @model_validator(mode="after")
-    def _planner_has_what_it_needs(self) -> TaskSettings:
-        if self.planner == "steps" and not self.steps:
-            raise ValueError('planner "steps" needs a non-empty steps list')
-        if self.planner == "command" and not self.command:
-            raise ValueError('planner "command" needs command = ["program", "arg", ...]')
-        if self.planner == "python":
-            if self.call is None:
-                raise ValueError('planner "python" needs call = "module:function"')
-            _check_call_spec(self.call)
+    def _task_is_complete(self) -> TaskSettings:
+        self.check_planner_keys()
         if self.concurrency_key is not None:
             if not placeholders(self.concurrency_key):
                 raise ValueError("concurrency_key must use at least one {param}")
             if self.concurrency is None:
                 raise ValueError("concurrency_key needs concurrency (how many per key value)")
-        names = [step.name for step in self.steps]
-        if len(names) != len(set(names)):
-            raise ValueError("step names must be unique within a task")
-        check_graph([step.node() for step in self.steps])
         self._templates_use_declared_params()
         return self
+
+    def check_planner_keys(self) -> None:
+        """Check what the planner's keys must be together (`ValueError`); each key alone
+        is checked by its field."""
+
+    def configured_steps(self) -> Sequence[StepSettings]:
+        """The steps written in the config, whose templates use params (the `steps`
+        planner plans from them; other planners have none)."""
+        return ()
 
     def _templates_use_declared_params(self) -> None:
         """With declarations, every `{name}` a template uses must be declared, and be
@@ -240,17 +275,28 @@ class TaskSettings(_Section):
                     )
 
     def _template_uses(self) -> list[tuple[str, list[str]]]:
-        uses = [(f"step {step.name!r}", sorted(step.params_used())) for step in self.steps]
+        steps = self.configured_steps()
+        uses = [(f"step {step.name!r}", sorted(step.params_used())) for step in steps]
         if self.concurrency_key:
             uses.append(("concurrency_key", placeholders(self.concurrency_key)))
         return uses
 
     def params_used(self) -> set[str]:
         """Params every submission must carry (step args and the concurrency key)."""
-        used = {name for step in self.steps for name in step.params_used()}
+        used = {name for step in self.configured_steps() for name in step.params_used()}
         if self.concurrency_key:
             used |= set(placeholders(self.concurrency_key))
         return used
+
+
+def _task_by_planner(value: Any, handler: ValidatorFunctionWrapHandler) -> TaskSettings:
+    """`[tasks.NAME]` validated by the settings model of its `planner`."""
+    name = value.get("planner", DEFAULT_PLANNER) if isinstance(value, dict) else None
+    planner = planners().get(name) if isinstance(name, str) else None
+    if planner is None:  # not a table or an unknown planner: the base model says so
+        validated: TaskSettings = handler(value)
+        return validated
+    return planner.settings.model_validate(value)
 
 
 class PurgeSettings(_Section):
@@ -357,8 +403,12 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     daemon: DaemonSettings = DaemonSettings()
     gate: GateSettings = GateSettings()
-    runners: dict[Name, RunnerSettings] = Field(default_factory=dict)
-    tasks: dict[Name, TaskSettings] = Field(default_factory=dict)
+    runners: dict[Name, Annotated[RunnerSettings, WrapValidator(_runner_by_type)]] = Field(
+        default_factory=dict
+    )
+    tasks: dict[Name, Annotated[TaskSettings, WrapValidator(_task_by_planner)]] = Field(
+        default_factory=dict
+    )
     purge: PurgeSettings = PurgeSettings()
     retention: RetentionSettings = RetentionSettings()
     log: LogSettings = LogSettings()
@@ -366,19 +416,23 @@ class Settings(_Section):
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
-    def _steps_name_known_runners(self) -> Settings:
+    def _steps_run_on_their_runners(self) -> Settings:
         for task_name, task in self.tasks.items():
-            for index, step in enumerate(task.steps):
-                where = f"tasks.{task_name}.steps[{index}]"
-                runner = self.runners.get(step.runner)
-                if runner is None:
-                    known = ", ".join(sorted(self.runners)) or "none defined"
-                    raise ValueError(
-                        f"{where}.runner: unknown runner {step.runner!r} (known: {known})"
-                    )
-                if runner.type == "python" and step.call is None:
-                    raise ValueError(f'{where}: a python runner step needs call = "module:func"')
+            for index, step in enumerate(task.configured_steps()):
+                problem = self.step_problem(step)
+                if problem is not None:
+                    raise ValueError(f"tasks.{task_name}.steps[{index}]{problem}")
         return self
+
+    def step_problem(self, step: StepFields) -> str | None:
+        """Why `step` (of the config or of a plan) cannot run on the configured runners,
+        as `.KEY: message` or `: message` to append to where the step is; None if it can."""
+        runner = self.runners.get(step.runner)
+        if runner is None:
+            known = ", ".join(sorted(self.runners)) or "none defined"
+            return f".runner: unknown runner {step.runner!r} (known: {known})"
+        problem = runner_types().require(runner.type).check_step(step)
+        return None if problem is None else f": {problem}"
 
     @model_validator(mode="after")
     def _lease_leaves_room_to_renew(self) -> Settings:
@@ -403,7 +457,8 @@ class Settings(_Section):
         return self.database.path
 
 
-def _check_call_spec(spec: str) -> None:
+def check_call_spec(spec: str) -> None:
+    """`ValueError` unless `spec` reads `package.module:function` (nothing imported)."""
     module, sep, attr = spec.partition(":")
     parts = module.split(".") + attr.split(".")
     if not sep or not all(part.isidentifier() for part in parts):
@@ -530,7 +585,8 @@ def describe_error(exc: ValidationError) -> tuple[tuple[str, ...], str]:
         message = "required key is missing"
     else:
         value = first.get("input")
-        if isinstance(value, str | int | float | bool):
+        named = isinstance(value, str) and repr(value) in message  # said once is enough
+        if isinstance(value, str | int | float | bool) and not named:
             message += f" (got {_shown(value)})"
     key = format_loc(first["loc"])
     located = f"{key}: {message}" if key else message

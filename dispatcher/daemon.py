@@ -39,21 +39,24 @@ from dispatcher.errors import (
     StoreError,
     Unavailable,
 )
-from dispatcher.gate import GLOBAL, ConcurrencyGate, Slot
+from dispatcher.gate import (
+    GLOBAL,
+    ConcurrencyGate,
+    Slot,
+    dispatch_holder,
+    gate_capacities,
+    task_gate_capacity,
+)
 from dispatcher.lease import Lease, LeaseState
 from dispatcher.maintenance import Maintenance
 from dispatcher.models import Dispatch, DispatchStatus, Instance
-from dispatcher.notify import Notifier
 from dispatcher.observe import NullObserver, Observer, Observers
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
-from dispatcher.planners import task_gate_capacity
-from dispatcher.runners.base import Runner
-from dispatcher.runners.exec import ExecRunner
-from dispatcher.runners.guard import GuardError, process_guard
-from dispatcher.runners.noop import NoopRunner
-from dispatcher.runners.python import PythonRunner
-from dispatcher.service import gate_capacities
+from dispatcher.planners import planner_of
+from dispatcher.runners.base import RUNNER_TYPES, Runner
+from dispatcher.runners.orphan_guard import GuardError, process_guard
 from dispatcher.store.base import Store
+from dispatcher.systemd import Notifier
 
 log = logs.get_logger("dispatcher.daemon")
 
@@ -117,17 +120,19 @@ class InstanceLock:
 
 
 def build_runners(settings: Settings) -> dict[str, Runner]:
-    """One runner object per `[runners.NAME]`."""
-    runners: dict[str, Runner] = {}
-    for name, spec in settings.runners.items():
-        kill_grace = spec.kill_grace if spec.kill_grace is not None else settings.daemon.kill_grace
-        if spec.type == "exec":
-            runners[name] = ExecRunner(name, kill_grace=kill_grace, env=spec.env, cwd=spec.cwd)
-        elif spec.type == "python":
-            runners[name] = PythonRunner(name)
-        else:
-            runners[name] = NoopRunner(name)
-    return runners
+    """One runner object per `[runners.NAME]`, made by its type (see `RUNNER_TYPES`)."""
+    return {
+        name: RUNNER_TYPES.require(spec.type).build(name, spec, settings)
+        for name, spec in settings.runners.items()
+    }
+
+
+def spawns_processes(settings: Settings) -> bool:
+    """Whether steps or planners of this configuration may start processes."""
+    runners = (RUNNER_TYPES.require(spec.type) for spec in settings.runners.values())
+    return any(kind.spawns_processes for kind in runners) or any(
+        planner_of(task).spawns_processes for task in settings.tasks.values()
+    )
 
 
 @dataclass
@@ -339,14 +344,11 @@ class Daemon:
         self._guard_lease(time.monotonic())
 
     def _start_guard(self) -> None:
-        """Start the orphan guard now when steps may start processes (exec and python
-        runners, command and python planners), so that everything started from the
-        daemon carries its token, what a python step spawns included; a step would
-        otherwise start it on the first spawn."""
-        settings = self.settings
-        if not any(r.type in ("exec", "python") for r in settings.runners.values()) and all(
-            t.planner == "steps" for t in settings.tasks.values()
-        ):
+        """Start the orphan guard now when steps may start processes (runner types and
+        planners say whether theirs do), so that everything started from the daemon
+        carries its token, what a python step spawns included; a step would otherwise
+        start it on the first spawn."""
+        if not spawns_processes(self.settings):
             return
         try:
             process_guard().start()
@@ -451,7 +453,7 @@ class Daemon:
             log.error("claim_duplicate", dispatch_id=dispatch.id)
             self.gate.give_back(GLOBAL)
             return
-        holder = f"dispatch:{dispatch.id}"
+        holder = dispatch_holder(dispatch.id)
         task_slot = None
         if dispatch.gate_key is not None and self.gate.has(dispatch.gate_key):
             if not self.gate.try_acquire_place(dispatch.gate_key):

@@ -6,6 +6,8 @@ to the longest waiter at once.
 
 Gate names: `global` (dispatches in flight), `runner:NAME` (steps of one runner) and
 `task:NAME` / `task:NAME:VALUE` (per-task caps, made on demand, dropped when idle).
+They are made and read only by the functions of "Names and capacities" below, and so
+are the holders' names (`dispatch:ID`, `dispatch:ID/STEP#ATTEMPT`).
 
 On a shared store (PostgreSQL, several daemons) the semaphore is only the local fast
 path: a place of any gate (`global`, `runner:*`, `task:*`) is granted when the database
@@ -22,15 +24,116 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 from dispatcher import logs
 from dispatcher.clock import Clock
-from dispatcher.models import SlotHandle
+from dispatcher.config import Settings, TaskSettings
 from dispatcher.store.base import Store
+from dispatcher.templating import fill
 
 log = logs.get_logger("dispatcher.gate")
 
+# -- names and capacities ----------------------------------------------------------------
+
 GLOBAL = "global"
+"""The gate of dispatches in flight (planning or running)."""
+
+_RUNNER = "runner:"
+_TASK = "task:"
+
+
+class GateKind(Enum):
+    GLOBAL = "global"
+    RUNNER = "runner"
+    """`runner:NAME`: steps of one runner at once."""
+    TASK = "task"
+    """`task:NAME` or `task:NAME:VALUE`: dispatches of one task (per value of its
+    `concurrency_key`) at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class GateName:
+    """A gate's name, read: its kind, and the runner or task it caps."""
+
+    kind: GateKind
+    owner: str | None = None
+    """The runner's or the task's name (None for `global`)."""
+
+    @classmethod
+    def parse(cls, name: str) -> GateName | None:
+        """What `name` names; None for a name no gate of this version has."""
+        if name == GLOBAL:
+            return cls(GateKind.GLOBAL)
+        if name.startswith(_RUNNER):
+            return cls(GateKind.RUNNER, name.removeprefix(_RUNNER))
+        if name.startswith(_TASK):
+            return cls(GateKind.TASK, name.removeprefix(_TASK).split(":", 1)[0])
+        return None
+
+
+def runner_gate(runner: str) -> str:
+    """The gate of the runner named `runner`: `runner:NAME`."""
+    return f"{_RUNNER}{runner}"
+
+
+def task_gate(task: str, value: str | None = None) -> str:
+    """The gate of a task, `task:NAME`, or of one value of its key: `task:NAME:VALUE`."""
+    return f"{_TASK}{task}" if value is None else f"{_TASK}{task}:{value}"
+
+
+def kind_of(name: str) -> GateKind | None:
+    parsed = GateName.parse(name)
+    return None if parsed is None else parsed.kind
+
+
+def task_gate_key(task_name: str, task: TaskSettings, params: Mapping[str, Any]) -> str | None:
+    """The per-task gate a dispatch of `task` with `params` needs, if any."""
+    if task.concurrency is None:
+        return None
+    if task.concurrency_key is None:
+        return task_gate(task_name)
+    return task_gate(task_name, fill(task.concurrency_key, params))
+
+
+def gate_capacities(settings: Settings) -> dict[str, int]:
+    """Configured gates: `global` and one per runner with a `concurrency`."""
+    capacities = {GLOBAL: settings.gate.global_}
+    for name, runner in settings.runners.items():
+        if runner.concurrency is not None:
+            capacities[runner_gate(name)] = runner.concurrency
+    return capacities
+
+
+def task_gate_capacity(settings: Settings, gate: str) -> int | None:
+    """Capacity of a per-task gate by its name (gates made on demand), else None."""
+    parsed = GateName.parse(gate)
+    if parsed is None or parsed.kind is not GateKind.TASK or parsed.owner is None:
+        return None
+    task = settings.tasks.get(parsed.owner)
+    return task.concurrency if task else None
+
+
+def gate_capacity(settings: Settings, gate: str) -> int | None:
+    """Capacity of any gate by its name: configured, or made on demand."""
+    configured = gate_capacities(settings)
+    return configured[gate] if gate in configured else task_gate_capacity(settings, gate)
+
+
+def dispatch_holder(dispatch_id: int) -> str:
+    """Who holds a dispatch's `global` and per-task places."""
+    return f"dispatch:{dispatch_id}"
+
+
+def step_holder(dispatch_id: int, step: str, attempt: int) -> str:
+    """Who holds a runner place: one attempt of one step."""
+    return f"dispatch:{dispatch_id}/{step}#{attempt}"
+
+
+def held_by_step(holder: str, dispatch_id: int, step: str) -> bool:
+    """Whether `holder` is an attempt of `step` of that dispatch (see `step_holder`)."""
+    return holder.startswith(f"dispatch:{dispatch_id}/{step}#")
 
 
 class FifoSemaphore:
@@ -96,11 +199,12 @@ class FifoSemaphore:
 
 @dataclass(eq=False)
 class Slot:
-    """One held place in one gate, and its mirror row."""
+    """One held place in one gate, and the id of its `gates` row (a `SlotRow` once read
+    back from the database)."""
 
     gate: str
     holder: str
-    mirror: SlotHandle | None = None
+    row_id: int | None = None
     released: bool = field(default=False)
 
 
@@ -161,7 +265,7 @@ class ConcurrencyGate:
             return blocked
         held: dict[str, int] = {}
         for row in await self._store.held_slots():
-            if row.gate.startswith("task:"):
+            if kind_of(row.gate) is GateKind.TASK:
                 held[row.gate] = held.get(row.gate, 0) + 1
         for name, count in held.items():
             capacity = self._configured.get(name) or self._on_demand(name)
@@ -267,9 +371,9 @@ class ConcurrencyGate:
         self._holders[slot.gate].discard(slot)
         self._sems[slot.gate].release()
         self._drop_if_idle(slot.gate)
-        if slot.mirror is not None:
+        if slot.row_id is not None:
             # Queued, not awaited: nothing here can be cancelled half-way.
-            self._store.mirror_close(slot.mirror, self._clock.now())
+            self._store.mirror_close(slot.row_id, self._clock.now())
 
     @asynccontextmanager
     async def hold(self, name: str, holder: str) -> AsyncIterator[Slot]:
@@ -316,7 +420,7 @@ class ConcurrencyGate:
         slot = Slot(gate=name, holder=holder)
         self._holders[name].add(slot)
         try:
-            slot.mirror = await self._store.mirror_open(
+            slot.row_id = await self._store.mirror_open(
                 name, holder, self.instance_id, self._clock.now()
             )
         except BaseException:
@@ -342,7 +446,7 @@ class ConcurrencyGate:
                 await asyncio.wait_for(self._db_changed.wait(), self._poll_interval)
 
     def _own(self, name: str, holder: str, row_id: int) -> Slot:
-        slot = Slot(gate=name, holder=holder, mirror=SlotHandle(name, holder, row_id))
+        slot = Slot(gate=name, holder=holder, row_id=row_id)
         self._holders[name].add(slot)
         return slot
 

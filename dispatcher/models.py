@@ -193,15 +193,6 @@ class Dispatch:
         return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-@dataclass(eq=False, slots=True)
-class SlotHandle:
-    """A gate row queued for writing; its id is known once the row is written."""
-
-    gate: str
-    holder: str
-    row_id: int | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class Attempt:
     id: int

@@ -27,8 +27,8 @@ from dispatcher.branches import Branch, GraphRun, StepEnd, Verdict
 from dispatcher.child_output import ChildOutputLog
 from dispatcher.clock import Clock
 from dispatcher.config import Settings
-from dispatcher.errors import DispatcherError, LeaseLost, PlanError
-from dispatcher.gate import ConcurrencyGate
+from dispatcher.errors import DispatcherError, LeaseLost
+from dispatcher.gate import ConcurrencyGate, runner_gate, step_holder
 from dispatcher.models import (
     LEASE_INTERRUPTION,
     PLAN_STEP_INDEX,
@@ -43,7 +43,7 @@ from dispatcher.models import (
     is_resource_shortage,
 )
 from dispatcher.observe import NullObserver, Observer
-from dispatcher.planners import parse_plan_output, planner_input, steps_plan, validate_plan
+from dispatcher.planners import PlanJob, planner_of
 from dispatcher.retry import (
     SHORTAGE_BACKOFF,
     SHORTAGE_BACKOFF_MAX,
@@ -52,8 +52,6 @@ from dispatcher.retry import (
     may_retry,
 )
 from dispatcher.runners.base import Outcome, Runner, RunRequest, StepContext
-from dispatcher.runners.process import run_process
-from dispatcher.runners.python import resolve_callable
 from dispatcher.store.base import Store
 from dispatcher.templating import MissingResult, fill_results, map_strings
 
@@ -180,8 +178,12 @@ class Pipeline:
         """The plan, a one-line reason why there is none, or None when the planner
         could not start for lack of a resource (the dispatch is queued again)."""
         task = self.settings.tasks[dispatch.task]
-        if task.planner == "steps":
-            return steps_plan(task, dispatch.params)
+        planner = planner_of(task)
+        if not planner.external:
+            planned = await planner.plan(PlanJob(dispatch, task, self.settings))
+            if planned.steps is None:
+                return f"planner failed: {planned.outcome.error}"
+            return planned.steps
         history = StepHistory.of([])
         if dispatch.resumed:
             history = StepHistory.of(await self._store.step_attempts(dispatch.id, PLAN_STEP_INDEX))
@@ -208,40 +210,15 @@ class Pipeline:
     async def _run_planner(self, dispatch: Dispatch, plans: list[tuple[Step, ...]]) -> Outcome:
         """Run the task's planner; on success the validated plan is appended to `plans`."""
         task = self.settings.tasks[dispatch.task]
-        if task.planner == "command":
-            lines = self._line_logger(PLAN_STEP_NAME)
-            try:
-                outcome = await run_process(
-                    task.command,
-                    timeout=task.timeout,
-                    kill_grace=self.settings.daemon.kill_grace,
-                    stdin=planner_input(dispatch),
-                    on_line=lines,
-                    keep_stdout=True,
-                    label=f"dispatch:{dispatch.id}/{PLAN_STEP_NAME}",
-                )
-            finally:
-                lines.close()
-            if not outcome.ok:
-                return outcome
-            raw: Any = None
-            try:
-                raw = parse_plan_output(outcome.stdout or "")
-            except PlanError as exc:
-                return Outcome(AttemptStatus.FAILED, outcome.exit_code, exc.message, outcome.output)
-        else:
-            try:
-                planner = resolve_callable(task.call or "")
-                raw = await anyio.to_thread.run_sync(planner, dispatch.task, dispatch.params)
-            except Exception as exc:
-                return Outcome(AttemptStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-            outcome = Outcome(AttemptStatus.SUCCEEDED)
+        lines = self._line_logger(PLAN_STEP_NAME)
         try:
-            plans.append(validate_plan(raw, self.settings))
-        except PlanError as exc:
-            error = f"invalid plan: {exc.message}"
-            return Outcome(AttemptStatus.FAILED, outcome.exit_code, error, outcome.output)
-        return outcome
+            job = PlanJob(dispatch, task, self.settings, on_line=lines)
+            planned = await planner_of(task).plan(job)
+        finally:
+            lines.close()
+        if planned.steps is not None:
+            plans.append(planned.steps)
+        return planned.outcome
 
     # -- execute ---------------------------------------------------------------------------
 
@@ -376,10 +353,10 @@ class Pipeline:
         self, spec: AttemptSpec, flight: InFlight, branch: Branch, work: Work
     ) -> Outcome:
         """One attempt: take the runner slot, record the row, run, record the end."""
-        gate_name = f"runner:{spec.runner}"
+        gate_name = runner_gate(spec.runner)
         if not self._gate.has(gate_name):
             return await self._record_attempt(spec, flight, branch, work)
-        holder = f"dispatch:{spec.dispatch_id}/{spec.step}#{spec.number}"
+        holder = step_holder(spec.dispatch_id, spec.step, spec.number)
         branch.waiting_for = gate_name
         try:
             async with self._gate.hold(gate_name, holder):

@@ -1,11 +1,16 @@
-"""Plan: turn a dispatch into steps. Pure functions here; running a planner program is
-the pipeline's job (it runs as an attempt through the gate).
+"""Plan: turn a dispatch into steps. Each planner is an object here, registered in
+`PLANNERS` by the name `[tasks.NAME] planner = "..."` gives:
 
 - `steps`: the task's steps from the config, `{param}` filled in.
 - `command`: an external program reads the dispatch as JSON on stdin and prints the
   plan as JSON: `{"steps": [{"name", "runner", "args", "timeout", "retries", "needs",
   "on_failure"}]}` (or the bare list).
 - `python`: an importable callable `f(task, params)` returns the same structure.
+
+Each declares the keys of `[tasks.NAME]` it reads (its settings model, a subclass of
+`TaskSettings`), whether it may start processes, and whether it is external (a program
+or user code: the pipeline runs it as an attempt). The pipeline calls `plan` and never
+sees how a planner works.
 
 A planner's args are taken literally, except `{steps.NAME.result[.FIELD]}`: a result
 reference, filled when the step starts. Every plan is checked as a graph (see
@@ -15,16 +20,30 @@ reference, filled when the step starts. Every plan is checked as a graph (see
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
+import anyio.to_thread
+from pydantic import Field, ValidationError
 
 from dispatcher import limits
-from dispatcher.config import Settings, StepFields, StepSettings, TaskSettings, describe_error
+from dispatcher.config import (
+    Duration,
+    Settings,
+    StepFields,
+    StepSettings,
+    TaskSettings,
+    check_call_spec,
+    describe_error,
+)
 from dispatcher.errors import BadRequest, PlanError
 from dispatcher.graph import Node, check_graph
-from dispatcher.models import Dispatch, Step
+from dispatcher.models import PLAN_STEP_NAME, AttemptStatus, Dispatch, Step
+from dispatcher.registry import Registry
+from dispatcher.runners.base import LineSink, Outcome
+from dispatcher.runners.process import run_process
+from dispatcher.runners.python import resolve_callable
 from dispatcher.templating import (
     fill,
     fill_params,
@@ -70,7 +89,8 @@ def step_from_settings(step: StepSettings, params: Mapping[str, Any]) -> Step:
 
 
 def steps_plan(task: TaskSettings, params: Mapping[str, Any]) -> tuple[Step, ...]:
-    return tuple(step_from_settings(step, params) for step in task.steps)
+    """The steps written in the config, `{param}` filled in (the `steps` planner)."""
+    return tuple(step_from_settings(step, params) for step in task.configured_steps())
 
 
 def check_params(task_name: str, task: TaskSettings, params: Mapping[str, Any]) -> None:
@@ -81,24 +101,6 @@ def check_params(task_name: str, task: TaskSettings, params: Mapping[str, Any]) 
         raise BadRequest(
             f"task {task_name!r}: missing param{'s' if len(missing) > 1 else ''} {names}"
         )
-
-
-def task_gate_key(task_name: str, task: TaskSettings, params: Mapping[str, Any]) -> str | None:
-    """The per-task gate a dispatch needs: `task:NAME` or `task:NAME:VALUE`, if any."""
-    if task.concurrency is None:
-        return None
-    if task.concurrency_key is None:
-        return f"task:{task_name}"
-    return f"task:{task_name}:{fill(task.concurrency_key, params)}"
-
-
-def task_gate_capacity(settings: Settings, gate: str) -> int | None:
-    """Capacity of a per-task gate by its name, for gates made on demand."""
-    if not gate.startswith("task:"):
-        return None
-    task_name = gate.split(":", 2)[1]
-    task = settings.tasks.get(task_name)
-    return task.concurrency if task else None
 
 
 def planner_input(dispatch: Dispatch) -> bytes:
@@ -161,13 +163,207 @@ def _validate_step(index: int, item: Any, settings: Settings) -> Step:
     except ValidationError as exc:
         _loc, message = describe_error(exc)
         raise PlanError(f"{where}.{message}") from None
-    runner = settings.runners.get(step.runner)
-    if runner is None:
-        known = ", ".join(sorted(settings.runners)) or "none defined"
-        raise PlanError(f"{where}.runner: unknown runner {step.runner!r} (known: {known})")
-    if runner.type == "python" and step.call is None:
-        raise PlanError(f'{where}: a python runner step needs call = "module:func"')
+    problem = settings.step_problem(step)
+    if problem is not None:
+        raise PlanError(f"{where}{problem}")
     if not any(literal_refs(text) for text in [*step.args, *strings(step.kwargs)]):
         return _to_step(step, step.args, step.kwargs)
     kwargs = map_strings(step.kwargs, literal_with_refs)
     return _to_step(step, map(literal_with_refs, step.args), kwargs, templated=True)
+
+
+# -- the planners -----------------------------------------------------------------------
+
+
+def _ignore_line(stream: str, line: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanJob:
+    """What a planner gets to plan one dispatch."""
+
+    dispatch: Dispatch
+    task: TaskSettings
+    """The task's settings: an instance of the planner's `settings` model."""
+    settings: Settings
+    on_line: LineSink = _ignore_line
+    """Where the lines an external planner prints go (the daemon's log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """How planning ended: the outcome of the planner's attempt, and the checked plan
+    when it succeeded."""
+
+    outcome: Outcome
+    steps: tuple[Step, ...] | None = None
+
+
+class Planner(Protocol):
+    """A kind of planner: one object, registered in `PLANNERS` under its name."""
+
+    @property
+    def name(self) -> str:
+        """What `[tasks.NAME] planner = "..."` says."""
+        ...
+
+    @property
+    def settings(self) -> type[TaskSettings]:
+        """The model of `[tasks.NAME]` for this planner: `TaskSettings` with the keys
+        it reads (any other key is refused)."""
+        ...
+
+    @property
+    def spawns_processes(self) -> bool:
+        """Whether planning may start processes (then the orphan guard starts with the
+        daemon, so that they carry its token)."""
+        ...
+
+    @property
+    def external(self) -> bool:
+        """A program or user code: the pipeline runs it as an attempt (its start made
+        durable first, its interruptions counted) and it may read any param. False: a
+        pure function of the config and the params."""
+        ...
+
+    async def plan(self, job: PlanJob) -> Planned:
+        """Plan one dispatch. Raising is reserved for cancellation; every other problem
+        is a failed `Outcome` with a one-line error."""
+        ...
+
+
+PLANNERS: Registry[Planner] = Registry("planner", lambda: None)
+"""Every planner by name; each registers itself below, with one line."""
+
+
+def planner_of(task: TaskSettings) -> Planner:
+    """The planner a task names (validated with the config: always registered)."""
+    return PLANNERS.require(task.planner)
+
+
+T = TypeVar("T", bound=TaskSettings)
+
+
+def _settings(job: PlanJob, model: type[T]) -> T:
+    if not isinstance(job.task, model):
+        raise TypeError(f"task {job.dispatch.task!r}: its settings are not {model.__name__}")
+    return job.task
+
+
+class StepsTaskSettings(TaskSettings):
+    """`[tasks.NAME]` with `planner = "steps"` (the default)."""
+
+    steps: list[StepSettings] = Field(default_factory=list)
+
+    def check_planner_keys(self) -> None:
+        if not self.steps:
+            raise ValueError('planner "steps" needs a non-empty steps list')
+        names = [step.name for step in self.steps]
+        if len(names) != len(set(names)):
+            raise ValueError("step names must be unique within a task")
+        check_graph([step.node() for step in self.steps])
+
+    def configured_steps(self) -> Sequence[StepSettings]:
+        return self.steps
+
+
+class StepsPlanner:
+    """`steps`: the task's steps from the config, `{param}` filled in."""
+
+    name = "steps"
+    settings = StepsTaskSettings
+    spawns_processes = False
+    external = False
+
+    async def plan(self, job: PlanJob) -> Planned:
+        steps = steps_plan(_settings(job, StepsTaskSettings), job.dispatch.params)
+        return Planned(Outcome(AttemptStatus.SUCCEEDED), steps)
+
+
+class CommandTaskSettings(TaskSettings):
+    """`[tasks.NAME]` with `planner = "command"`."""
+
+    command: list[str] = Field(default_factory=list)
+    """The planner program and its args (run directly, never through a shell)."""
+    timeout: Duration = Field(default=60.0, gt=0)
+    """How long the planner program may take."""
+
+    def check_planner_keys(self) -> None:
+        if not self.command:
+            raise ValueError('planner "command" needs command = ["program", "arg", ...]')
+
+
+class CommandPlanner:
+    """`command`: a program reads the dispatch as JSON on stdin and prints the plan."""
+
+    name = "command"
+    settings = CommandTaskSettings
+    spawns_processes = True
+    external = True
+
+    async def plan(self, job: PlanJob) -> Planned:
+        task = _settings(job, CommandTaskSettings)
+        outcome = await run_process(
+            task.command,
+            timeout=task.timeout,
+            kill_grace=job.settings.daemon.kill_grace,
+            stdin=planner_input(job.dispatch),
+            on_line=job.on_line,
+            keep_stdout=True,
+            label=f"dispatch:{job.dispatch.id}/{PLAN_STEP_NAME}",
+        )
+        if not outcome.ok:
+            return Planned(outcome)
+        try:
+            raw = parse_plan_output(outcome.stdout or "")
+        except PlanError as exc:
+            failed = Outcome(AttemptStatus.FAILED, outcome.exit_code, exc.message, outcome.output)
+            return Planned(failed)
+        return _checked(raw, job.settings, outcome)
+
+
+class PythonTaskSettings(TaskSettings):
+    """`[tasks.NAME]` with `planner = "python"`."""
+
+    call: str | None = None
+    """`package.module:function`, called as `f(task, params)`."""
+
+    def check_planner_keys(self) -> None:
+        if self.call is None:
+            raise ValueError('planner "python" needs call = "module:function"')
+        check_call_spec(self.call)
+
+
+class PythonPlanner:
+    """`python`: an importable callable `f(task, params)` returns the plan."""
+
+    name = "python"
+    settings = PythonTaskSettings
+    spawns_processes = True
+    """User code in the daemon: it may start processes of its own."""
+    external = True
+
+    async def plan(self, job: PlanJob) -> Planned:
+        task = _settings(job, PythonTaskSettings)
+        dispatch = job.dispatch
+        try:
+            planner = resolve_callable(task.call or "")
+            raw = await anyio.to_thread.run_sync(planner, dispatch.task, dispatch.params)
+        except Exception as exc:
+            return Planned(Outcome(AttemptStatus.FAILED, error=f"{type(exc).__name__}: {exc}"))
+        return _checked(raw, job.settings, Outcome(AttemptStatus.SUCCEEDED))
+
+
+def _checked(raw: Any, settings: Settings, outcome: Outcome) -> Planned:
+    """The plan a planner gave, validated (a failed outcome saying why when it is not)."""
+    try:
+        return Planned(outcome, validate_plan(raw, settings))
+    except PlanError as exc:
+        error = f"invalid plan: {exc.message}"
+        return Planned(Outcome(AttemptStatus.FAILED, outcome.exit_code, error, outcome.output))
+
+
+PLANNERS.register(StepsPlanner())
+PLANNERS.register(CommandPlanner())
+PLANNERS.register(PythonPlanner())

@@ -19,6 +19,15 @@ from dispatcher import params as declared_params
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings, TaskSettings
 from dispatcher.errors import BadRequest, NotFound
+from dispatcher.gate import (
+    GLOBAL,
+    gate_capacities,
+    gate_capacity,
+    held_by_step,
+    runner_gate,
+    task_gate_capacity,
+    task_gate_key,
+)
 from dispatcher.graph import Node, resolve_needs
 from dispatcher.limits import MAX_PRIORITY
 from dispatcher.models import (
@@ -31,7 +40,7 @@ from dispatcher.models import (
     SlotRow,
     Step,
 )
-from dispatcher.planners import check_params, task_gate_capacity, task_gate_key
+from dispatcher.planners import check_params, planner_of
 from dispatcher.purge import gate_cutoff
 from dispatcher.store.base import Store
 
@@ -95,8 +104,8 @@ def param_warnings(settings: Settings, request: SubmitRequest) -> list[str]:
     """Params of a task without declarations that none of its templates uses (stored
     anyway, as before declarations existed; most often a typo)."""
     task = settings.tasks.get(request.task)
-    if task is None or task.params is not None or task.planner != "steps":
-        return []  # declared: unknown ones are refused; other planners may read any
+    if task is None or task.params is not None or planner_of(task).external:
+        return []  # declared: unknown ones are refused; an external planner may read any
     if not isinstance(request.params, dict):
         return []
     names = declared_params.unused(request.params, task.params_used())
@@ -145,7 +154,7 @@ def tasks_json(settings: Settings) -> list[dict[str, Any]]:
                 "name": name,
                 "description": task.description,
                 "planner": task.planner,
-                "steps": [step.name for step in task.steps],
+                "steps": [step.name for step in task.configured_steps()],
                 "declared": declared is not None,
                 "params": (
                     [declared[p].to_json(p) for p in sorted(declared)]
@@ -403,12 +412,6 @@ def _known_id(dispatch_id: int) -> int:
 # -- waiting for a gate ------------------------------------------------------------------
 
 
-def _holds(row: SlotRow, dispatch_id: int, step: str) -> bool:
-    """Whether a runner gate row is held by this step of this dispatch (its holder is
-    `dispatch:ID/STEP#N`)."""
-    return row.holder.startswith(f"dispatch:{dispatch_id}/{step}#")
-
-
 def waiting_for(
     settings: Settings, dispatch: Dispatch, held: Sequence[SlotRow], now: datetime
 ) -> str | None:
@@ -443,8 +446,10 @@ def _runner_waited_for(
         runner = settings.runners.get(step.runner)
         if runner is None or runner.concurrency is None:
             return None  # runs without a gate (or fails at once)
-        gate = f"runner:{step.runner}"
-        if any(row.gate == gate and _holds(row, dispatch.id, step.name) for row in held):
+        gate = runner_gate(step.runner)
+        if any(
+            row.gate == gate and held_by_step(row.holder, dispatch.id, step.name) for row in held
+        ):
             return None
         waits.append(gate)
     return waits[0] if waits else None
@@ -521,24 +526,6 @@ async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]
     }
 
 
-def gate_capacities(settings: Settings) -> dict[str, int]:
-    """Configured gates: `global` and one per runner with a `concurrency`."""
-    capacities = {"global": settings.gate.global_}
-    for name, runner in settings.runners.items():
-        if runner.concurrency is not None:
-            capacities[f"runner:{name}"] = runner.concurrency
-    return capacities
-
-
-def _capacity(settings: Settings, configured: Mapping[str, int], gate: str) -> int | None:
-    if gate in configured:
-        return configured[gate]
-    if gate.startswith("task:"):
-        task = settings.tasks.get(gate.split(":", 2)[1])
-        return task.concurrency if task else None
-    return None
-
-
 async def gates_report(
     settings: Settings,
     store: Store,
@@ -550,19 +537,18 @@ async def gates_report(
 
     `rows.purgeable`: released rows old enough for the next purge to delete.
     """
-    configured = gate_capacities(settings)
-    holders: dict[str, list[str]] = {name: [] for name in configured}
+    holders: dict[str, list[str]] = {name: [] for name in gate_capacities(settings)}
     for row in await store.held_slots() if held is None else held:
         holders.setdefault(row.gate, []).append(row.holder)
     counts = await store.gate_row_counts()
     gates = [
         {
             "name": name,
-            "capacity": _capacity(settings, configured, name),
+            "capacity": gate_capacity(settings, name),
             "held": len(holders[name]),
             "holders": sorted(holders[name]),
         }
-        for name in sorted(holders, key=lambda n: (n != "global", n))
+        for name in sorted(holders, key=lambda n: (n != GLOBAL, n))
     ]
     now = (clock or SystemClock()).now()
     purgeable = await store.count_purgeable(gate_cutoff(settings, now))
@@ -595,7 +581,6 @@ async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, An
 STATUS_IN_FLIGHT_LIMIT = 20
 STATUS_QUEUED_LIMIT = 10
 STATUS_FAILURES_LIMIT = 5
-GLOBAL_GATE = "global"
 
 
 def _current_step(dispatch: Dispatch) -> str | None:
@@ -642,7 +627,7 @@ async def _in_flight(
     ids = sorted(
         dispatch_id
         for row in held
-        if row.gate == GLOBAL_GATE and row.instance_id in live
+        if row.gate == GLOBAL and row.instance_id in live
         if (dispatch_id := _holder_id(row.holder)) is not None
     )
     shown = []

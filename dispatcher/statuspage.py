@@ -13,7 +13,7 @@ from html import escape
 from typing import Any
 
 from dispatcher.activity import FINAL, Minute
-from dispatcher.gate import GateState
+from dispatcher.gate import GateKind, GateState, kind_of
 from dispatcher.models import DispatchStatus
 
 REFRESH_SECONDS = 2
@@ -165,9 +165,10 @@ def _gates(gates: Sequence[GateState], queued: int) -> str:
 
 
 def _gate_waiting(gate: GateState, queued: int) -> str:
-    if gate.name == "global":
+    kind = kind_of(gate.name)
+    if kind is GateKind.GLOBAL:
         return f'<span data-waiting="{queued}">{queued} queued</span>'
-    if gate.name.startswith("runner:"):
+    if kind is GateKind.RUNNER:
         return f'<span data-waiting="{gate.waiting}">{gate.waiting}</span>'
     return ""  # per-task gates: their waiters are queued dispatches, listed below
 

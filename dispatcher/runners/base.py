@@ -1,12 +1,17 @@
-"""The Runner protocol and the Outcome every runner returns."""
+"""The Runner protocol, the Outcome every runner returns, and the registry of runner
+types (`RUNNER_TYPES`): what `[runners.NAME] type = "..."` can name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from dispatcher.models import AttemptStatus
+from dispatcher.registry import Registry
+
+if TYPE_CHECKING:
+    from dispatcher.config import RunnerSettings, Settings, StepFields
 
 LineSink = Callable[[str, str], None]
 """Called with (stream, line) for each line a step prints; stream is stdout or stderr."""
@@ -96,3 +101,42 @@ class Runner(Protocol):
         and a one-line `error`.
         """
         ...
+
+
+S = TypeVar("S", bound="RunnerSettings")
+
+
+def _any_step(step: StepFields) -> str | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerType(Generic[S]):
+    """A kind of runner, as its module declares it (one `RUNNER_TYPES.register(...)`
+    line there): the configuration validates `[runners.NAME]` with `settings`, and the
+    daemon makes the runner with `build`."""
+
+    name: str
+    """What `type = "..."` says."""
+    settings: type[S]
+    """The model of its `[runners.NAME]` table: `RunnerSettings` or a subclass adding
+    its own keys (any other key is refused)."""
+    build: Callable[[str, S, Settings], Runner]
+    """`build(name, its settings, the whole settings)`: the runner of `[runners.NAME]`."""
+    spawns_processes: bool
+    """Whether its steps may start processes (then the orphan guard starts with the
+    daemon, so that everything they start carries its token)."""
+    check_step: Callable[[StepFields], str | None] = _any_step
+    """Why a step (of the config or of a plan) cannot run on it, or None: checked when
+    the config is loaded and when a plan is validated."""
+
+
+def _load_runner_modules() -> None:
+    from dispatcher import runners
+
+    runners.load_modules()
+
+
+RUNNER_TYPES: Registry[RunnerType[Any]] = Registry("runner type", _load_runner_modules)
+"""Every runner type by name: each module of `dispatcher.runners` that defines one
+registers it, and importing the package loads them all."""

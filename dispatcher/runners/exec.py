@@ -8,12 +8,34 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from pydantic import Field, field_validator
+
+from dispatcher.config import Duration, RunnerSettings, Settings
 from dispatcher.models import AttemptStatus
-from dispatcher.runners.base import Outcome, RunRequest
+from dispatcher.runners.base import RUNNER_TYPES, Outcome, RunnerType, RunRequest
 from dispatcher.runners.process import run_process
 from dispatcher.runners.results import ResultError, read_result_file
 
 RESULT_FILE = "result.json"
+
+
+class ExecSettings(RunnerSettings):
+    """`[runners.NAME]` of `type = "exec"`."""
+
+    env: dict[str, str] = Field(default_factory=dict)
+    """Merged over the daemon's environment at each run."""
+    cwd: str | None = None
+    """The steps' working directory (the daemon's own when unset)."""
+    kill_grace: Duration | None = None
+    """Seconds between SIGTERM and SIGKILL (`daemon.kill_grace` when unset)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_can_be_passed(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not name or "=" in name or "\x00" in name + value:
+                raise ValueError(f"{name!r}: a name without '=' and text without NUL")
+        return env
 
 
 class ExecRunner:
@@ -71,3 +93,11 @@ class ExecRunner:
             **context,
             "DISPATCHER_RESULT": str(result_path),
         }
+
+
+def _build(name: str, spec: ExecSettings, settings: Settings) -> ExecRunner:
+    kill_grace = spec.kill_grace if spec.kill_grace is not None else settings.daemon.kill_grace
+    return ExecRunner(name, kill_grace=kill_grace, env=spec.env, cwd=spec.cwd)
+
+
+RUNNER_TYPES.register(RunnerType("exec", ExecSettings, _build, spawns_processes=True))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import anyio.lowlevel
 
+from dispatcher.config import RunnerSettings, Settings
 from dispatcher.models import AttemptStatus
-from dispatcher.runners.base import Outcome, RunRequest
+from dispatcher.runners.base import RUNNER_TYPES, Outcome, RunnerType, RunRequest
 
 
 class NoopRunner:
@@ -20,3 +21,10 @@ class NoopRunner:
         """Succeed at once; still a checkpoint, so cancellation is honoured."""
         await anyio.lowlevel.checkpoint()
         return Outcome(AttemptStatus.SUCCEEDED, exit_code=0)
+
+
+def _build(name: str, spec: RunnerSettings, settings: Settings) -> NoopRunner:
+    return NoopRunner(name)
+
+
+RUNNER_TYPES.register(RunnerType("noop", RunnerSettings, _build, spawns_processes=False))

@@ -3,7 +3,7 @@
 The step is spawned directly (no wrapper, no `preexec_fn`, so CPython takes its vfork
 path) in its own session and process group. It dies with the daemon, even when the
 daemon is SIGKILLed: the group is registered with this process's guardian
-(`dispatcher.runners.guard`) as soon as it exists, and the step carries the daemon's
+(`dispatcher.runners.orphan_guard`) as soon as it exists, and the step carries the daemon's
 token in its environment; once the daemon is gone the guardian kills the group and
 every process carrying the token, grandchildren included. Timeout and cancellation
 both stop the whole group: SIGTERM, then SIGKILL after `kill_grace`. When the main
@@ -27,7 +27,7 @@ from dispatcher import logs
 from dispatcher.durations import format_duration
 from dispatcher.models import RESOURCE_SHORTAGE, AttemptStatus
 from dispatcher.runners.base import LineSink, Outcome
-from dispatcher.runners.guard import GuardError, process_guard, step_token
+from dispatcher.runners.orphan_guard import GuardError, process_guard, step_token
 
 MAX_LINE = 64 * 1024
 """A longer line reaches `on_line` in pieces of this many bytes (memory stays bounded)."""
@@ -72,7 +72,7 @@ async def run_process(
     cancellation the process group is stopped (shielded) and the cancellation re-raised.
 
     The environment (`env`, or the daemon's) gets the daemon's guard token and a token of
-    this run's own (see `dispatcher.runners.guard`); `label` names the run in the
+    this run's own (see `dispatcher.runners.orphan_guard`); `label` names the run in the
     guardian's log line when it kills what the run left behind.
     """
     if not argv:

@@ -12,9 +12,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from dispatcher.config import RunnerSettings, Settings, StepFields
 from dispatcher.durations import format_duration
 from dispatcher.models import AttemptStatus
-from dispatcher.runners.base import Outcome, RunRequest
+from dispatcher.runners.base import RUNNER_TYPES, Outcome, RunnerType, RunRequest
 from dispatcher.runners.results import ResultError, encode_result
 
 _MAX_ERROR = 500
@@ -160,3 +161,24 @@ def _is_async(function: Callable[..., Any]) -> bool:
     # An instance whose __call__ is a coroutine function (not a class: calling one
     # makes an instance).
     return not inspect.isclass(function) and inspect.iscoroutinefunction(type(function).__call__)
+
+
+def _build(name: str, spec: RunnerSettings, settings: Settings) -> PythonRunner:
+    return PythonRunner(name)
+
+
+def _step_names_a_callable(step: StepFields) -> str | None:
+    return None if step.call is not None else 'a python runner step needs call = "module:func"'
+
+
+# Its code runs in the daemon and may start processes of its own: they carry the
+# orphan guard's token only if the guard started before them.
+RUNNER_TYPES.register(
+    RunnerType(
+        "python",
+        RunnerSettings,
+        _build,
+        spawns_processes=True,
+        check_step=_step_names_a_callable,
+    )
+)

@@ -53,7 +53,6 @@ from dispatcher.models import (
     NewDispatch,
     RecoveryReport,
     Reservation,
-    SlotHandle,
     SlotRow,
     Step,
 )
@@ -476,10 +475,8 @@ class Store(ABC):
         rows = await self._fetch("close_slot", {"id": slot_id, "now": self._time(now)})
         return len(rows) == 1
 
-    async def mirror_open(
-        self, gate: str, holder: str, instance_id: str, now: datetime
-    ) -> SlotHandle:
-        """Queue the insert of a held `gates` row; its id is known at once.
+    async def mirror_open(self, gate: str, holder: str, instance_id: str, now: datetime) -> int:
+        """Queue the insert of a held `gates` row; answers its id (known at once).
 
         Gate rows need no durability before the caller proceeds (recovery at start
         releases every open row); writes keep their order.
@@ -487,18 +484,18 @@ class Store(ABC):
         slot_id = await self._next_id("gates")
         params = self._slot_params(slot_id, gate, holder, instance_id, now)
         self._queue("insert_slot", slot_id, params)
-        return SlotHandle(gate, holder, slot_id)
+        return slot_id
 
-    def mirror_close(self, handle: SlotHandle, now: datetime) -> None:
+    def mirror_close(self, slot_id: int, now: datetime) -> None:
         """Queue the release of a row queued by `mirror_open` (exactly once)."""
         released_at = self._time(now)
-        insert = self._pending("insert_slot", handle.row_id)
+        insert = self._pending("insert_slot", slot_id)
         if insert is not None:  # released before its row was written: one row, both times
             if insert["released_at"] is None:
                 insert["released_at"] = released_at
             return
-        params = {"id": handle.row_id, "now": released_at}
-        self._queue("release_slot", handle.row_id, params, fold="first")
+        params = {"id": slot_id, "now": released_at}
+        self._queue("release_slot", slot_id, params, fold="first")
 
     def _slot_params(
         self, slot_id: int, gate: str, holder: str, instance_id: str, now: datetime

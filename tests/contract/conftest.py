@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,6 @@ from dispatcher.testing import FakeClock, InMemoryStore
 from tests.helpers import postgres
 
 Reserve = Callable[..., Awaitable[Reservation]]
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """One migrated PostgreSQL database for the session (tables emptied per test)."""
-    postgres.server_or_skip()
-    url = postgres.create_database()
-    try:
-        yield url
-    finally:
-        postgres.drop_database(url)
 
 
 async def _open(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:

@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 from dispatcher.errors import LeaseLost
 from dispatcher.models import AttemptStatus, DispatchStatus, Instance, NewDispatch
-from dispatcher.store.base import Store
+from dispatcher.store.base import Store, load_migrations
 from dispatcher.store.postgres import PostgresStore
+from dispatcher.store.sql import statements
 from dispatcher.store.sqlite import SQLiteStore
 from dispatcher.testing import FakeClock, InMemoryStore
-from tests.helpers import postgres
 
 from .conftest import Reserve, all_slot_rows
 
 LIVE = "instance-live"
 DEAD = "instance-dead"
 ME = "instance-me"
+POSTGRES = "dispatcher.store.postgres"
 
 
 def _instance(instance_id: str, clock: FakeClock) -> Instance:
@@ -183,15 +185,78 @@ async def test_a_lost_listening_connection_is_opened_again(pg_url: str, clock: F
     ]
 
 
-async def test_concurrent_starters_migrate_a_new_database_once() -> None:
-    postgres.server_or_skip()
-    url = postgres.create_database()
+async def test_concurrent_starters_migrate_a_new_database_once(
+    pg_url: str, pg_database: str
+) -> None:
+    """Four daemons start at once on a new database. Each waits for the migration lock
+    (held here until all four wait for it); then one applies the migrations and the
+    others find nothing left to do: every version is recorded once, and the schema is
+    the one a lone starter makes (on `pg_url`)."""
+    holder = await asyncpg.connect(pg_database)
     try:
-        stores = await asyncio.gather(*(PostgresStore.open(url) for _ in range(4)))
-        for opened in stores:
-            await opened.close()
+        async with holder.transaction():
+            await holder.execute(statements(POSTGRES)["migrations_lock"])
+            starting = [asyncio.create_task(PostgresStore.open(pg_database)) for _ in range(4)]
+            await _until_waiting_for_the_lock(holder, starting)
+        stores = await asyncio.gather(*starting)
     finally:
-        postgres.drop_database(url)
+        await holder.close()
+    for opened in stores:
+        await opened.close()
+    alone = await PostgresStore.open(pg_url)  # migrated by one starter (if not already)
+    await alone.close()
+
+    versions = [migration.version for migration in load_migrations(POSTGRES)]
+    recorded = await _fetch(pg_database, "SELECT version FROM schema_migrations ORDER BY 1")
+    assert [row["version"] for row in recorded] == versions
+    assert await _schema(pg_database) == await _schema(pg_url)
+
+
+async def _until_waiting_for_the_lock(
+    con: asyncpg.Connection, starting: list[asyncio.Task[PostgresStore]]
+) -> None:
+    """Until every starter waits for an advisory lock; none may have gone on."""
+    waiting = 0
+    for _ in range(500):
+        done = [task for task in starting if task.done()]
+        assert not done, f"a starter went on without the migration lock: {done[0]}"
+        waiting = await con.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        if waiting == len(starting):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{waiting} of {len(starting)} starters wait for the migration lock")
+
+
+async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
+    con = await asyncpg.connect(url)
+    try:
+        return list(await con.fetch(query))
+    finally:
+        await con.close()
+
+
+async def _schema(url: str) -> list[tuple[str, ...]]:
+    """Tables, columns, indexes and triggers of the `public` schema."""
+    rows = await _fetch(
+        url,
+        """
+        SELECT 'column', table_name, column_name, data_type, is_nullable,
+               coalesce(column_default, '')
+          FROM information_schema.columns WHERE table_schema = 'public'
+        UNION ALL
+        SELECT 'index', tablename, indexname, indexdef, '', ''
+          FROM pg_indexes WHERE schemaname = 'public'
+        UNION ALL
+        SELECT 'trigger', event_object_table, trigger_name, event_manipulation,
+               action_timing, action_statement
+          FROM information_schema.triggers WHERE trigger_schema = 'public'
+        ORDER BY 1, 2, 3, 4
+        """,
+    )
+    return [tuple(row) for row in rows]
 
 
 # -- leases and fencing (PostgreSQL) ---------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +62,20 @@ def nested(levels: int, inner: str = "1") -> str:
 def daemon(request: pytest.FixtureRequest, tmp_path_factory: Any) -> Iterator[Daemon]:
     """A daemon with the HTTP API, on each store, shared by this module's tests."""
     workdir = tmp_path_factory.mktemp(request.param)
-    url = None
-    if request.param == "postgres":
-        postgres.server_or_skip()
-        url = postgres.create_database()
-    database = f'url = "{url}"' if url else 'path = "state/dispatcher.db"'
-    config = workdir / "dispatcher.toml"
-    config.write_text(CONFIG.format(database=database))
-    started = Daemon(config, workdir)
-    try:
-        started.start()
-        yield started
-        assert started.stop() == 0
-        crashes = [e for e in started.events() if e.get("level") in ("error", "critical")]
-        assert crashes == []  # e.g. api_request_failed, dispatch_crashed
-    finally:
-        started.close()
-        if url is not None:
-            postgres.drop_database(url)
+    shared = request.param == "postgres"
+    with postgres.new_database() if shared else nullcontext(None) as url:
+        database = f'url = "{url}"' if url else 'path = "state/dispatcher.db"'
+        config = workdir / "dispatcher.toml"
+        config.write_text(CONFIG.format(database=database))
+        started = Daemon(config, workdir)
+        try:
+            started.start()
+            yield started
+            assert started.stop() == 0
+            crashes = [e for e in started.events() if e.get("level") in ("error", "critical")]
+            assert crashes == []  # e.g. api_request_failed, dispatch_crashed
+        finally:
+            started.close()
 
 
 def cli(daemon: Daemon, *args: str | bytes, stdin: bytes | None = None) -> Any:

@@ -18,14 +18,12 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.helpers import postgres
 from tests.helpers.tcpproxy import proxy
 
 from .conftest import Daemon, wait_until
@@ -35,16 +33,6 @@ pytestmark = pytest.mark.slow
 TICKER = Path(__file__).with_name("ticker.py")
 TTL = 3.0
 STEP_SECONDS = 8
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    postgres.server_or_skip()
-    url = postgres.create_database()
-    try:
-        yield url
-    finally:
-        postgres.drop_database(url)
 
 
 def config(url: str, log: Path, cap: int, task_cap: int | None = None) -> str:

@@ -13,13 +13,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.helpers import postgres
 
 from .conftest import FINAL, STEP, peak_concurrency, read_records, wait_until
 
@@ -27,16 +24,6 @@ pytestmark = pytest.mark.slow
 
 GLOBAL = 4
 COUNT = 300
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    postgres.server_or_skip()
-    url = postgres.create_database()
-    try:
-        yield url
-    finally:
-        postgres.drop_database(url)
 
 
 def config(url: str, log: Path) -> str:

@@ -140,23 +140,19 @@ def one_line(message: str) -> bool:
 def daemon(request: pytest.FixtureRequest, tmp_path_factory: Any) -> Iterator[Daemon]:
     """A running daemon with the HTTP API on each store; its config serves the CLI too."""
     workdir = tmp_path_factory.mktemp(f"fuzz-{request.param}")
-    url = None
-    if request.param == "postgres":
-        postgres.server_or_skip()
-        url = postgres.create_database()
-    database = f'url = "{url}"' if url else 'path = "state/dispatcher.db"'
-    config = workdir / "dispatcher.toml"
-    config.write_text(CONFIG.format(database=database))
-    started = Daemon(config, workdir)
-    try:
-        started.start()
-        yield started
-        assert started.stop() == 0
-        assert [e for e in started.events() if e.get("level") in ("error", "critical")] == []
-    finally:
-        started.close()
-        if url is not None:
-            postgres.drop_database(url)
+    shared = request.param == "postgres"
+    with postgres.new_database() if shared else contextlib.nullcontext(None) as url:
+        database = f'url = "{url}"' if url else 'path = "state/dispatcher.db"'
+        config = workdir / "dispatcher.toml"
+        config.write_text(CONFIG.format(database=database))
+        started = Daemon(config, workdir)
+        try:
+            started.start()
+            yield started
+            assert started.stop() == 0
+            assert [e for e in started.events() if e.get("level") in ("error", "critical")] == []
+        finally:
+            started.close()
 
 
 def run_cli(daemon: Daemon, *args: str) -> tuple[int, str, str]:

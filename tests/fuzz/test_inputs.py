@@ -295,7 +295,7 @@ def test_any_environment_override_loads_or_is_one_line(
         assert len(exc.message) < 1000  # a huge value is never echoed whole
     else:
         for task in settings.tasks.values():  # what is loaded can be stored with a plan
-            for step in task.steps:
+            for step in task.configured_steps():
                 check_json(step.kwargs)
 
 

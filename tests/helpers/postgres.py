@@ -10,8 +10,9 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,6 +92,19 @@ def drop_database(url: str) -> None:
     """Drop a database made by `create_database` (its connections are ended)."""
     name = url.rsplit("/", 1)[1]
     run_sync(lambda: _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextmanager
+def new_database() -> Iterator[str]:
+    """A new empty database's URL (the test is skipped when no server can be had),
+    dropped at the end. The `pg_url` and `pg_database` fixtures (tests/conftest.py)
+    are made of it."""
+    server_or_skip()
+    url = create_database()
+    try:
+        yield url
+    finally:
+        drop_database(url)
 
 
 async def truncate(url: str) -> None:

@@ -18,43 +18,15 @@ import pytest
 from dispatcher.models import AttemptStatus
 from dispatcher.runners import ExecRunner, Outcome, RunRequest, run_process
 from dispatcher.runners.process import MAX_LINE
+from tests.helpers.processes import Lines, alive, wait_gone
 
 pytestmark = pytest.mark.slow
 
 PY = sys.executable
 
 
-class Lines:
-    """An on_line sink that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-
-    def __call__(self, stream: str, line: str) -> None:
-        self.seen.append((stream, line))
-
-    def of(self, stream: str) -> list[str]:
-        return [line for s, line in self.seen if s == stream]
-
-
 async def run(argv: list[str]) -> Outcome:
     return await run_process(argv, timeout=10, kill_grace=0.2, on_line=Lines())
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, waiting for a reaper, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pids: list[int], within: float = 3.0) -> list[int]:
-    deadline = time.monotonic() + within
-    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return left
 
 
 async def read_pids(path: Path, count: int, within: float = 5.0) -> list[int]:

@@ -21,9 +21,15 @@ import anyio.to_thread
 import pytest
 
 from dispatcher.models import AttemptStatus
-from dispatcher.runners import ExecRunner, RunRequest, guardian, run_process
-from dispatcher.runners.guard import STEP_VARIABLE, VARIABLE, OrphanGuard, process_guard
-from tests.integration.test_exec_runner import Lines, alive, wait_gone
+from dispatcher.runners import ExecRunner, RunRequest, run_process
+from dispatcher.runners.orphan_guard import (
+    STEP_VARIABLE,
+    VARIABLE,
+    OrphanGuard,
+    guardian,
+    process_guard,
+)
+from tests.helpers.processes import Lines, alive, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +67,7 @@ def environ_of(pid: int) -> list[bytes]:
 STEP_PARENT = """\
 import asyncio, json, sys
 from dispatcher.runners import run_process
-from dispatcher.runners.guard import process_guard
+from dispatcher.runners.orphan_guard import process_guard
 
 async def main() -> None:
     step = asyncio.ensure_future(run_process(
@@ -266,7 +272,7 @@ async def test_the_guardian_runs_apart_and_its_pipe_does_not_reach_steps() -> No
 RESTART_PARENT = """\
 import asyncio, os, signal, sys, time
 from dispatcher.runners import run_process
-from dispatcher.runners.guard import process_guard
+from dispatcher.runners.orphan_guard import process_guard
 
 async def step(argv):
     await run_process(argv, timeout=60, kill_grace=0.2, on_line=lambda s, l: None)
@@ -323,7 +329,7 @@ def test_a_killed_guardian_is_restarted_and_the_next_step_is_guarded(
 
 async def test_no_guardian_no_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step is not run unguarded: when no guardian can start, it fails at once."""
-    from dispatcher.runners import guard as guard_module
+    from dispatcher.runners import orphan_guard as guard_module
 
     monkeypatch.setenv(VARIABLE, os.environ.get(VARIABLE, "restored-at-teardown"))
     monkeypatch.setattr(guard_module, "_guard", OrphanGuard())

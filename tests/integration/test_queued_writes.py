@@ -121,9 +121,9 @@ async def test_a_gate_row_released_before_its_insert_is_written_once_with_both_t
 ) -> None:
     seen = await statements(store)
 
-    handle = await store.mirror_open("global", "dispatch:1", "me", NOW)
-    store.mirror_close(handle, LATER)
-    store.mirror_close(handle, LATER + timedelta(seconds=5))  # released once only
+    row_id = await store.mirror_open("global", "dispatch:1", "me", NOW)
+    store.mirror_close(row_id, LATER)
+    store.mirror_close(row_id, LATER + timedelta(seconds=5))  # released once only
     await store.flush()
 
     assert writes_to(seen, "gates") == ["INSERT"]
@@ -133,12 +133,12 @@ async def test_a_gate_row_released_before_its_insert_is_written_once_with_both_t
 
 
 async def test_a_gate_row_written_held_is_released_by_an_update(store: SQLiteStore) -> None:
-    handle = await store.mirror_open("global", "dispatch:1", "me", NOW)
+    row_id = await store.mirror_open("global", "dispatch:1", "me", NOW)
     await store.flush()
     with raw(store) as db:
         assert db.execute("SELECT released_at FROM gates").fetchall() == [(None,)]
 
-    store.mirror_close(handle, LATER)
+    store.mirror_close(row_id, LATER)
     await store.flush()
 
     with raw(store) as db:
@@ -239,7 +239,7 @@ async def test_writes_queued_in_one_turn_go_out_in_one_transaction(store: SQLite
     attempts = [
         await store.start_attempt(dispatch_id, 0, "a", "noop", n, "me", NOW) for n in (1, 2, 3)
     ]
-    handles = [await store.mirror_open("runner:x", f"h{n}", "me", NOW) for n in range(4)]
+    row_ids = [await store.mirror_open("runner:x", f"h{n}", "me", NOW) for n in range(4)]
     await store.advance(dispatch_id, 1, NOW)
     await store.flush()
 
@@ -248,7 +248,7 @@ async def test_writes_queued_in_one_turn_go_out_in_one_transaction(store: SQLite
     ]
     with raw(store) as db:
         assert db.execute("SELECT count(*) FROM attempts").fetchone() == (len(attempts) + 1,)
-        assert db.execute("SELECT count(*) FROM gates").fetchone() == (len(handles) + 1,)
+        assert db.execute("SELECT count(*) FROM gates").fetchone() == (len(row_ids) + 1,)
 
 
 def transactions(seen: list[str]) -> list[list[str]]:

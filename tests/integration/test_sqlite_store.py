@@ -284,7 +284,7 @@ async def test_a_refused_write_leaves_its_neighbours_landed_and_is_reported(
         before = await store.start_attempt(good.id, 0, "s", "r", 1, "i", NOW)
         bad = await store.start_attempt(999, 0, "s", "r", 1, "i", NOW)  # no dispatch 999
         after = await store.start_attempt(good.id, 0, "s", "r", 2, "i", NOW)
-        handle = await store.mirror_open("global", "dispatch:1", "i", NOW)
+        row_id = await store.mirror_open("global", "dispatch:1", "i", NOW)
         await store.flush()
 
     assert refused == [("insert_attempt", bad)]
@@ -294,7 +294,7 @@ async def test_a_refused_write_leaves_its_neighbours_landed_and_is_reported(
         ids = [row[0] for row in db.execute("SELECT id FROM attempts ORDER BY id")]
         gates = [row[0] for row in db.execute("SELECT id FROM gates")]
     assert ids == [before, after]
-    assert gates == [handle.row_id]
+    assert gates == [row_id]
 
 
 def test_split_statements_follows_sqlite_tokens() -> None:

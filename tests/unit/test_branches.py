@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,14 +11,11 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.config import Settings
-from dispatcher.gate import ConcurrencyGate
-from dispatcher.models import AttemptStatus, Dispatch, DispatchStatus, NewDispatch
-from dispatcher.pipeline import CancelReason, InFlight, Pipeline
-from dispatcher.planners import steps_plan, task_gate_capacity
+from dispatcher.models import AttemptStatus, DispatchStatus
+from dispatcher.pipeline import CancelReason, InFlight
+from dispatcher.planners import steps_plan
 from dispatcher.runners.base import Outcome, RunRequest
-from dispatcher.service import gate_capacities
-from dispatcher.testing import FakeClock, InMemoryStore
+from tests.helpers.pipeline import Harness
 
 from .fakes import failed
 
@@ -125,51 +121,13 @@ class BranchRunner:
         return f"start {step}" in self.journal
 
 
-class Harness:
-    def __init__(self, **runners: BranchRunner) -> None:
-        self.settings = Settings.model_validate(CONFIG)
-        self.store = InMemoryStore()
-        self.clock = FakeClock()
-        self.gate = ConcurrencyGate(
-            self.store,
-            self.clock,
-            "inst",
-            gate_capacities(self.settings),
-            on_demand=lambda name: task_gate_capacity(self.settings, name),
-        )
-        self.pipeline = Pipeline(
-            settings=self.settings,
-            store=self.store,
-            gate=self.gate,
-            clock=self.clock,
-            runners=runners,
-            instance_id="inst",
-            rand=random.Random(1),
-        )
+def harness(**runners: BranchRunner) -> Harness:
+    return Harness(runners, config=CONFIG)
 
-    async def submit(self, task: str, key: str | None = None, **params: Any) -> int:
-        new = NewDispatch(task=task, params=params, key=key)
-        return (await self.store.check_and_reserve(new, self.clock.now())).id
 
-    async def claim(self) -> Dispatch:
-        dispatch = await self.store.claim_next("inst", self.clock.now(), set())
-        assert dispatch is not None
-        return dispatch
-
-    async def run_next(self) -> DispatchStatus:
-        dispatch = await self.claim()
-        return await self.pipeline.run(dispatch, InFlight(dispatch.id))
-
-    async def dispatch(self, dispatch_id: int) -> Dispatch:
-        found = await self.store.get_dispatch(dispatch_id)
-        assert found is not None
-        return found
-
-    def attempts(self, dispatch_id: int) -> list[tuple[str, int, AttemptStatus, str | None]]:
-        rows = sorted(self.store.attempts.values(), key=lambda a: a.id)
-        return [
-            (a.step, a.attempt, a.status, a.error) for a in rows if a.dispatch_id == dispatch_id
-        ]
+def attempts(h: Harness, dispatch_id: int) -> list[tuple[str, int, AttemptStatus, str | None]]:
+    """(step, attempt number, status, error) of each attempt, oldest first."""
+    return [(a.step, a.attempt, a.status, a.error) for a in h.attempt_rows(dispatch_id)]
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -204,7 +162,7 @@ async def in_background(
 async def test_branches_whose_need_succeeded_run_at_once_and_the_join_waits_for_both() -> None:
     free = BranchRunner("free", results={"build": {"artifact": "/out/app-1.tar"}})
     free.hold("test", "lint")
-    h = Harness(free=free)
+    h = harness(free=free)
     await h.submit("ci", version="1")
 
     async def drive(flight: InFlight) -> None:
@@ -233,7 +191,7 @@ async def test_branches_whose_need_succeeded_run_at_once_and_the_join_waits_for_
 
 async def test_a_result_fills_a_later_steps_args_when_it_starts() -> None:
     free = BranchRunner("free", results={"build": {"artifact": "/out/app {1}.tar"}})
-    h = Harness(free=free)
+    h = harness(free=free)
     dispatch_id = await h.submit("ci", version="{v}")
     assert await h.run_next() is DispatchStatus.SUCCEEDED
     deploy = next(call for call in free.calls if call.step == "deploy")
@@ -246,7 +204,7 @@ async def test_a_result_fills_a_later_steps_args_when_it_starts() -> None:
 async def test_results_fill_python_kwargs_as_text() -> None:
     free = BranchRunner("free", results={"make": {"artifact": "/a.tar", "n": 2}})
     py = BranchRunner("py")
-    h = Harness(free=free, py=py)
+    h = harness(free=free, py=py)
     await h.submit("pyresult")
     assert await h.run_next() is DispatchStatus.SUCCEEDED
     assert py.calls[0].kwargs == {"path": "/a.tar", "all": '{"artifact":"/a.tar","n":2}'}
@@ -254,7 +212,7 @@ async def test_results_fill_python_kwargs_as_text() -> None:
 
 async def test_a_missing_result_field_fails_the_step_before_it_starts_with_one_line() -> None:
     free = BranchRunner("free", results={"build": {"dir": "/out"}})
-    h = Harness(free=free)
+    h = harness(free=free)
     dispatch_id = await h.submit("ci", version="1")
     assert await h.run_next() is DispatchStatus.FAILED
     assert (await h.dispatch(dispatch_id)).error == (
@@ -262,7 +220,7 @@ async def test_a_missing_result_field_fails_the_step_before_it_starts_with_one_l
         "has no 'artifact' (it has: dir)"
     )
     assert not free.started("deploy")
-    assert [step for step, *_ in h.attempts(dispatch_id)] == ["build", "test", "lint"]
+    assert [step for step, *_ in attempts(h, dispatch_id)] == ["build", "test", "lint"]
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -271,7 +229,7 @@ async def test_a_missing_result_field_fails_the_step_before_it_starts_with_one_l
 async def test_a_failed_branch_fails_the_dispatch_once_its_running_sibling_ends() -> None:
     free = BranchRunner("free", script={"test": [failed(2)]})
     free.hold("lint")
-    h = Harness(free=free)
+    h = harness(free=free)
     await h.submit("ci", version="1")
 
     async def drive(flight: InFlight) -> None:
@@ -285,7 +243,7 @@ async def test_a_failed_branch_fails_the_dispatch_once_its_running_sibling_ends(
     assert (await h.dispatch(dispatch_id)).error == (
         "step 'test' failed after 1 attempt: exited with status 2"
     )
-    assert h.attempts(dispatch_id) == [
+    assert attempts(h, dispatch_id) == [
         ("build", 1, AttemptStatus.SUCCEEDED, None),
         ("test", 1, AttemptStatus.FAILED, "exited with status 2"),
         ("lint", 1, AttemptStatus.SUCCEEDED, None),
@@ -296,12 +254,12 @@ async def test_a_failed_branch_fails_the_dispatch_once_its_running_sibling_ends(
 async def test_cancel_siblings_stops_the_running_siblings_at_once() -> None:
     free = BranchRunner("free", script={"lint": [failed(1)]})
     free.hold("test")  # never released: only the cancel ends it
-    h = Harness(free=free)
+    h = harness(free=free)
     await h.submit("ci_cancel", version="1")
     assert await h.run_next() is DispatchStatus.FAILED
     assert "cancelled test" in free.journal
     dispatch_id = 1
-    assert h.attempts(dispatch_id) == [
+    assert attempts(h, dispatch_id) == [
         ("build", 1, AttemptStatus.SUCCEEDED, None),
         ("test", 1, AttemptStatus.CANCELLED, "cancelled: step 'lint' failed"),
         ("lint", 1, AttemptStatus.FAILED, "exited with status 1"),
@@ -313,7 +271,7 @@ async def test_cancel_siblings_stops_the_running_siblings_at_once() -> None:
 async def test_a_retry_in_one_branch_lets_the_other_finish_then_only_it_runs_again() -> None:
     free = BranchRunner("free", script={"lint": [failed(1)]}, results={"build": {"artifact": "x"}})
     free.hold("test")
-    h = Harness(free=free)
+    h = harness(free=free)
     await h.submit("ci", version="1")
 
     async def drive(flight: InFlight) -> None:
@@ -330,7 +288,7 @@ async def test_a_retry_in_one_branch_lets_the_other_finish_then_only_it_runs_aga
     free.journal.clear()
     assert await h.run_next() is DispatchStatus.SUCCEEDED
     assert free.journal == ["start lint", "end lint", "start deploy", "end deploy"]
-    assert [(step, n) for step, n, *_ in h.attempts(dispatch_id)] == [
+    assert [(step, n) for step, n, *_ in attempts(h, dispatch_id)] == [
         ("build", 1),
         ("test", 1),
         ("lint", 1),
@@ -347,7 +305,7 @@ async def test_a_runner_cap_holds_inside_branches_while_other_runners_run_beside
     free = BranchRunner("free")
     one.hold("a", "b")
     free.hold("c", "d")
-    h = Harness(one=one, free=free)
+    h = harness(one=one, free=free)
     await h.submit("capped")
 
     async def drive(flight: InFlight) -> None:
@@ -377,7 +335,7 @@ async def test_a_cancel_or_shutdown_stops_every_branch(
 ) -> None:
     free = BranchRunner("free")
     free.hold("test", "lint")
-    h = Harness(free=free)
+    h = harness(free=free)
     await h.submit("ci", version="1")
 
     async def drive(flight: InFlight) -> None:
@@ -386,7 +344,7 @@ async def test_a_cancel_or_shutdown_stops_every_branch(
 
     dispatch_id, status = await in_background(h, drive)
     assert status is dispatch_status
-    statuses = [(step, status) for step, _, status, _ in h.attempts(dispatch_id)]
+    statuses = [(step, status) for step, _, status, _ in attempts(h, dispatch_id)]
     assert statuses == [
         ("build", AttemptStatus.SUCCEEDED),
         ("test", attempt_status),
@@ -396,7 +354,7 @@ async def test_a_cancel_or_shutdown_stops_every_branch(
 
 async def test_after_a_crash_only_unfinished_branches_run_and_results_survive() -> None:
     free = BranchRunner("free")
-    h = Harness(free=free)
+    h = harness(free=free)
     dispatch_id = await h.submit("ci", version="1")
     await h.claim()
     plan = steps_plan(h.settings.tasks["ci"], {"version": "1"})
@@ -418,7 +376,7 @@ async def test_after_a_crash_only_unfinished_branches_run_and_results_survive() 
 
 async def test_every_step_gets_its_context_and_a_token_stable_across_retries() -> None:
     free = BranchRunner("free", script={"lint": [failed(1)]}, results={"build": {"artifact": 1}})
-    h = Harness(free=free)
+    h = harness(free=free)
     dispatch_id = await h.submit("ci", key="release-1", version="1")
     assert await h.run_next() is DispatchStatus.QUEUED
     h.clock.advance(10)
@@ -438,7 +396,7 @@ async def test_every_step_gets_its_context_and_a_token_stable_across_retries() -
 async def test_a_planner_plan_runs_as_a_graph_too() -> None:
     free = BranchRunner("free", results={"fetch": "v9"})
     free.hold("left", "right")
-    h = Harness(free=free)
+    h = harness(free=free)
     await h.submit("planned")
 
     async def drive(flight: InFlight) -> None:

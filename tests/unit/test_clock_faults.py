@@ -13,9 +13,9 @@ from datetime import timedelta
 from dispatcher.models import AttemptStatus, DispatchStatus
 from dispatcher.runners.base import Outcome, RunRequest
 from dispatcher.testing import FakeClock
+from tests.helpers.pipeline import Harness
 
 from .fakes import failed, ok
-from .test_pipeline import Harness
 
 DAY = timedelta(days=1)
 

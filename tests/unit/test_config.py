@@ -60,7 +60,15 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
         ("[purge]\ngate_retention = 7", "purge.gate_retention: expected a duration string"),
         ("[purge]\nschedule = '61 * * * *'", "purge.schedule: invalid cron schedule"),
         ("[log]\nformat = 'xml'", "log.format: Input should be 'json' or 'console'"),
-        ("[runners.x]\ntype = 'ssh'", "runners.x.type: Input should be 'exec', 'python' or"),
+        (
+            "[runners.x]\ntype = 'ssh'",
+            "runners.x.type: unknown runner type 'ssh' (known: exec, noop, python)",
+        ),
+        (
+            "[tasks.x]\nplanner = 'http'",
+            "tasks.x.planner: unknown planner 'http' (known: command, python, steps)",
+        ),
+        ("[runners.x]\ntype = 'noop'\ncwd = '/tmp'", "runners.x.cwd: unknown key"),
     ],
 )
 def test_each_mistake_names_file_and_key(tmp_path: Path, extra: str, expected: str) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dispatcher.models import AttemptStatus, DispatchStatus
 from dispatcher.planners import steps_plan
+from tests.helpers.pipeline import Harness
 
 from .fakes import ScriptedRunner
-from .test_pipeline import Harness
 
 
 async def test_a_step_whose_success_was_recorded_is_not_rerun_after_a_crash() -> None:

@@ -15,7 +15,7 @@ from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
 from dispatcher.models import DispatchStatus, NewDispatch
 from dispatcher.pipeline import InFlight
-from dispatcher.runners.guard import GuardError
+from dispatcher.runners.orphan_guard import GuardError
 from dispatcher.testing import FakeClock, InMemoryStore
 
 NOOP_ONLY = """

@@ -7,7 +7,22 @@ import asyncio
 import anyio
 import pytest
 
-from dispatcher.gate import ConcurrencyGate, FifoSemaphore
+from dispatcher.config import Settings
+from dispatcher.gate import (
+    GLOBAL,
+    ConcurrencyGate,
+    FifoSemaphore,
+    GateKind,
+    GateName,
+    dispatch_holder,
+    gate_capacities,
+    gate_capacity,
+    held_by_step,
+    runner_gate,
+    step_holder,
+    task_gate,
+    task_gate_key,
+)
 from dispatcher.testing import FakeClock, InMemoryStore
 
 
@@ -155,3 +170,50 @@ async def test_self_check_releases_rows_no_slot_owns() -> None:
     assert store.slots[foreign_id].released_at is None
     assert held_rows(store) == ["dispatch:1", "dispatch:98"]
     await gate.release(kept)
+
+
+# -- names and capacities -------------------------------------------------------------------
+
+NAMED = Settings.model_validate(
+    {
+        "gate": {"global": 3},
+        "runners": {"shell": {"type": "exec", "concurrency": 2}, "free": {"type": "noop"}},
+        "tasks": {
+            "build": {
+                "concurrency": 1,
+                "concurrency_key": "{repo}",
+                "steps": [{"name": "a", "runner": "shell", "args": ["{repo}"]}],
+            },
+            "open": {"steps": [{"name": "a", "runner": "free"}]},
+        },
+    }
+)
+
+
+def test_gate_names_are_made_and_read_in_one_place() -> None:
+    assert runner_gate("shell") == "runner:shell"
+    assert task_gate("build") == "task:build"
+    assert task_gate("build", "core:x") == "task:build:core:x"
+    assert GateName.parse(GLOBAL) == GateName(GateKind.GLOBAL)
+    assert GateName.parse("runner:shell") == GateName(GateKind.RUNNER, "shell")
+    assert GateName.parse("task:build:core:x") == GateName(GateKind.TASK, "build")
+    assert GateName.parse("dispatch:1") is None
+    task = NAMED.tasks["build"]
+    assert task_gate_key("build", task, {"repo": "core"}) == "task:build:core"
+    assert task_gate_key("open", NAMED.tasks["open"], {}) is None
+
+
+def test_capacities_come_from_the_config_or_on_demand_from_the_task() -> None:
+    assert gate_capacities(NAMED) == {"global": 3, "runner:shell": 2}
+    assert [gate_capacity(NAMED, name) for name in ("global", "runner:shell")] == [3, 2]
+    assert gate_capacity(NAMED, "task:build:core") == 1
+    assert gate_capacity(NAMED, "task:gone") is None
+    assert gate_capacity(NAMED, "runner:free") is None  # no concurrency: no gate
+
+
+def test_a_step_holder_is_told_apart_from_a_step_with_a_longer_name() -> None:
+    holder = step_holder(7, "lint", 2)
+    assert holder == "dispatch:7/lint#2"
+    assert held_by_step(holder, 7, "lint")
+    assert not held_by_step(step_holder(7, "lint2", 1), 7, "lint")
+    assert not held_by_step(dispatch_holder(7), 7, "lint")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from datetime import timedelta
 from typing import Any
 
@@ -11,85 +10,19 @@ import anyio
 import pytest
 import structlog
 
-from dispatcher.config import Settings
-from dispatcher.gate import ConcurrencyGate
 from dispatcher.models import (
     RESOURCE_SHORTAGE,
     SHUTDOWN_INTERRUPTION,
     AttemptStatus,
-    Dispatch,
     DispatchStatus,
-    NewDispatch,
 )
-from dispatcher.pipeline import CancelReason, InFlight, Pipeline
-from dispatcher.planners import steps_plan, task_gate_capacity
-from dispatcher.runners.base import Outcome, Runner
-from dispatcher.service import gate_capacities
-from dispatcher.testing import FakeClock, InMemoryStore
+from dispatcher.pipeline import CancelReason, InFlight
+from dispatcher.planners import steps_plan
+from dispatcher.runners.base import Outcome
+from dispatcher.testing import InMemoryStore
+from tests.helpers.pipeline import Harness
 
 from .fakes import CrashingRunner, ScriptedRunner, failed, ok
-
-CONFIG: dict[str, Any] = {
-    "runners": {
-        "work": {"type": "exec", "concurrency": 1},
-        "crash": {"type": "exec"},
-        "py": {"type": "python"},
-    },
-    "tasks": {
-        "three": {
-            "steps": [
-                {"name": "a", "runner": "work", "args": ["{x}"]},
-                {"name": "b", "runner": "work", "retries": 2, "backoff": "10s"},
-                {"name": "c", "runner": "work"},
-            ]
-        },
-        "crashy": {"steps": [{"name": "a", "runner": "crash"}]},
-        "planned": {"planner": "python", "call": "tests.unit.planners:good_plan"},
-        "badplan": {"planner": "python", "call": "tests.unit.planners:bad_plan"},
-    },
-}
-
-
-class Harness:
-    def __init__(self, runners: dict[str, Runner], store: InMemoryStore | None = None) -> None:
-        self.settings = Settings.model_validate(CONFIG)
-        self.store = store or InMemoryStore()
-        self.clock = FakeClock()
-        self.gate = ConcurrencyGate(
-            self.store,
-            self.clock,
-            "inst",
-            gate_capacities(self.settings),
-            on_demand=lambda name: task_gate_capacity(self.settings, name),
-        )
-        self.pipeline = Pipeline(
-            settings=self.settings,
-            store=self.store,
-            gate=self.gate,
-            clock=self.clock,
-            runners=runners,
-            instance_id="inst",
-            rand=random.Random(1),
-        )
-
-    async def submit(self, task: str, **params: Any) -> int:
-        reservation = await self.store.check_and_reserve(
-            NewDispatch(task=task, params=params), self.clock.now()
-        )
-        return reservation.id
-
-    async def claim(self) -> Dispatch:
-        dispatch = await self.store.claim_next("inst", self.clock.now(), set())
-        assert dispatch is not None
-        return dispatch
-
-    async def run_next(self, flight: InFlight | None = None) -> DispatchStatus:
-        dispatch = await self.claim()
-        return await self.pipeline.run(dispatch, flight or InFlight(dispatch.id))
-
-    def attempts(self, dispatch_id: int) -> list[tuple[str, int, AttemptStatus]]:
-        rows = sorted(self.store.attempts.values(), key=lambda a: a.id)
-        return [(a.step, a.attempt, a.status) for a in rows if a.dispatch_id == dispatch_id]
 
 
 async def test_steps_run_in_order_with_params_and_one_attempt_each() -> None:

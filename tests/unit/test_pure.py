@@ -10,7 +10,8 @@ import pytest
 from dispatcher.config import Settings
 from dispatcher.durations import format_duration, parse_duration
 from dispatcher.errors import BadRequest, PlanError
-from dispatcher.planners import check_params, task_gate_key, validate_plan
+from dispatcher.gate import task_gate_key
+from dispatcher.planners import check_params, validate_plan
 from dispatcher.retry import backoff_delay
 from dispatcher.templating import fill, placeholders
 

@@ -1,10 +1,11 @@
-"""The daemon's side of the orphan guard: what a step started ends with the step, and
-steps die with the daemon, even on SIGKILL.
+"""The orphan guard: what a step started ends with the step, and steps die with the
+daemon, even on SIGKILL.
 
-One guardian process (`dispatcher/runners/guardian.py`) per daemon process, started
-with the daemon when its steps may start processes (else on the first spawn), in a
-session of its own, reading a pipe from the daemon. The
-daemon writes `+PGID` as soon as a step's group exists and `-PGID` once it has been
+It has two halves: this module, the daemon's side (`process_guard()`, used by
+`dispatcher.runners.process`), and `guardian.py`, the small process it starts. One
+guardian per daemon process, started with the daemon when its steps may start
+processes (else on the first spawn), in a session of its own, reading a pipe from the
+daemon. The daemon writes `+PGID` as soon as a step's group exists and `-PGID` once it has been
 stopped and reaped. When the daemon is gone, whatever killed it, the kernel closes the
 pipe; at that end of file the guardian SIGKILLs every registered group, then every
 process whose environment carries this daemon's token (`DISPATCHER_GUARD=<token>`,
@@ -40,7 +41,7 @@ import time
 from collections.abc import Mapping
 
 from dispatcher import logs
-from dispatcher.runners import guardian
+from dispatcher.runners.orphan_guard import guardian
 
 VARIABLE = guardian.VARIABLE
 """The environment variable that carries the token into steps."""

@@ -1,7 +1,7 @@
 """The guardian: kills what a step left once the step ends, and a daemon's steps once
 the daemon is gone, however it died.
 
-Run as `python -I -S guardian.py TOKEN` by `dispatcher.runners.guard`, one per daemon
+Run as `python -I -S guardian.py TOKEN` by `dispatcher.runners.orphan_guard`, one per daemon
 process, in a session of its own, with a pipe from the daemon as stdin. It reads lines:
 
     +PGID           a step's process group was started
@@ -280,7 +280,7 @@ def _report(event: str, **fields: object) -> None:
         "event": event,
         **fields,
         "pid": os.getpid(),
-        "logger": "dispatcher.runners.guardian",
+        "logger": "dispatcher.runners.orphan_guard.guardian",
     }
     try:
         print(_journal_prefix("<4>") + json.dumps(line), flush=True)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from dispatcher.notify import Notifier, socket_address, watchdog_interval
+from dispatcher.systemd import Notifier, socket_address, watchdog_interval
 
 
 def _drain(sock: socket.socket) -> list[str]:

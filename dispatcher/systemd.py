@@ -20,7 +20,7 @@ import anyio
 
 from dispatcher import logs
 
-log = logs.get_logger("dispatcher.notify")
+log = logs.get_logger("dispatcher.systemd")
 
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
