@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-
 from dispatcher.durations import format_duration
 from dispatcher.errors import EX_TEMPFAIL, DispatcherError, Unavailable
 from dispatcher.models import DispatchStatus
