@@ -92,12 +92,11 @@ class Daemon:
             env=_env(),
         )
 
-    def statuses(self) -> dict[int, str]:
-        """Every dispatch's status, read from the database directly: what a test polls
+    def query(self, query: str) -> list[tuple[Any, ...]]:
+        """Rows read from the database directly (SQLite or PostgreSQL): what a test polls
         while it waits (a CLI process per poll would cost half a second of CPU each; the
         CLI's own answers are asserted where they are the point)."""
         database = tomllib.loads(self.config.read_text()).get("database", {})
-        query = "SELECT id, status FROM dispatches"
         if "url" in database:
             url = database["url"]
 
@@ -108,12 +107,16 @@ class Daemon:
                 finally:
                     await con.close()
 
-            return {row[0]: row[1] for row in postgres.run_sync(read)}
+            return [tuple(row) for row in postgres.run_sync(read)]
         path = self.config.parent / database.get("path", "dispatcher.db")
         if not path.exists():
-            return {}
+            return []
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10) as db:
-            return dict(db.execute(query).fetchall())
+            return db.execute(query).fetchall()
+
+    def statuses(self) -> dict[int, str]:
+        """Every dispatch's status, from the database."""
+        return dict(self.query("SELECT id, status FROM dispatches"))
 
     def wait_status(self, dispatch_id: int, *wanted: str, timeout: float = 60) -> None:
         """Wait until the dispatch has one of the `wanted` statuses."""

@@ -218,9 +218,9 @@ def test_per_task_caps_hold_across_three_daemons(
     log = tmp_path / "steps.log"
     daemons = [make_daemon(config(pg_database, log, cap=6, task_cap=2)) for _ in range(3)]
     labels = [f"t{n}" for n in range(12)]
-    submit(daemons[0], labels, 0.5)
-    for daemon in daemons:
+    for daemon in daemons:  # all up before the work comes: each competes from the start
         daemon.start()
+    submit(daemons[0], labels, 0.5)
     wait_until(lambda: all_succeeded(daemons[0], len(labels)), timeout=180, interval=0.5)
     for daemon in daemons:
         assert daemon.stop() == 0

@@ -193,7 +193,8 @@ def test_a_flood_of_child_output_cannot_flood_the_log(tmp_path: Path, make_daemo
     assert len(output) < 1000, len(output)  # 200,001 lines printed
     assert all(e["dispatch_id"] == 1 and e["step"] == "shout" for e in output)
     suppressed = [e for e in events if e.get("event") == "step_output_suppressed"]
-    assert len(suppressed) == 1 and suppressed[0]["lines_logged"] == 50
+    # The burst of 50, and the few lines the rate (10 a second) refilled meanwhile.
+    assert len(suppressed) == 1 and 50 <= suppressed[0]["lines_logged"] <= 55
     assert summary["lines"] == 200_001
     assert summary["lines_logged"] + summary["lines_suppressed"] == 200_001
     assert summary["lines_logged"] == len(output)
