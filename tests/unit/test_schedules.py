@@ -4,6 +4,7 @@ downtime, overlap policies, exactly once per fire across restarts and daemons, r
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -123,7 +124,7 @@ def test_daylight_saving_autumn_an_hourly_schedule_follows_real_time() -> None:
     start = datetime(2026, 11, 1, tzinfo=NEW_YORK).astimezone(UTC)
     day = times.between(start - timedelta(seconds=1), start + timedelta(hours=25, minutes=-1), 100)
     assert len(day) == 25
-    assert all(b - a == timedelta(hours=1) for a, b in zip(day, day[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in pairwise(day))
 
 
 def test_daylight_saving_spring_an_hourly_schedule_has_23_fires_that_day() -> None:
@@ -131,7 +132,7 @@ def test_daylight_saving_spring_an_hourly_schedule_has_23_fires_that_day() -> No
     start = datetime(2026, 3, 8, tzinfo=NEW_YORK).astimezone(UTC)
     day = times.between(start - timedelta(seconds=1), start + timedelta(hours=23, minutes=-1), 100)
     assert len(day) == 23
-    assert all(b - a == timedelta(hours=1) for a, b in zip(day, day[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in pairwise(day))
 
 
 def test_the_fire_key_names_the_schedule_and_the_fire_time_in_utc() -> None:
