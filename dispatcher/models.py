@@ -163,6 +163,8 @@ class Reservation:
     created: bool
     retried: bool = False
     """The key's dispatch had failed (or was cancelled) and was started again."""
+    not_before: datetime | None = None
+    """When a dispatch created now may start (`--at`, `--in`)."""
 
 
 @dataclass(frozen=True, slots=True)

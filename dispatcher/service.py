@@ -389,8 +389,9 @@ def _chunks(items: list[NewDispatch], size: int) -> Iterator[list[NewDispatch]]:
 
 
 def reservation_json(reservation: Reservation) -> dict[str, Any]:
-    """`{"id", "status", "created"}`, and `"retried": true` when the key's failed
-    dispatch was started again (`key_reuse = "after_failure"`)."""
+    """`{"id", "status", "created"}`; `"retried": true` when the key's failed dispatch
+    was started again (`key_reuse = "after_failure"`); `not_before` when one created
+    now waits for its time (`--at`, `--in`)."""
     answer: dict[str, Any] = {
         "id": reservation.id,
         "status": str(reservation.status),
@@ -398,6 +399,8 @@ def reservation_json(reservation: Reservation) -> dict[str, Any]:
     }
     if reservation.retried:
         answer["retried"] = True
+    if reservation.not_before is not None:
+        answer["not_before"] = _ts(reservation.not_before)
     return answer
 
 

@@ -213,7 +213,7 @@ class Store(ABC):
         """
         async with self._tx() as tx:
             reservation = await self._reserve(tx, new, now)
-        if reservation.created:
+        if reservation.created or reservation.retried:
             self._submitted()
         return reservation
 
@@ -234,7 +234,10 @@ class Store(ABC):
                     answers.append(await self._reserve(tx, new, now))
                 except KeyConflict as exc:
                     answers.append(exc)
-        if any(isinstance(answer, Reservation) and answer.created for answer in answers):
+        if any(
+            isinstance(answer, Reservation) and (answer.created or answer.retried)
+            for answer in answers
+        ):
             self._submitted()
         return answers
 
@@ -257,7 +260,8 @@ class Store(ABC):
         }
         rows = await tx.fetch("insert_dispatch", params)
         if rows:
-            return Reservation(rows[0]["id"], DispatchStatus(rows[0]["status"]), created=True)
+            status = DispatchStatus(rows[0]["status"])
+            return Reservation(rows[0]["id"], status, created=True, not_before=new.not_before)
         assert new.key is not None, "only a keyed insert can conflict"
         existing = (await tx.fetch("dispatch_by_key", {"key": new.key}))[0]
         if existing["fingerprint"] != new.fingerprint:
