@@ -441,6 +441,7 @@ class _Routes:
             queued=[_queued_row(dispatch, full, now) for dispatch in queued],
             minutes=d.activity.minutes(),
             in_flight=len(flights),
+            schedules=(await service.schedules_report(d.settings, d.store, d.clock))["schedules"],
         )
 
     async def _failures(self) -> list[statuspage.FailureRow]:
