@@ -434,7 +434,7 @@ def _check_config(args: argparse.Namespace) -> int:
     where = settings.database.url_redacted or settings.database.path
     print(
         f"{path}: ok ({len(settings.tasks)} tasks, {len(settings.runners)} runners, "
-        f"database {where})"
+        f"{len(settings.schedules)} schedules, database {where})"
     )
     return EX_OK
 
@@ -922,7 +922,7 @@ async def _schedules(args: argparse.Namespace, settings: Settings, store: Store)
     if not data["schedules"]:
         print("no schedules configured ([schedules.NAME] in the configuration)", file=sys.stderr)
         return EX_OK
-    print(f"{'SCHEDULE':<20} {'WHEN':<24} {'NEXT FIRE':<22} {'LAST FIRE':<22} LAST DISPATCH")
+    print(f"{'SCHEDULE':<20} {'WHEN':<32} {'NEXT FIRE':<22} {'LAST FIRE':<22} LAST DISPATCH")
     for item in data["schedules"]:
         print(_schedule_line(item))
     return EX_OK
@@ -938,7 +938,7 @@ def _schedule_line(item: dict[str, Any]) -> str:
     elif item["last_dispatch_id"] is not None:
         last = f"{item['last_dispatch_id']} {item['last_status'] or '(deleted)'}"
     return (
-        f"{item['name']:<20} {when:<24} {item['next_fire'] or 'never':<22} "
+        f"{item['name']:<20} {when:<32} {item['next_fire'] or 'never':<22} "
         f"{item['last_fire'] or 'never':<22} {last}"
     )
 

@@ -598,6 +598,7 @@ class Daemon:
             gates=gate_capacities(settings),
             runners=sorted(settings.runners),
             tasks=sorted(settings.tasks),
+            schedules=sorted(settings.schedules),
             restart_required=restart_required,
         )
         self.notifier.ready(status=self._inflight_summary())
