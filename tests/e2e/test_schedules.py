@@ -7,6 +7,7 @@ dispatch's key (`schedule:NAME:<fire time>` for a fire) and the time it ran.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -183,6 +184,48 @@ def test_submit_in_runs_within_its_time_plus_50ms(make_daemon: Any, tmp_path: Pa
     ran = float(log.read_text().split()[-1])
     assert due <= ran <= due + 0.050, f"ran {ran - due:+.3f}s after its time"
     assert daemon.stop() == 0
+
+
+def test_a_sighup_adds_changes_and_removes_schedules_live(make_daemon: Any, tmp_path: Path) -> None:
+    log = tmp_path / "steps.log"
+    base = config('path = "state/dispatcher.db"', log).split("[schedules.tick]")[0]
+    daemon = make_daemon(base)
+    daemon.start()
+    assert daemon.proc is not None
+
+    def reload(text: str) -> None:
+        marker = len([e for e in daemon.events() if e.get("event") == "config_reloaded"])
+        daemon.config.write_text(text)
+        daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]  # started above
+        wait_until(
+            lambda: (
+                len([e for e in daemon.events() if e.get("event") == "config_reloaded"]) > marker
+            ),
+            timeout=10,
+            interval=0.05,
+        )
+
+    every = '[schedules.tick]\ntask = "stamp"\nevery = "{}s"\noverlap = "allow"\n'
+    reload(base + every.format(1))
+    wait_until(lambda: len(fires(log)) >= 2, timeout=15, interval=0.05)
+    reload(base + every.format(3))
+    changed_at = time.time()
+    wait_until(lambda: ran_after(log, changed_at) >= 1, timeout=15, interval=0.05)
+    reload(base)
+    removed_at = time.time()
+    time.sleep(3.5)
+    assert ran_after(log, removed_at + 0.5) == 0  # removed: no fire after the reload
+    assert daemon.stop() == 0
+
+    times = [int(fire) for fire, _ in fires(log)]
+    assert len(times) == len(set(times))
+    assert all(t % 3 == 0 for t in times if t > changed_at + 0.5)  # every 3s once changed
+    reloads = [e for e in daemon.events() if e.get("event") == "schedules_reloaded"]
+    assert [(e["added"], e["changed"], e["removed"]) for e in reloads] == [
+        (["tick"], [], []),
+        ([], ["tick"], []),
+        ([], [], ["tick"]),
+    ]
 
 
 def three_steps(tmp_path: Path) -> str:

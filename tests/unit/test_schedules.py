@@ -356,3 +356,19 @@ async def test_a_reload_adds_changes_and_removes_schedules() -> None:
         "schedule:c:06Z",
         "schedule:c:09Z",
     ]
+
+
+async def test_metrics_count_fires_skips_and_the_lag() -> None:
+    from dispatcher.metrics import DaemonMetrics
+
+    store, clock = InMemoryStore(), FakeClock(T0)
+    metrics = DaemonMetrics()
+    schedules = make(store, clock, settings(tick={"every": "2s"}), observer=metrics)
+    await schedules.load()
+    for _ in range(2):
+        clock.advance(2.5)
+        await schedules.fire_due()
+    text = metrics.render().decode()
+    assert 'dispatcher_schedule_fires_total{schedule="tick"} 1.0' in text
+    assert 'dispatcher_schedule_skips_total{schedule="tick"} 1.0' in text
+    assert 'dispatcher_schedule_lag_seconds_sum{schedule="tick"} 0.5' in text
