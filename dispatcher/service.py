@@ -88,7 +88,7 @@ def not_before(request: SubmitRequest, now: datetime) -> datetime | None:
     if request.delay is not None:
         return now + timedelta(seconds=request.delay)
     if request.at is not None and not now - MAX_START_SPAN < request.at < now + MAX_START_SPAN:
-        raise BadRequest(f"start time {request.at.isoformat()}: more than 100 years away")
+        raise BadRequest(f"start time {_ts(request.at)}: more than 100 years away")
     return request.at
 
 
