@@ -320,7 +320,12 @@ class Store(ABC):
             if self._from_time(state["last_fire"]) >= fire_at:
                 return Fired(FireOutcome.SEEN, state["last_dispatch_id"])
             previous = state["last_dispatch_id"]
-            unfinished = state["last_status"] in _UNFINISHED
+            unfinished = False
+            if previous is not None and overlap != "allow":
+                # Read after the lock: a statement of its own sees what the daemon that
+                # held the lock before committed (PostgreSQL, READ COMMITTED).
+                rows = await tx.fetch("get_dispatch", {"id": previous})
+                unfinished = bool(rows) and rows[0]["status"] in _UNFINISHED
             record = {"name": schedule, "fire": self._time(fire_at), "now": at}
             if unfinished and overlap == "skip":
                 await tx.fetch(

@@ -93,9 +93,7 @@ WITH retried AS (
 SELECT retried.*, pg_notify('dispatcher_dispatches', '')::text AS notified FROM retried;
 
 -- name: schedule_for_update
--- The schedule's row (see schedule_ensure) and the status of its latest dispatch,
--- locked: the daemons that fire one schedule take turns here until the commit.
-SELECT s.last_fire, s.last_dispatch_id, d.status AS last_status
-FROM schedules AS s LEFT JOIN dispatches AS d ON d.id = s.last_dispatch_id
-WHERE s.name = :name
-FOR UPDATE OF s;
+-- The schedule's row (see schedule_ensure), locked: the daemons that fire one schedule
+-- take turns here until the commit.
+SELECT last_fire, last_dispatch_id FROM schedules WHERE name = :name
+FOR UPDATE;

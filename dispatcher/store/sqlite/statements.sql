@@ -82,8 +82,6 @@ WHERE id = :id AND status IN ('failed', 'cancelled')
 RETURNING *;
 
 -- name: schedule_for_update
--- The schedule's row (see schedule_ensure) and the status of its latest dispatch. The
--- transaction's write lock serializes fires (one daemon per file).
-SELECT s.last_fire, s.last_dispatch_id, d.status AS last_status
-FROM schedules AS s LEFT JOIN dispatches AS d ON d.id = s.last_dispatch_id
-WHERE s.name = :name;
+-- The schedule's row (see schedule_ensure). The transaction's write lock serializes
+-- fires (one daemon per file).
+SELECT last_fire, last_dispatch_id FROM schedules WHERE name = :name;
