@@ -246,12 +246,6 @@ class _Active:
     """Fires up to this time are handled (or were let go by the catch-up policy)."""
 
 
-@dataclass
-class _Pending:
-    settings: Settings | None = None
-    loaded: bool = False
-
-
 NewFor = Callable[[str, ScheduleSettings, datetime], NewDispatch]
 """The dispatch of one fire: (schedule name, its settings, fire time) -> validated."""
 
@@ -269,7 +263,8 @@ class Schedules:
     """Told when a fire made a dispatch (the daemon claims at once)."""
     active: dict[str, _Active] = field(default_factory=dict)
     _due: asyncio.Event = field(default_factory=asyncio.Event)
-    _pending: _Pending = field(default_factory=_Pending)
+    _reloaded: Settings | None = None
+    """A configuration from a SIGHUP, applied by `run` at its next turn."""
     _scheduler: AsyncIOScheduler | None = None
     _failing: bool = False
 
@@ -329,11 +324,11 @@ class Schedules:
     def reload(self, settings: Settings) -> None:
         """Apply a reloaded configuration (from the signal handler): the fires due under
         the old one go first, then schedules are added, changed and removed."""
-        self._pending.settings = settings
+        self._reloaded = settings
         self._due.set()
 
     async def _apply_reload(self) -> None:
-        settings, self._pending.settings = self._pending.settings, None
+        settings, self._reloaded = self._reloaded, None
         if settings is None:
             return
         await self.fire_due()  # what was due under the old configuration
