@@ -91,6 +91,12 @@ class Activity:
     def purge_finished(self, deleted: int, duration_s: float) -> None:
         """Not part of the picture."""
 
+    def schedule_fired(self, schedule: str, lag_s: float) -> None:
+        """Not part of the picture."""
+
+    def schedule_skipped(self, schedule: str) -> None:
+        """Not part of the picture."""
+
     # -- reading ----------------------------------------------------------------------------
 
     def minutes(self) -> list[Minute]:

@@ -31,6 +31,7 @@ from dispatcher.errors import (
     DispatcherError,
     KeyConflict,
     NotFound,
+    NotRetryable,
     StoreBusy,
     Unavailable,
 )
@@ -91,6 +92,8 @@ def _from_dispatcher_error(exc: DispatcherError) -> ApiError:
         return ApiError(422, "bad_request", exc.message)
     if isinstance(exc, NotFound):
         return ApiError(404, "not_found", exc.message)
+    if isinstance(exc, NotRetryable):
+        return ApiError(409, "not_retryable", exc.message)
     if isinstance(exc, StoreBusy):
         return ApiError(503, "busy", exc.message, {"Retry-After": "1"})
     return ApiError(503, "unavailable", exc.message)
@@ -195,7 +198,9 @@ class ApiServer:
                 web.post("/v1/dispatches", routes.submit),
                 web.get("/v1/dispatches/{id:[0-9]+}", routes.show),
                 web.post("/v1/dispatches/{id:[0-9]+}/cancel", routes.cancel),
+                web.post("/v1/dispatches/{id:[0-9]+}/retry", routes.retry),
                 web.get("/v1/gates", routes.gates),
+                web.get("/v1/schedules", routes.schedules),
                 web.get("/healthz", routes.healthz),
                 web.get("/readyz", routes.readyz),
                 web.get("/metrics", routes.metrics),
@@ -316,7 +321,7 @@ class _Routes:
         submission = service.request_from_json(body)
         d = self.daemon
         reservation = await service.submit(d.settings, d.store, d.clock, submission)
-        if reservation.created:
+        if reservation.created or reservation.retried:
             d.wake()
         status = 201 if reservation.created else 200
         answer = service.reservation_json(reservation)
@@ -337,6 +342,19 @@ class _Routes:
         if flight is not None and answer["cancel_requested"]:
             flight.cancel(CancelReason.USER)
         return web.json_response(answer, status=202)
+
+    async def retry(self, request: web.Request) -> web.Response:
+        """POST /v1/dispatches/{id}/retry: 202, queued again from its first unfinished
+        step; 409 when it is neither failed nor cancelled."""
+        d = self.daemon
+        answer = await service.retry(d.settings, d.store, d.clock, _dispatch_id(request))
+        d.wake()
+        return web.json_response(answer, status=202)
+
+    async def schedules(self, request: web.Request) -> web.Response:
+        """GET /v1/schedules: the object of `schedules --json`."""
+        d = self.daemon
+        return web.json_response(await service.schedules_report(d.settings, d.store, d.clock))
 
     async def gates(self, request: web.Request) -> web.Response:
         """GET /v1/gates: the object of `gates --json`."""
@@ -423,6 +441,7 @@ class _Routes:
             queued=[_queued_row(dispatch, full, now) for dispatch in queued],
             minutes=d.activity.minutes(),
             in_flight=len(flights),
+            schedules=(await service.schedules_report(d.settings, d.store, d.clock))["schedules"],
         )
 
     async def _failures(self) -> list[statuspage.FailureRow]:

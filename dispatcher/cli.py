@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,9 +51,12 @@ examples:
   dispatcher submit hello --param who=world --wait     run one, follow it to its end
   dispatcher submit backup --params '{"paths": ["/srv"]}' --key backup-2026-11-30
   dispatcher submit --batch jobs.jsonl --wait          many at once, with a progress bar
+  dispatcher submit report --in 10m                    run it ten minutes from now
+  dispatcher retry 17                                  run a failed dispatch again
+  dispatcher schedules                                 next and last fire of each schedule
   dispatcher tasks                                     what can be submitted, and its params
   dispatcher status                                    daemon, queue, gates, what runs now
-  dispatcher list --status failed --limit 10
+  dispatcher list --status failed --limit 10          failures with their errors
   dispatcher show 17                                   one dispatch, its steps and output
 
 exit codes:
@@ -150,6 +154,20 @@ def _add_submit(sub: Any) -> None:
         metavar="N",
         help="higher runs first (default: the task's priority, else 0)",
     )
+    later = submit.add_mutually_exclusive_group()
+    later.add_argument(
+        "--at",
+        metavar="TIME",
+        help="start no earlier than TIME, ISO-8601 with its offset "
+        "(2026-12-01T10:00:00Z, 2026-12-01T11:00+01:00)",
+    )
+    later.add_argument(
+        "--in",
+        dest="delay",
+        type=_duration,
+        metavar="DURATION",
+        help="start no earlier than DURATION from now (30s, 10m, 2h)",
+    )
     _add_submit_modes(submit)
 
 
@@ -211,6 +229,25 @@ def _add_reading(sub: Any) -> None:
         "--limit", type=int, default=50, metavar="N", help="at most N dispatches (default 50)"
     )
     lst.add_argument("--json", action="store_true", help=JSON_HELP + " (a list)")
+    retry = _command(
+        sub,
+        "retry",
+        "run a failed or cancelled dispatch again from its first unfinished step",
+        "Queue a failed or cancelled dispatch again. It resumes at its first unfinished "
+        "step: the steps that succeeded stay done and are not run again. Its attempts are "
+        "kept (`show` lists them) and numbered on; each step gets its retries again.",
+    )
+    retry.add_argument("id", type=int, metavar="ID", help="the dispatch id")
+    retry.add_argument("--json", action="store_true", help=JSON_HELP)
+    schedules = _command(
+        sub,
+        "schedules",
+        "each schedule: next and last fire, and its last dispatch",
+        "Every [schedules.NAME] of the configuration: its cron or interval, overlap and "
+        "catch-up policies, the next fire, the last fire handled (dispatched or skipped) "
+        "and the status of its last dispatch.",
+    )
+    schedules.add_argument("--json", action="store_true", help=JSON_HELP)
     tasks = _command(
         sub,
         "tasks",
@@ -398,7 +435,7 @@ def _check_config(args: argparse.Namespace) -> int:
     where = settings.database.url_redacted or settings.database.path
     print(
         f"{path}: ok ({len(settings.tasks)} tasks, {len(settings.runners)} runners, "
-        f"database {where})"
+        f"{len(settings.schedules)} schedules, database {where})"
     )
     return EX_OK
 
@@ -436,6 +473,8 @@ def _check_submit_usage(args: argparse.Namespace) -> None:
                 ("--params", args.params),
                 ("--key", args.key),
                 ("--priority", args.priority is not None),
+                ("--at", args.at),
+                ("--in", args.delay is not None),
             )
             if given
         ]
@@ -465,7 +504,10 @@ async def _submit(args: argparse.Namespace, settings: Settings, store: Store) ->
 
 def _request(args: argparse.Namespace, settings: Settings) -> service.SubmitRequest:
     params = _params(args, settings)
-    return service.SubmitRequest(args.task, params, args.key, args.priority)
+    at = None if args.at is None else service.parse_at(args.at)
+    return service.SubmitRequest(
+        args.task, params, args.key, args.priority, at=at, delay=args.delay
+    )
 
 
 def _params(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -529,6 +571,10 @@ def _print_reservation(args: argparse.Namespace, answer: dict[str, Any]) -> None
         _print_json(answer)
     else:
         how = "created" if answer["created"] else f"existing dispatch for key {args.key!r}"
+        if answer.get("retried"):
+            how = f"failed dispatch for key {args.key!r} started again"
+        if answer.get("not_before"):
+            how += f"; due at {answer['not_before']}"
         print(f"{answer['id']} {answer['status']} ({how})")
 
 
@@ -714,7 +760,13 @@ async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> i
     if data["key"]:
         print(f"  key     {data['key']}")
     if data["not_before"] and data["status"] == DispatchStatus.QUEUED:
-        print(f"  retry   not before {data['not_before']}")
+        label = "due" if data["started_at"] is None else "retry"
+        print(f"  {label:<7} not before {data['not_before']}")
+    if data["follows"] is not None and data["status"] == DispatchStatus.QUEUED:
+        print(f"  after   dispatch {data['follows']} has ended (its schedule's overlap = queue)")
+    if data["series"]:
+        times = "once" if data["series"] == 1 else f"{data['series']} times"
+        print(f"  retried {times} (each series of attempts below starts with its marker)")
     if data["error"]:
         print(f"  error   {data['error']}")
     running = {branch["step"] for branch in data["running"]}
@@ -726,7 +778,11 @@ async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> i
             f"  {mark} step {index}: {step['name']} [{step['runner']}] "
             f"{' '.join(step['args'])}{needs}"
         )
+    series = 0
     for attempt in data["attempts"]:
+        if attempt["series"] != series:
+            series = attempt["series"]
+            print(f"    -- retry {series}")
         _print_attempt(attempt)
     return EX_OK
 
@@ -746,10 +802,26 @@ def _print_attempt(attempt: dict[str, Any]) -> None:
         print(_indent(service.tail_lines(attempt["output"], OUTPUT_TAIL_LINES), "      | "))
 
 
-def _status_text(data: dict[str, Any]) -> str:
-    """`waiting (runner:shell)` for a dispatch that waits for a gate, else its status."""
+def _status_text(data: dict[str, Any], now: datetime | None = None) -> str:
+    """`waiting (runner:shell)` for a dispatch that waits for a gate, `due 10:30:00Z`
+    for one that waits for its time (`--at`, `--in`), else its status."""
     waiting = data.get("waiting_for")
-    return f"waiting ({waiting})" if waiting else str(data["status"])
+    if waiting:
+        return f"waiting ({waiting})"
+    due = data.get("not_before")
+    if now is not None and due and data["status"] == DispatchStatus.QUEUED:
+        if datetime.fromisoformat(due) > now:
+            verb = "due" if data.get("started_at") is None else "retry"
+            return f"{verb} {_clock_time(due, now)}"
+    return str(data["status"])
+
+
+def _clock_time(stamp: str, now: datetime) -> str:
+    """A time of today as `10:30:00Z`, any other as `2026-12-01 10:30Z`."""
+    when = datetime.fromisoformat(stamp)
+    if when.date() == now.date():
+        return when.strftime("%H:%M:%SZ")
+    return when.strftime("%Y-%m-%d %H:%MZ")
 
 
 async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> int:
@@ -763,12 +835,32 @@ async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> i
     if not rows:
         print("no dispatches" + (f" with status {status}" if status else ""), file=sys.stderr)
         return EX_OK
+    if status is DispatchStatus.FAILED:
+        return _list_failed(rows)
     print(f"{'ID':>8}  {'STATUS':<24} {'TASK':<20} {'CREATED':<27} ERROR")
+    now = SystemClock().now()
     for row in rows:
         print(
-            f"{row['id']:>8}  {_status_text(row):<24} {row['task']:<20} {row['created_at']:<27} "
-            f"{row['error'] or ''}"
+            f"{row['id']:>8}  {_status_text(row, now):<24} {row['task']:<20} "
+            f"{row['created_at']:<27} {row['error'] or ''}"
         )
+    return EX_OK
+
+
+def _list_failed(rows: list[dict[str, Any]]) -> int:
+    """`list --status failed`: the dead letters, each with its whole error."""
+    print(f"{'ID':>8}  {'TASK':<20} {'FAILED AT':<27} ERROR")
+    for row in rows:
+        retried = f" (retried {row['series']}x)" if row["series"] else ""
+        print(
+            f"{row['id']:>8}  {row['task']:<20} {row['finished_at'] or '':<27} "
+            f"{row['error'] or '(no error recorded)'}{retried}"
+        )
+    print(
+        "dispatcher: `dispatcher show ID` has each one's output; "
+        "`dispatcher retry ID` runs one again from its failed step",
+        file=sys.stderr,
+    )
     return EX_OK
 
 
@@ -811,6 +903,45 @@ async def _cancel(args: argparse.Namespace, settings: Settings, store: Store) ->
     else:
         print(f"{data['id']} already {data['status']}; nothing to cancel")
     return EX_OK
+
+
+async def _retry(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.retry(settings, store, SystemClock(), args.id)
+    if args.json:
+        _print_json(data)
+    else:
+        where = f"from step {data['from_step']}" if data["from_step"] else "from its plan"
+        print(f"{data['id']} queued again {where} (retry {data['series']})")
+    return EX_OK
+
+
+async def _schedules(args: argparse.Namespace, settings: Settings, store: Store) -> int:
+    data = await service.schedules_report(settings, store, SystemClock())
+    if args.json:
+        _print_json(data)
+        return EX_OK
+    if not data["schedules"]:
+        print("no schedules configured ([schedules.NAME] in the configuration)", file=sys.stderr)
+        return EX_OK
+    print(f"{'SCHEDULE':<20} {'WHEN':<32} {'NEXT FIRE':<22} {'LAST FIRE':<22} LAST DISPATCH")
+    for item in data["schedules"]:
+        print(_schedule_line(item))
+    return EX_OK
+
+
+def _schedule_line(item: dict[str, Any]) -> str:
+    when = f"every {item['every']}" if item["every"] else item["cron"]
+    if item["cron"] and item["timezone"] != "UTC":
+        when += f" {item['timezone']}"
+    last = "-"
+    if item["last_outcome"] == "skipped":
+        last = "skipped (overlap)"
+    elif item["last_dispatch_id"] is not None:
+        last = f"{item['last_dispatch_id']} {item['last_status'] or '(deleted)'}"
+    return (
+        f"{item['name']:<20} {when:<32} {item['next_fire'] or 'never':<22} "
+        f"{item['last_fire'] or 'never':<22} {last}"
+    )
 
 
 async def _gates(args: argparse.Namespace, settings: Settings, store: Store) -> int:
@@ -937,7 +1068,7 @@ def _queued_text(item: dict[str, Any]) -> str:
     if item["waiting_for"]:
         why = f"waiting for {item['waiting_for']}"
     elif item["not_before"]:
-        why = f"retry after {item['not_before']}"
+        why = f"due at {item['not_before']}"
     else:
         why = ""
     return f"{item['id']:>6} {item['task']:<16} {why}".rstrip()
@@ -965,6 +1096,8 @@ _HANDLERS: dict[str, tuple[Handler, Access]] = {
     # Only `run` and `init` create a database; reading commands never write at all.
     "submit": (_submit, Access.WRITE),
     "cancel": (_cancel, Access.WRITE),
+    "retry": (_retry, Access.WRITE),
+    "schedules": (_schedules, Access.READ),
     "purge": (_purge, Access.WRITE),
     "init": (_init, Access.CREATE),
     "show": (_show, Access.READ),

@@ -34,6 +34,10 @@ class ApiClient:
             body["key"] = request.key
         if request.priority is not None:
             body["priority"] = request.priority
+        if request.at is not None:
+            body["at"] = request.at.isoformat().replace("+00:00", "Z")
+        if request.delay is not None:
+            body["in"] = f"{request.delay:.3f}s"
         return self._call("POST", "/v1/dispatches", body)
 
     def show(self, dispatch_id: int) -> dict[str, Any]:

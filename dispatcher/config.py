@@ -30,7 +30,7 @@ from pydantic import (
 
 from dispatcher import limits
 from dispatcher.durations import parse_duration
-from dispatcher.errors import ConfigError
+from dispatcher.errors import ConfigError, DispatcherError
 from dispatcher.graph import Node
 from dispatcher.params import ParamSpec
 from dispatcher.templating import placeholders, strings, template_fields, value_placeholders
@@ -228,6 +228,9 @@ class TaskSettings(_Section):
     description: str = ""
     params: dict[ParamName, ParamSpec] | None = None
     """Declared params (`[tasks.NAME.params.P]`); None: undeclared (any params taken)."""
+    key_reuse: Literal["never", "after_failure"] = "never"
+    """`after_failure`: a submission with the key of a failed or cancelled dispatch
+    (same task and params) starts that dispatch again instead of answering it."""
 
     @field_validator("planner")
     @classmethod
@@ -297,6 +300,57 @@ def _task_by_planner(value: Any, handler: ValidatorFunctionWrapHandler) -> TaskS
         validated: TaskSettings = handler(value)
         return validated
     return planner.settings.model_validate(value)
+
+
+class ScheduleSettings(_Section):
+    """`[schedules.NAME]`: a task dispatched on a cron or an interval."""
+
+    task: Name
+    cron: str | None = None
+    """Five crontab fields (minute hour day month weekday), in `timezone`."""
+    every: Duration | None = None
+    """An interval of whole seconds, aligned to the Unix epoch in UTC ("10m" fires at
+    :00, :10, :20 ...)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    priority: int | None = Field(default=None, ge=-limits.MAX_PRIORITY, le=limits.MAX_PRIORITY)
+    timezone: str | None = None
+    """The zone the cron fields are read in (an IANA name); UTC when unset."""
+    overlap: Literal["skip", "queue", "allow"] = "skip"
+    catch_up: Literal["none", "last", "all"] = "last"
+    catch_up_limit: int = Field(default=100, ge=1, le=10_000)
+    """With `catch_up = "all"`: the most missed fires made up for after a downtime."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_is_known(cls, timezone: str | None) -> str | None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if timezone is not None:
+            try:
+                ZoneInfo(timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"unknown time zone {timezone!r} (an IANA name such as 'Europe/Berlin')"
+                ) from None
+        return timezone
+
+    @model_validator(mode="after")
+    def _cron_or_every(self) -> ScheduleSettings:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError('give either cron = "MIN HOUR DAY MONTH WEEKDAY" or every = "10m"')
+        if self.every is not None:
+            if self.timezone is not None:
+                raise ValueError("timezone applies to cron only (every is counted in UTC)")
+            if self.every < 1 or self.every != int(self.every):
+                raise ValueError("every must be a whole number of seconds, at least 1s")
+        if self.cron is not None:
+            from dispatcher.schedules import cron_trigger
+
+            try:
+                cron_trigger(self.cron, self.timezone or "UTC")
+            except ValueError as exc:
+                raise ValueError(f"invalid cron {self.cron!r}: {exc}") from None
+        return self
 
 
 class PurgeSettings(_Section):
@@ -413,6 +467,7 @@ class Settings(_Section):
     retention: RetentionSettings = RetentionSettings()
     log: LogSettings = LogSettings()
     api: ApiSettings = ApiSettings()
+    schedules: dict[Name, ScheduleSettings] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -433,6 +488,20 @@ class Settings(_Section):
             return f".runner: unknown runner {step.runner!r} (known: {known})"
         problem = runner_types().require(runner.type).check_step(step)
         return None if problem is None else f": {problem}"
+
+    @model_validator(mode="after")
+    def _schedules_make_valid_dispatches(self) -> Settings:
+        """A schedule's task exists and its params pass the task's checks, as a
+        submission's would: a fire never fails for what the file says."""
+        from dispatcher.service import SubmitRequest, validate_request
+
+        for name, spec in self.schedules.items():
+            request = SubmitRequest(spec.task, spec.params, f"schedule:{name}:", spec.priority)
+            try:
+                validate_request(self, request)
+            except DispatcherError as exc:
+                raise ValueError(f"schedules.{name}: {exc.message}") from None
+        return self
 
     @model_validator(mode="after")
     def _lease_leaves_room_to_renew(self) -> Settings:

@@ -55,6 +55,8 @@ from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import planner_of
 from dispatcher.runners.base import RUNNER_TYPES, Runner
 from dispatcher.runners.orphan_guard import GuardError, process_guard
+from dispatcher.schedules import Schedules
+from dispatcher.service import schedule_dispatch
 from dispatcher.store.base import Store
 from dispatcher.systemd import Notifier
 
@@ -198,6 +200,14 @@ class Daemon:
             observer=self.observer,
         )
         self.maintenance = Maintenance(lambda: self.settings, store, self.clock, self.observer)
+        self.schedules = Schedules(
+            settings,
+            store,
+            self.clock,
+            lambda name, spec, at: schedule_dispatch(self.settings, name, spec, at),
+            self.observer,
+            on_dispatched=self.wake,
+        )
 
     async def run(self) -> None:
         """Recover, serve until told to stop, drain; return when everything is released.
@@ -222,6 +232,7 @@ class Daemon:
                     tg.start_soon(self._lease_loop)
                 tg.start_soon(logs.flush_loop)
                 tg.start_soon(self._cancel_watch_loop)
+                await tg.start(self.schedules.run, self.maintenance.scheduler)
                 for side_task in self._side_tasks:
                     await tg.start(side_task, self)
                 tg.start_soon(self.notifier.watchdog_loop)
@@ -442,9 +453,26 @@ class Daemon:
     _claim_logged = 0.0
 
     async def _wait_for_work(self) -> None:
-        with anyio.move_on_after(self.settings.daemon.poll_interval):
+        """Until woken (a submission, a dispatch ended), the poll interval passed, or the
+        earliest waiting dispatch (`--at`, `--in`, a retry's backoff) is due."""
+        with anyio.move_on_after(await self._until_due()):
             await self.state.wake.wait()
         self.state.wake.clear()
+
+    async def _until_due(self) -> float:
+        """Seconds to wait for work: the poll interval, or less when a dispatch becomes
+        due sooner (read from the database: other processes submit too)."""
+        poll = self.settings.daemon.poll_interval
+        if self.state.wake.is_set():
+            return 0.0
+        now = self.clock.now()
+        try:
+            due = await self.store.next_due(now)
+        except DispatcherError:
+            return poll  # the claim that follows says what is wrong
+        if due is None:
+            return poll
+        return min(poll, max((due - now).total_seconds(), 0.0))
 
     async def _start_dispatch(self, work: anyio.abc.TaskGroup, dispatch: Dispatch) -> None:
         if dispatch.id in self.state.inflight:
@@ -569,11 +597,13 @@ class Daemon:
         self.pipeline.runners = build_runners(settings)
         self.gate.reconfigure(gate_capacities(settings))
         self.maintenance.reschedule(settings)
+        self.schedules.reload(settings)
         log.info(
             "config_reloaded",
             gates=gate_capacities(settings),
             runners=sorted(settings.runners),
             tasks=sorted(settings.tasks),
+            schedules=sorted(settings.schedules),
             restart_required=restart_required,
         )
         self.notifier.ready(status=self._inflight_summary())

@@ -64,6 +64,12 @@ class NotFound(DispatcherError):
     exit_code = EX_DATAERR
 
 
+class NotRetryable(DispatcherError):
+    """`retry` of a dispatch that is neither failed nor cancelled."""
+
+    exit_code = EX_DATAERR
+
+
 class NoDatabase(DispatcherError):
     """The configured database does not exist (and this command does not create one)."""
 

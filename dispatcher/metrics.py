@@ -31,6 +31,7 @@ LAG_INTERVAL = 0.5
 """Seconds between two event-loop lag measurements."""
 
 ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, float("inf"))
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 60, 3600, float("inf"))
 PURGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, float("inf"))
 
 
@@ -136,6 +137,25 @@ class DaemonMetrics:
             ["instance_id", "version"],
             registry=reg,
         )
+        self.schedule_fires = Counter(
+            "dispatcher_schedule_fires",
+            "Fires of a schedule that made a dispatch (by this daemon).",
+            ["schedule"],
+            registry=reg,
+        )
+        self.schedule_skips = Counter(
+            "dispatcher_schedule_skips",
+            "Fires of a schedule that made no dispatch: the previous one had not ended.",
+            ["schedule"],
+            registry=reg,
+        )
+        self.schedule_lag = Histogram(
+            "dispatcher_schedule_lag_seconds",
+            "Time from a fire's scheduled time to its dispatch, by schedule.",
+            ["schedule"],
+            buckets=LAG_BUCKETS,
+            registry=reg,
+        )
         self.http_requests = Counter(
             "dispatcher_http_requests",
             "HTTP requests served.",
@@ -190,5 +210,14 @@ class DaemonMetrics:
         self.purge_runs.inc()
         self.purge_rows.inc(deleted)
         self.purge_duration.observe(max(0.0, duration_s))
+
+    def schedule_fired(self, schedule: str, lag_s: float) -> None:
+        """Count a fire that made its dispatch, and its lag."""
+        self.schedule_fires.labels(schedule).inc()
+        self.schedule_lag.labels(schedule).observe(max(0.0, lag_s))
+
+    def schedule_skipped(self, schedule: str) -> None:
+        """Count a fire skipped by the overlap policy."""
+        self.schedule_skips.labels(schedule).inc()
 
     observe_purge = purge_finished

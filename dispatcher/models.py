@@ -141,6 +141,13 @@ class NewDispatch:
     priority: int = 0
     gate_key: str | None = None
     """Name of the per-task gate this dispatch needs (`task:NAME` or `task:NAME:VALUE`)."""
+    not_before: datetime | None = None
+    """Not claimed before this time (`submit --at` / `--in`; a schedule's fire never)."""
+    follows: int | None = None
+    """Not claimed while this dispatch is unfinished (a schedule's `overlap = "queue"`)."""
+    retry_failed: bool = False
+    """A failed or cancelled dispatch holding the key is started again instead of
+    answered (`key_reuse = "after_failure"`)."""
 
     @property
     def fingerprint(self) -> str:
@@ -154,6 +161,10 @@ class Reservation:
     id: int
     status: DispatchStatus
     created: bool
+    retried: bool = False
+    """The key's dispatch had failed (or was cancelled) and was started again."""
+    not_before: datetime | None = None
+    """When a dispatch created now may start (`--at`, `--in`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +189,10 @@ class Dispatch:
     finished_at: datetime | None
     claims: int = 0
     """How many times a daemon has taken this dispatch (1 on its first run)."""
+    series: int = 0
+    """How many times it was started again after it failed or was cancelled (`retry`)."""
+    follows: int | None = None
+    """It is not claimed while this dispatch is unfinished."""
 
     @property
     def resumed(self) -> bool:
@@ -210,6 +225,8 @@ class Attempt:
     instance_id: str | None
     result: str | None = None
     """What the step gave back, as JSON text (None: nothing)."""
+    series: int = 0
+    """The dispatch's `series` when the attempt started (0: before any retry)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,3 +274,46 @@ class ExpiredDispatches:
 
     dispatches: int
     attempts: int
+
+
+Overlap = Literal["skip", "queue", "allow"]
+"""What a schedule's fire does while the schedule's previous dispatch is unfinished:
+no dispatch (`skip`), a dispatch that starts once the previous one has ended (`queue`),
+or a dispatch that may run beside it (`allow`)."""
+
+
+class FireOutcome(StrEnum):
+    """What became of one fire of a schedule (`Store.fire_schedule`)."""
+
+    DISPATCHED = "dispatched"
+    """A dispatch was made for it now."""
+    EXISTING = "existing"
+    """Its dispatch (its key) was already there."""
+    SKIPPED = "skipped"
+    """`overlap = "skip"` and the previous dispatch was unfinished: no dispatch."""
+    SEEN = "seen"
+    """A fire at that time or later was handled already (by another daemon, or before a
+    restart): nothing was done."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """The answer of `Store.fire_schedule`."""
+
+    outcome: FireOutcome
+    dispatch_id: int | None = None
+    """The fire's dispatch (dispatched or existing), or the unfinished one it skipped for."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What the database knows of a schedule: its latest fire handled and dispatch."""
+
+    name: str
+    last_fire: datetime | None
+    """None: it never fired."""
+    last_outcome: str
+    """`dispatched` or `skipped` (`none` before the first fire)."""
+    last_dispatch_id: int | None
+    last_status: DispatchStatus | None
+    """The status of `last_dispatch_id` (None when it is gone: retention)."""

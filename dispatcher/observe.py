@@ -28,6 +28,14 @@ class Observer(Protocol):
         """One run of the purge job deleted `deleted` gate rows in `duration_s` seconds."""
         ...
 
+    def schedule_fired(self, schedule: str, lag_s: float) -> None:
+        """A fire of `schedule` made its dispatch `lag_s` seconds after its fire time."""
+        ...
+
+    def schedule_skipped(self, schedule: str) -> None:
+        """A fire of `schedule` made no dispatch: the previous one had not ended."""
+        ...
+
 
 class NullObserver:
     """Observes nothing."""
@@ -42,6 +50,12 @@ class NullObserver:
         """Ignored."""
 
     def purge_finished(self, deleted: int, duration_s: float) -> None:
+        """Ignored."""
+
+    def schedule_fired(self, schedule: str, lag_s: float) -> None:
+        """Ignored."""
+
+    def schedule_skipped(self, schedule: str) -> None:
         """Ignored."""
 
 
@@ -70,3 +84,13 @@ class Observers:
         """Passed on to each."""
         for observer in self._observers:
             observer.purge_finished(deleted, duration_s)
+
+    def schedule_fired(self, schedule: str, lag_s: float) -> None:
+        """Passed on to each."""
+        for observer in self._observers:
+            observer.schedule_fired(schedule, lag_s)
+
+    def schedule_skipped(self, schedule: str) -> None:
+        """Passed on to each."""
+        for observer in self._observers:
+            observer.schedule_skipped(schedule)

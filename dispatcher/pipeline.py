@@ -108,6 +108,8 @@ class AttemptSpec:
     number: int
     effects: bool = True
     """Make the start durable before the work begins (see `Runner.effects`)."""
+    series: int = 0
+    """The dispatch's series (see `Store.retry`)."""
 
 
 class Pipeline:
@@ -186,11 +188,17 @@ class Pipeline:
             return planned.steps
         history = StepHistory.of([])
         if dispatch.resumed:
-            history = StepHistory.of(await self._store.step_attempts(dispatch.id, PLAN_STEP_INDEX))
+            earlier = await self._store.step_attempts(dispatch.id, PLAN_STEP_INDEX)
+            history = StepHistory.of(earlier, dispatch.series)
         if history.interruptions >= self.settings.daemon.max_interruptions:
             return f"planner was interrupted {history.interruptions} times; giving up"
         spec = AttemptSpec(
-            dispatch.id, PLAN_STEP_INDEX, PLAN_STEP_NAME, PLANNER_RUNNER, history.next_attempt
+            dispatch.id,
+            PLAN_STEP_INDEX,
+            PLAN_STEP_NAME,
+            PLANNER_RUNNER,
+            history.next_attempt,
+            series=dispatch.series,
         )  # a planner (a process or user code) has effects
         plans: list[tuple[Step, ...]] = []
         branch = flight.branches[PLAN_STEP_NAME] = Branch(PLAN_STEP_NAME, PLAN_STEP_INDEX)
@@ -238,7 +246,7 @@ class Pipeline:
                 await self._store.advance(dispatch.id, first, self._clock.now())
 
         async def run_step(step: Step, branch: Branch, results: Results) -> StepEnd:
-            history = StepHistory.of(attempts.get(branch.index, []))
+            history = StepHistory.of(attempts.get(branch.index, []), dispatch.series)
             with structlog.contextvars.bound_contextvars(step=step.name, runner=step.runner):
                 return await self._run_branch(dispatch, flight, branch, step, history, results)
 
@@ -306,7 +314,13 @@ class Pipeline:
             context=_context(dispatch, step.name, number),
         )
         spec = AttemptSpec(
-            dispatch.id, branch.index, step.name, step.runner, number, runner.effects
+            dispatch.id,
+            branch.index,
+            step.name,
+            step.runner,
+            number,
+            runner.effects,
+            dispatch.series,
         )
         try:
             outcome = await self._attempt(spec, flight, branch, lambda: runner.run(request))
@@ -377,6 +391,7 @@ class Pipeline:
             spec.number,
             self.instance_id,
             started,
+            spec.series,
         )
         if spec.effects:
             await self._store.flush()

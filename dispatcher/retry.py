@@ -47,15 +47,19 @@ class StepHistory:
     """Attempts that could not start for lack of a resource (`RESOURCE_SHORTAGE`)."""
 
     @classmethod
-    def of(cls, attempts: list[Attempt]) -> StepHistory:
-        shortages = sum(1 for a in attempts if is_resource_shortage(a.status, a.error))
+    def of(cls, attempts: list[Attempt], series: int = 0) -> StepHistory:
+        """The history of one step. Attempts are numbered on across series; failures,
+        interruptions and shortages count only in the current `series` (a `retry`
+        gives the step its retries again)."""
+        current = [a for a in attempts if a.series == series]
+        shortages = sum(1 for a in current if is_resource_shortage(a.status, a.error))
         return cls(
             succeeded=any(a.status is AttemptStatus.SUCCEEDED for a in attempts),
             attempts=len(attempts),
-            failures=sum(1 for a in attempts if a.status in FAILURE_STATUSES),
+            failures=sum(1 for a in current if a.status in FAILURE_STATUSES),
             interruptions=sum(
                 1
-                for a in attempts
+                for a in current
                 if a.status is AttemptStatus.INTERRUPTED and a.error != SHUTDOWN_INTERRUPTION
             )
             - shortages,

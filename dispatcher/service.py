@@ -10,14 +10,15 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from dispatcher import limits
 from dispatcher import params as declared_params
 from dispatcher.clock import Clock, SystemClock
-from dispatcher.config import Settings, TaskSettings
+from dispatcher.config import ScheduleSettings, Settings, TaskSettings
+from dispatcher.durations import format_duration, parse_duration
 from dispatcher.errors import BadRequest, NotFound
 from dispatcher.gate import (
     GLOBAL,
@@ -42,11 +43,12 @@ from dispatcher.models import (
 )
 from dispatcher.planners import check_params, planner_of
 from dispatcher.purge import gate_cutoff
+from dispatcher.schedules import FireTimes, fire_key
 from dispatcher.store.base import Store
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
-SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority"})
+SUBMIT_FIELDS = frozenset({"task", "params", "key", "priority", "at", "in"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +59,57 @@ class SubmitRequest:
     params: Any
     key: str | None = None
     priority: int | None = None
+    at: datetime | None = None
+    """Not before this time (`--at`)."""
+    delay: float | None = None
+    """Not before this many seconds from the submission (`--in`)."""
 
 
-def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
-    """A submission checked against the config; `BadRequest` names what is wrong."""
+def parse_at(text: str, where: str = "--at") -> datetime:
+    """An ISO-8601 time with its UTC offset (`2026-12-01T10:00:00Z`, `...+01:00`);
+    `BadRequest` otherwise: a time without an offset would be read in some zone."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadRequest(
+            f"{where} {text!r}: expected an ISO-8601 time such as 2026-12-01T10:00:00Z"
+        ) from None
+    if value.utcoffset() is None:
+        raise BadRequest(
+            f"{where} {text!r}: add its UTC offset (Z, +01:00, ...): a time without one "
+            "could mean any zone"
+        )
+    return value.astimezone(UTC)
+
+
+def parse_delay(text: object, where: str = "--in") -> float:
+    """A duration (`10m`) for `--in`; `BadRequest` naming `where` otherwise."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise BadRequest(f"{where}: {exc}") from None
+
+
+def not_before(request: SubmitRequest, now: datetime) -> datetime | None:
+    """When a submission may start: `at`, or `delay` after `now` (never both)."""
+    if request.at is not None and request.delay is not None:
+        raise BadRequest("give a start time (at) or a delay (in), not both")
+    if request.delay is not None:
+        return now + timedelta(seconds=request.delay)
+    if request.at is not None and not now - MAX_START_SPAN < request.at < now + MAX_START_SPAN:
+        raise BadRequest(f"start time {_ts(request.at)}: more than 100 years away")
+    return request.at
+
+
+MAX_START_SPAN = timedelta(days=100 * 365)
+
+
+def validate_request(
+    settings: Settings, request: SubmitRequest, now: datetime | None = None
+) -> NewDispatch:
+    """A submission checked against the config; `BadRequest` names what is wrong.
+
+    `now`: the time a delay (`in`) counts from (the system clock when not given)."""
     task = settings.tasks.get(request.task)
     if task is None:
         known = ", ".join(sorted(settings.tasks)) or "none configured"
@@ -87,6 +136,8 @@ def validate_request(settings: Settings, request: SubmitRequest) -> NewDispatch:
         key=request.key,
         priority=priority,
         gate_key=task_gate_key(request.task, task, params),
+        not_before=not_before(request, now or datetime.now(UTC)),
+        retry_failed=task.key_reuse == "after_failure",
     )
 
 
@@ -180,8 +231,9 @@ async def submit(
     settings: Settings, store: Store, clock: Clock, request: SubmitRequest
 ) -> Reservation:
     """Validate and reserve one dispatch (idempotent on its key)."""
-    new = validate_request(settings, request)
-    return await store.check_and_reserve(new, clock.now())
+    now = clock.now()
+    new = validate_request(settings, request, now)
+    return await store.check_and_reserve(new, now)
 
 
 def parse_batch_line(number: int, line: str) -> SubmitRequest:
@@ -208,7 +260,18 @@ def request_from_json(item: Any) -> SubmitRequest:
     key = item.get("key")
     if key is not None and not isinstance(key, str):
         raise BadRequest("'key' must be a string")
-    return SubmitRequest(item["task"], item.get("params", {}), key, item.get("priority"))
+    at = item.get("at")
+    if at is not None and not isinstance(at, str):
+        raise BadRequest("'at' must be an ISO-8601 time string")
+    delay = item.get("in")
+    return SubmitRequest(
+        item["task"],
+        item.get("params", {}),
+        key,
+        item.get("priority"),
+        at=None if at is None else parse_at(at, "'at'"),
+        delay=None if delay is None else parse_delay(delay, "'in'"),
+    )
 
 
 MAX_BATCH_ERRORS = 20
@@ -335,7 +398,19 @@ def _chunks(items: list[NewDispatch], size: int) -> Iterator[list[NewDispatch]]:
 
 
 def reservation_json(reservation: Reservation) -> dict[str, Any]:
-    return {"id": reservation.id, "status": str(reservation.status), "created": reservation.created}
+    """`{"id", "status", "created"}`; `"retried": true` when the key's failed dispatch
+    was started again (`key_reuse = "after_failure"`); `not_before` when one created
+    now waits for its time (`--at`, `--in`)."""
+    answer: dict[str, Any] = {
+        "id": reservation.id,
+        "status": str(reservation.status),
+        "created": reservation.created,
+    }
+    if reservation.retried:
+        answer["retried"] = True
+    if reservation.not_before is not None:
+        answer["not_before"] = _ts(reservation.not_before)
+    return answer
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -358,6 +433,7 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
         "error": attempt.error,
         "output": attempt.output,
         "result": None if attempt.result is None else json.loads(attempt.result),
+        "series": attempt.series,
     }
 
 
@@ -395,6 +471,8 @@ def dispatch_json(
         "started_at": _ts(dispatch.started_at),
         "finished_at": _ts(dispatch.finished_at),
         "not_before": _ts(dispatch.not_before),
+        "series": dispatch.series,
+        "follows": dispatch.follows,
     }
     if attempts is not None:
         data["attempts"] = [attempt_json(attempt) for attempt in attempts]
@@ -524,6 +602,66 @@ async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]
         "status": str(dispatch.status),
         "cancel_requested": dispatch.cancel_requested,
     }
+
+
+async def retry(settings: Settings, store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
+    """Queue a failed or cancelled dispatch again from its first unfinished step
+    (`Store.retry`); its task must still be configured."""
+    dispatch = await store.get_dispatch(_known_id(dispatch_id))
+    if dispatch is None:
+        raise NotFound(f"no dispatch with id {dispatch_id}")
+    if dispatch.task not in settings.tasks:
+        raise BadRequest(
+            f"dispatch {dispatch_id}: task {dispatch.task!r} is no longer in the configuration"
+        )
+    retried = await store.retry(dispatch_id, clock.now())
+    return {
+        "id": retried.id,
+        "status": str(retried.status),
+        "series": retried.series,
+        "from_step": _current_step(retried),
+    }
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+
+def schedule_dispatch(
+    settings: Settings, name: str, spec: ScheduleSettings, at: datetime
+) -> NewDispatch:
+    """The dispatch of one fire of a schedule, keyed by the fire."""
+    request = SubmitRequest(spec.task, dict(spec.params), fire_key(name, at), spec.priority)
+    return validate_request(settings, request, at)
+
+
+async def schedules_report(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+    """Each configured schedule: its trigger and policies, next fire (from the
+    configuration), last fire and the status of its last dispatch (from the database)."""
+    now = clock.now()
+    states = await store.schedule_states() if settings.schedules else {}
+    schedules = []
+    for name in sorted(settings.schedules):
+        spec = settings.schedules[name]
+        state = states.get(name)
+        schedules.append(
+            {
+                "name": name,
+                "task": spec.task,
+                "cron": spec.cron,
+                "every": None if spec.every is None else format_duration(spec.every),
+                "timezone": spec.timezone or "UTC",
+                "overlap": spec.overlap,
+                "catch_up": spec.catch_up,
+                "next_fire": _ts(FireTimes(spec).next_after(now)),
+                "last_fire": _ts(state.last_fire) if state else None,
+                "last_outcome": state.last_outcome if state else None,
+                "last_dispatch_id": state.last_dispatch_id if state else None,
+                "last_status": None
+                if state is None or state.last_status is None
+                else str(state.last_status),
+            }
+        )
+    return {"schedules": schedules}
 
 
 async def gates_report(

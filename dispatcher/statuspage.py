@@ -93,6 +93,8 @@ class StatusView:
     minutes: Sequence[Minute] = ()
     in_flight: int | None = None
     """Dispatches in flight here (None: as many as `running` shows)."""
+    schedules: Sequence[Mapping[str, Any]] = ()
+    """The schedules, as `schedules --json` lists them (the section shows when any)."""
 
 
 _STYLE = """
@@ -157,7 +159,7 @@ def _gates(gates: Sequence[GateState], queued: int) -> str:
     head = "<tr><th>gate</th><th>fill</th><th>held / capacity</th><th>waiting</th></tr>"
     note = (
         '<p class="note">waiting: for <b>global</b>, the dispatches in the queue (each '
-        "waits for a global place, and some also for a per-task place or a retry time); "
+        "waits for a global place, and some also for a per-task place or its time); "
         "for a <b>runner</b> gate, dispatches in flight whose next step waits for a place."
         "</p>"
     )
@@ -237,7 +239,7 @@ def _queued(rows: Sequence[QueuedRow], total: int) -> str:
         if row.waiting_for:
             why = _state("queued", row.waiting_for)
         elif row.not_before is not None:
-            why = f"retry after {escape(_ts(row.not_before))}"
+            why = f"its time: {escape(_ts(row.not_before))}"
         else:
             why = "its turn"
         body.append(
@@ -250,6 +252,32 @@ def _queued(rows: Sequence[QueuedRow], total: int) -> str:
         f'<p class="note">the {len(rows)} newest of {total} queued</p>' if total > len(rows) else ""
     )
     return _table(head, body, 5, "nothing queued") + note
+
+
+def _schedules(rows: Sequence[Mapping[str, Any]]) -> str:
+    body = []
+    for row in rows:
+        when = f"every {row['every']}" if row["every"] else f"cron {row['cron']}"
+        if row["cron"] and row["timezone"] != "UTC":
+            when += f" ({row['timezone']})"
+        last = ""
+        if row["last_outcome"] == "skipped":
+            last = "skipped (the previous one had not ended)"
+        elif row["last_dispatch_id"] is not None:
+            status = escape(row["last_status"] or "deleted")
+            last = f"{_link(row['last_dispatch_id'])} {status}"
+        body.append(
+            f'<tr class="schedule" data-schedule="{escape(row["name"])}">'
+            f"<td>{escape(row['name'])}</td><td>{escape(row['task'])}</td>"
+            f"<td>{escape(when)}</td><td>{escape(row['overlap'])}</td>"
+            f"<td>{escape(_ts(row['next_fire']) or 'never')}</td>"
+            f"<td>{escape(_ts(row['last_fire']) or 'never')}</td><td>{last}</td></tr>"
+        )
+    head = (
+        "<tr><th>schedule</th><th>task</th><th>when</th><th>overlap</th><th>next fire</th>"
+        "<th>last fire</th><th>last dispatch</th></tr>"
+    )
+    return _table(head, body, 7, "no schedules")
 
 
 def _failures(rows: Sequence[FailureRow]) -> str:
@@ -427,6 +455,9 @@ def render(view: StatusView) -> str:
 <h2>Queued</h2><section id="queued">{_queued(view.queued, queued)}</section>
 <h2>Recent failures</h2><section id="failures">{_failures(view.failures)}</section>
 <h2>The last hour</h2><section id="activity">{_activity(view.minutes)}</section>"""
+    if view.schedules:
+        body += f"""
+<h2>Schedules</h2><section id="schedules">{_schedules(view.schedules)}</section>"""
     return _page(f"dispatcher {view.instance_id}", body)
 
 

@@ -103,6 +103,7 @@ class InMemoryStore(Store):
         super().__init__("memory")
         self.tables: dict[str, Table] = {"dispatches": {}, "attempts": {}, "gates": {}}
         self.tables["instances"] = {}
+        self.tables["schedules"] = {}
         self._keys: dict[str, int] = {}
         self._dispatch_ids = itertools.count(1)
         self._statements: dict[str, Statement] = {
@@ -183,6 +184,7 @@ class InMemoryStore(Store):
         row = dict(_NEW_DISPATCH, id=next(self._dispatch_ids), created_at=p["now"])
         row.update({k: p[k] for k in ("task", "params", "key", "fingerprint", "priority")})
         row.update(gate_key=p["gate_key"], updated_at=p["now"])
+        row.update(not_before=p["not_before"], follows=p["follows"])
         self.tables["dispatches"][row["id"]] = row
         if row["key"] is not None:
             self._keys[row["key"]] = row["id"]
@@ -199,6 +201,7 @@ class InMemoryStore(Store):
             if row["status"] == "queued"
             and (row["not_before"] is None or row["not_before"] <= now)
             and (row["gate_key"] is None or row["gate_key"] not in blocked)
+            and not self._unfinished(row["follows"])
         ]
         runnable.sort(key=lambda row: (-row["priority"], row["id"]))
         for row in runnable[: p["limit"]]:
@@ -208,6 +211,56 @@ class InMemoryStore(Store):
             row["claims"] += 1
             row["updated_at"] = now
         return [dict(row) for row in runnable[: p["limit"]]]
+
+    def _unfinished(self, dispatch_id: int | None) -> bool:
+        row = self.tables["dispatches"].get(dispatch_id)
+        return row is not None and row["status"] not in _FINAL
+
+    def _sql_retry_dispatch(self, p: Mapping[str, Any]) -> list[Row]:
+        row = self.tables["dispatches"].get(p["id"])
+        if row is None or row["status"] not in ("failed", "cancelled"):
+            return []
+        row.update(status="queued", error=None, finished_at=None, cancel_requested=False)
+        row.update(not_before=None, instance_id=None, updated_at=p["now"])
+        row["series"] += 1
+        return [dict(row)]
+
+    def _sql_next_due(self, p: Mapping[str, Any]) -> list[Row]:
+        rows = self.tables["dispatches"].values()
+        due = [
+            row["not_before"]
+            for row in rows
+            if row["status"] == "queued" and row["not_before"] and row["not_before"] > p["now"]
+        ]
+        return [{"due": min(due, default=None)}]
+
+    # -- statements: schedules -------------------------------------------------------------
+
+    def _sql_schedule_ensure(self, p: Mapping[str, Any]) -> list[Row]:
+        row = {"name": p["name"], "last_fire": p["never"], "last_outcome": "none"}
+        row.update(last_dispatch_id=None, updated_at=p["now"])
+        self.tables["schedules"].setdefault(p["name"], row)
+        return []
+
+    def _sql_schedule_for_update(self, p: Mapping[str, Any]) -> list[Row]:
+        return [self._schedule_row(self.tables["schedules"][p["name"]])]
+
+    def _sql_schedule_record(self, p: Mapping[str, Any]) -> list[Row]:
+        row = self.tables["schedules"][p["name"]]
+        if row["last_fire"] < p["fire"]:
+            row.update(last_fire=p["fire"], last_outcome=p["outcome"], updated_at=p["now"])
+            if p["dispatch_id"] is not None:
+                row["last_dispatch_id"] = p["dispatch_id"]
+        return []
+
+    def _sql_schedule_states(self, p: Mapping[str, Any]) -> list[Row]:
+        rows = self.tables["schedules"]
+        return [self._schedule_row(rows[name]) for name in sorted(rows)]
+
+    def _schedule_row(self, row: Mapping[str, Any]) -> Row:
+        dispatch = self.tables["dispatches"].get(row["last_dispatch_id"])
+        status = None if dispatch is None else dispatch["status"]
+        return {**row, "last_status": status}
 
     def _fenced_out(self, p: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
         """Another instance holds the dispatch (the `instance_id` fence of the SQL)."""
@@ -460,6 +513,8 @@ _NEW_DISPATCH: dict[str, Any] = {
     "started_at": None,
     "finished_at": None,
     "claims": 0,
+    "series": 0,
+    "follows": None,
 }
 
 _STATEMENTS = sorted(

@@ -113,7 +113,7 @@ def describe(data: dict[str, Any], elapsed: float) -> str:
     if waiting:
         text = f"waiting for {waiting}" + (f" · {where}" if where else "")
     elif status == DispatchStatus.QUEUED and data.get("not_before"):
-        text = f"queued (retry after {data['not_before']})"
+        text = f"queued (not before {data['not_before']})"
     else:
         text = status + (f" {where}" if where else "")
     return f"dispatch {data['id']}: {text} · {_elapsed(elapsed)}"

@@ -22,6 +22,7 @@ passes `now` from the injected clock so that tests control time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from abc import ABC, abstractmethod
@@ -41,18 +42,29 @@ from importlib import resources
 from typing import Any, ClassVar, Protocol
 
 from dispatcher import logs
-from dispatcher.errors import DatabaseCorrupt, KeyConflict, LeaseLost, NotFound, StoreError
+from dispatcher.errors import (
+    DatabaseCorrupt,
+    KeyConflict,
+    LeaseLost,
+    NotFound,
+    NotRetryable,
+    StoreError,
+)
 from dispatcher.models import (
     Attempt,
     AttemptStatus,
     Dispatch,
     DispatchStatus,
     ExpiredDispatches,
+    Fired,
+    FireOutcome,
     GateRowCounts,
     Instance,
     NewDispatch,
+    Overlap,
     RecoveryReport,
     Reservation,
+    ScheduleState,
     SlotRow,
     Step,
 )
@@ -68,6 +80,14 @@ class Row(Protocol):
 
 
 CANCELLED_BEFORE_START = "cancelled before it started"
+
+NEVER_FIRED = datetime(1970, 1, 1, tzinfo=UTC)
+"""`schedules.last_fire` of a schedule that has handled no fire yet."""
+
+_UNFINISHED = frozenset({"queued", "planning", "running"})
+
+RETRYABLE = frozenset({DispatchStatus.FAILED, DispatchStatus.CANCELLED})
+"""The statuses `retry` (and `key_reuse = "after_failure"`) start again from."""
 
 FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 """`since` for recovery where one daemon owns the database: nobody else is alive."""
@@ -192,7 +212,7 @@ class Store(ABC):
         """
         async with self._tx() as tx:
             reservation = await self._reserve(tx, new, now)
-        if reservation.created:
+        if reservation.created or reservation.retried:
             self._submitted()
         return reservation
 
@@ -213,12 +233,19 @@ class Store(ABC):
                     answers.append(await self._reserve(tx, new, now))
                 except KeyConflict as exc:
                     answers.append(exc)
-        if any(isinstance(answer, Reservation) and answer.created for answer in answers):
+        if any(
+            isinstance(answer, Reservation) and (answer.created or answer.retried)
+            for answer in answers
+        ):
             self._submitted()
         return answers
 
     async def _reserve(self, tx: Tx, new: NewDispatch, now: datetime) -> Reservation:
-        """Insert unless the key is taken; a taken key must carry the same fingerprint."""
+        """Insert unless the key is taken; a taken key must carry the same fingerprint.
+
+        With `new.retry_failed`, a failed or cancelled dispatch holding the key is queued
+        again (as `retry` does) instead of answered as it is.
+        """
         params = {
             "task": new.task,
             "params": json.dumps(new.params, separators=(",", ":")),
@@ -226,16 +253,116 @@ class Store(ABC):
             "fingerprint": new.fingerprint,
             "priority": new.priority,
             "gate_key": new.gate_key,
+            "not_before": None if new.not_before is None else self._time(new.not_before),
+            "follows": new.follows,
             "now": self._time(now),
         }
         rows = await tx.fetch("insert_dispatch", params)
         if rows:
-            return Reservation(rows[0]["id"], DispatchStatus(rows[0]["status"]), created=True)
+            status = DispatchStatus(rows[0]["status"])
+            return Reservation(rows[0]["id"], status, created=True, not_before=new.not_before)
         assert new.key is not None, "only a keyed insert can conflict"
         existing = (await tx.fetch("dispatch_by_key", {"key": new.key}))[0]
         if existing["fingerprint"] != new.fingerprint:
             raise KeyConflict(new.key, existing["id"])
-        return Reservation(existing["id"], DispatchStatus(existing["status"]), created=False)
+        status = DispatchStatus(existing["status"])
+        if new.retry_failed and status in RETRYABLE:
+            retried = await tx.fetch("retry_dispatch", {"id": existing["id"], "now": params["now"]})
+            if retried:
+                return Reservation(existing["id"], DispatchStatus.QUEUED, False, retried=True)
+        return Reservation(existing["id"], status, created=False)
+
+    # -- later and again ---------------------------------------------------------------
+
+    async def retry(self, dispatch_id: int, now: datetime) -> Dispatch:
+        """Queue a failed or cancelled dispatch again from its first unfinished step.
+
+        The steps that succeeded stay done (their attempts and results are kept), the
+        plan is kept, and the claim count goes on (a resumed dispatch reads its history);
+        `series` grows by one, so the attempts of the new series are counted anew
+        against each step's retries. Raises `NotFound`, or `NotRetryable` for a dispatch
+        that is not failed or cancelled.
+        """
+        params = {"id": dispatch_id, "now": self._time(now)}
+        async with self._tx() as tx:
+            rows = await tx.fetch("retry_dispatch", params)
+            retried = bool(rows)
+            if not retried:
+                rows = await tx.fetch("get_dispatch", {"id": dispatch_id})
+        if not rows:
+            raise NotFound(f"no dispatch with id {dispatch_id}")
+        dispatch = self.dispatch_from_row(rows[0])
+        if not retried:
+            raise NotRetryable(
+                f"dispatch {dispatch_id} is {dispatch.status}: only a failed or cancelled "
+                "dispatch can be retried"
+            )
+        self._submitted()
+        return dispatch
+
+    async def fire_schedule(
+        self, schedule: str, fire_at: datetime, new: NewDispatch, overlap: Overlap, now: datetime
+    ) -> Fired:
+        """One fire of a schedule, exactly once: in one transaction, serialized with every
+        other fire of the schedule (by any daemon), its row says whether the fire was
+        handled already; if not, the overlap policy decides against the schedule's
+        previous dispatch, and the dispatch `new` (keyed by the fire) is reserved.
+
+        The row then records the fire, so a restart or another daemon never handles
+        it (or an earlier one) again; the key makes the dispatch unique even so.
+        """
+        at = self._time(now)
+        async with self._tx() as tx:
+            ensure = {"name": schedule, "never": self._time(NEVER_FIRED), "now": at}
+            await tx.fetch("schedule_ensure", ensure)
+            state = (await tx.fetch("schedule_for_update", {"name": schedule}))[0]
+            if self._from_time(state["last_fire"]) >= fire_at:
+                return Fired(FireOutcome.SEEN, state["last_dispatch_id"])
+            previous = state["last_dispatch_id"]
+            unfinished = False
+            if previous is not None and overlap != "allow":
+                # Read after the lock: a statement of its own sees what the daemon that
+                # held the lock before committed (PostgreSQL, READ COMMITTED).
+                rows = await tx.fetch("get_dispatch", {"id": previous})
+                unfinished = bool(rows) and rows[0]["status"] in _UNFINISHED
+            record = {"name": schedule, "fire": self._time(fire_at), "now": at}
+            if unfinished and overlap == "skip":
+                await tx.fetch(
+                    "schedule_record", {**record, "outcome": "skipped", "dispatch_id": None}
+                )
+                return Fired(FireOutcome.SKIPPED, previous)
+            if unfinished and overlap == "queue":
+                new = dataclasses.replace(new, follows=previous)
+            try:
+                reservation = await self._reserve(tx, new, now)
+            except KeyConflict as exc:  # dispatched before with other params: it stands
+                reservation = Reservation(exc.existing_id, DispatchStatus.QUEUED, created=False)
+            outcome = {"outcome": "dispatched", "dispatch_id": reservation.id}
+            await tx.fetch("schedule_record", {**record, **outcome})
+        if reservation.created:
+            self._submitted()
+            return Fired(FireOutcome.DISPATCHED, reservation.id)
+        return Fired(FireOutcome.EXISTING, reservation.id)
+
+    async def schedule_states(self) -> dict[str, ScheduleState]:
+        """Every schedule that ever fired, by name."""
+        states = {}
+        for row in await self._fetch("schedule_states"):
+            last_fire = self._from_time(row["last_fire"])
+            status = row["last_status"]
+            states[row["name"]] = ScheduleState(
+                name=row["name"],
+                last_fire=None if last_fire <= NEVER_FIRED else last_fire,
+                last_outcome=row["last_outcome"],
+                last_dispatch_id=row["last_dispatch_id"],
+                last_status=None if status is None else DispatchStatus(status),
+            )
+        return states
+
+    async def next_due(self, now: datetime) -> datetime | None:
+        """The earliest `not_before` after `now` of a queued dispatch (None: none waits)."""
+        rows = await self._fetch("next_due", {"now": self._time(now)})
+        return self._time_or_none(rows[0]["due"]) if rows else None
 
     # -- the dispatch loop --------------------------------------------------------------
 
@@ -374,8 +501,10 @@ class Store(ABC):
         attempt: int,
         instance_id: str,
         now: datetime,
+        series: int = 0,
     ) -> int:
-        """Queue the insert of a `running` attempt row and return its id."""
+        """Queue the insert of a `running` attempt row and return its id (`series`: the
+        dispatch's, see `retry`)."""
         attempt_id = await self._next_id("attempts")
         row = {
             "id": attempt_id,
@@ -392,6 +521,7 @@ class Store(ABC):
             "output": None,
             "instance_id": instance_id,
             "result": None,
+            "series": series,
         }
         self._queue("insert_attempt", attempt_id, row)
         return attempt_id
@@ -693,6 +823,8 @@ class Store(ABC):
             started_at=self._time_or_none(row["started_at"]),
             finished_at=self._time_or_none(row["finished_at"]),
             claims=row["claims"],
+            series=row["series"],
+            follows=row["follows"],
         )
 
     def attempt_from_row(self, row: Row) -> Attempt:
@@ -712,6 +844,7 @@ class Store(ABC):
             output=row["output"],
             instance_id=row["instance_id"],
             result=row["result"],
+            series=row["series"],
         )
 
     def slot_from_row(self, row: Row) -> SlotRow:

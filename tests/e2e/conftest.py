@@ -136,7 +136,9 @@ class Daemon:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Launch `dispatcher run`; `wait`: until it logs `daemon_started` (several
+        daemons start faster side by side: launch each, then wait for each)."""
         self.log_path = self.workdir / f"daemon-{time.monotonic_ns()}.log"
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -149,7 +151,8 @@ class Daemon:
                 cwd=self.workdir,
                 env={**_env(), **self.extra_env},
             )
-        self.wait_for_event("daemon_started")
+        if wait:
+            self.wait_for_event("daemon_started")
 
     def events(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():

@@ -249,3 +249,43 @@ def test_cli_submits_through_a_remote_api(tmp_path: Path, make_daemon: Any) -> N
     assert refused.returncode == 69
     assert refused.stderr.count("\n") == 1
     assert "cannot reach the daemon's API" in refused.stderr
+
+
+def test_later_and_again_over_http(tmp_path: Path, make_daemon: Any) -> None:
+    """`at`/`in` in the body, retry (202, 409), /v1/schedules: as the CLI answers."""
+    daemon, url = start(make_daemon, tmp_path)
+    later = call(
+        "POST",
+        f"{url}/v1/dispatches",
+        {"task": "one", "params": {"n": "x", "secs": "0"}, "at": "2099-01-01T00:00:00+01:00"},
+    )
+    assert later.status == 201
+    assert later.json()["not_before"] == "2098-12-31T23:00:00Z"
+    bad = call(
+        "POST",
+        f"{url}/v1/dispatches",
+        {"task": "one", "params": {"n": "x", "secs": "0"}, "at": "2099-01-01T00:00:00"},
+    )
+    assert bad.status == 422 and "UTC offset" in bad.json()["error"]["message"]
+    both = {
+        "task": "one",
+        "params": {"n": "x", "secs": "0"},
+        "at": "2099-01-01T00:00:00Z",
+        "in": "1s",
+    }
+    assert call("POST", f"{url}/v1/dispatches", both).status == 422
+
+    refused = call("POST", f"{url}/v1/dispatches/{later.json()['id']}/retry", {})
+    assert refused.status == 409 and refused.json()["error"]["code"] == "not_retryable"
+    assert call("POST", f"{url}/v1/dispatches/{later.json()['id']}/cancel", {}).status == 202
+    retried = call("POST", f"{url}/v1/dispatches/{later.json()['id']}/retry", {})
+    assert retried.status == 202
+    assert retried.json() == {
+        "id": later.json()["id"],
+        "status": "queued",
+        "series": 1,
+        "from_step": None,
+    }
+    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "succeeded", timeout=60)
+    assert call("GET", f"{url}/v1/schedules").json() == {"schedules": []}
+    assert daemon.stop() == 0

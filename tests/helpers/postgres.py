@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 SERVER = os.environ.get("DISPATCHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLES = "dispatches, attempts, gates, instances"
+TABLES = "dispatches, attempts, gates, instances, schedules"
 
 
 T = TypeVar("T")

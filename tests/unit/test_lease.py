@@ -16,6 +16,7 @@ from dispatcher.daemon import Daemon, crash_summary
 from dispatcher.errors import LeaseLost
 from dispatcher.lease import Lease, LeaseState, fence_after
 from dispatcher.pipeline import CancelReason, InFlight
+from dispatcher.runners.orphan_guard import process_guard
 from dispatcher.testing import FakeClock, InMemoryStore
 
 CONFIG = """
@@ -67,13 +68,17 @@ def test_a_lease_not_renewed_is_fenced_then_renewed_or_lost() -> None:
 
 
 async def test_a_reaped_daemon_ends_its_work_and_rejoins_as_a_new_instance(
-    tmp_path: Path,
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     config = tmp_path / "dispatcher.toml"
     config.write_text(CONFIG)
     store, clock = SharedMemoryStore(), FakeClock()
     daemon = Daemon(load_settings(config, {}), store, clock=clock)
     store.on_lease_lost = daemon._lease_lost
+    # Registering on a shared store arms this process's guardian (when an earlier test
+    # started one) with a lease deadline: lift it afterwards, or the guardian later ends
+    # whatever another test's subprocess runs with this process's token.
+    request.addfinalizer(lambda: process_guard().lease(0))
     await daemon._register(clock.now())
     old = daemon.instance_id
     flight = InFlight(7)

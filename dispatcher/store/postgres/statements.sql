@@ -22,14 +22,17 @@ WITH lease AS (
     WHERE id = :fence AND stopped_at IS NULL
     FOR SHARE
 ), picked AS (
-    SELECT id FROM dispatches
-    WHERE status = 'queued'
-      AND (not_before IS NULL OR not_before <= :now)
-      AND (gate_key IS NULL OR NOT (gate_key = ANY(:blocked_gates::text[])))
+    SELECT q.id FROM dispatches AS q
+    WHERE q.status = 'queued'
+      AND (q.not_before IS NULL OR q.not_before <= :now)
+      AND (q.gate_key IS NULL OR NOT (q.gate_key = ANY(:blocked_gates::text[])))
+      AND (q.follows IS NULL
+           OR NOT EXISTS (SELECT 1 FROM dispatches AS p WHERE p.id = q.follows
+                            AND p.status IN ('queued', 'planning', 'running')))
       AND (CAST(:fence AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM lease))
-    ORDER BY priority DESC, id
+    ORDER BY q.priority DESC, q.id
     LIMIT :limit
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 )
 UPDATE dispatches d
 SET status = CASE WHEN d.plan IS NULL THEN 'planning' ELSE 'running' END,
@@ -74,3 +77,23 @@ SELECT pg_advisory_unlock(hashtext('dispatcher:maintenance:' || :name));
 
 -- name: optimize
 ANALYZE gates, dispatches, attempts;
+
+-- name: retry_dispatch
+-- A failed or cancelled dispatch queued again, its plan, done steps and claim count
+-- kept (a resumed dispatch reads its attempts: the steps that succeeded stay done); a
+-- new series of attempts begins. The UPDATE fires no insert trigger: it wakes the
+-- daemons itself.
+WITH retried AS (
+    UPDATE dispatches
+    SET status = 'queued', error = NULL, finished_at = NULL, cancel_requested = FALSE,
+        not_before = NULL, instance_id = NULL, series = series + 1, updated_at = :now
+    WHERE id = :id AND status IN ('failed', 'cancelled')
+    RETURNING *
+)
+SELECT retried.*, pg_notify('dispatcher_dispatches', '')::text AS notified FROM retried;
+
+-- name: schedule_for_update
+-- The schedule's row (see schedule_ensure), locked: the daemons that fire one schedule
+-- take turns here until the commit.
+SELECT last_fire, last_dispatch_id FROM schedules WHERE name = :name
+FOR UPDATE;

@@ -13,13 +13,20 @@ INSERT INTO schema_migrations (version, applied_at) VALUES (:version, :now);
 -- name: insert_dispatch
 -- NULL keys never conflict, so a keyless submission always inserts.
 INSERT INTO dispatches (task, params, key, fingerprint, priority, status, gate_key,
-                        created_at, updated_at)
-VALUES (:task, :params, :key, :fingerprint, :priority, 'queued', :gate_key, :now, :now)
+                        not_before, follows, created_at, updated_at)
+VALUES (:task, :params, :key, :fingerprint, :priority, 'queued', :gate_key,
+        :not_before, :follows, :now, :now)
 ON CONFLICT (key) DO NOTHING
 RETURNING id, status;
 
 -- name: dispatch_by_key
 SELECT id, status, fingerprint FROM dispatches WHERE key = :key;
+
+-- name: next_due
+-- When the dispatch loop's timer must go off: the earliest time a waiting dispatch
+-- becomes due (a partial index serves it).
+SELECT MIN(not_before) AS due FROM dispatches
+WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > :now;
 
 -- name: write_progress
 -- A queued change of an in-flight dispatch: plan, step and final status merged into one
@@ -70,9 +77,11 @@ SELECT status, COUNT(*) AS n FROM dispatches GROUP BY status;
 -- The id is handed out by the store before the insert; an attempt that ended before
 -- its row was written is inserted complete.
 INSERT INTO attempts (id, dispatch_id, step_index, step, runner, attempt, status,
-                      started_at, ended_at, exit_code, error, output, instance_id, result)
+                      started_at, ended_at, exit_code, error, output, instance_id, result,
+                      series)
 VALUES (:id, :dispatch_id, :step_index, :step, :runner, :attempt, :status,
-        :started_at, :ended_at, :exit_code, :error, :output, :instance_id, :result);
+        :started_at, :ended_at, :exit_code, :error, :output, :instance_id, :result,
+        :series);
 
 -- name: finish_attempt
 UPDATE attempts
@@ -203,3 +212,24 @@ UPDATE instances SET stopped_at = :now WHERE id = :id AND stopped_at IS NULL;
 SELECT * FROM instances
 WHERE stopped_at IS NULL AND heartbeat_at >= :since
 ORDER BY started_at, id;
+
+-- name: schedule_ensure
+-- The row a schedule's fires serialize on; a new one has handled no fire yet.
+INSERT INTO schedules (name, last_fire, last_outcome, updated_at)
+VALUES (:name, :never, 'none', :now)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: schedule_record
+-- A fire handled: its time (never moving back), what came of it, and its dispatch.
+UPDATE schedules
+SET last_fire = :fire,
+    last_outcome = :outcome,
+    last_dispatch_id = COALESCE(:dispatch_id, last_dispatch_id),
+    updated_at = :now
+WHERE name = :name AND last_fire < :fire;
+
+-- name: schedule_states
+SELECT s.name, s.last_fire, s.last_outcome, s.last_dispatch_id,
+       d.status AS last_status
+FROM schedules AS s LEFT JOIN dispatches AS d ON d.id = s.last_dispatch_id
+ORDER BY s.name;

@@ -19,12 +19,15 @@ SET status = CASE WHEN plan IS NULL THEN 'planning' ELSE 'running' END,
     claims = claims + 1,
     updated_at = :now
 WHERE id IN (
-    SELECT id FROM dispatches
-    WHERE status = 'queued'
-      AND (not_before IS NULL OR not_before <= :now)
-      AND (gate_key IS NULL
-           OR gate_key NOT IN (SELECT value FROM json_each(:blocked_gates)))
-    ORDER BY priority DESC, id
+    SELECT q.id FROM dispatches AS q
+    WHERE q.status = 'queued'
+      AND (q.not_before IS NULL OR q.not_before <= :now)
+      AND (q.gate_key IS NULL
+           OR q.gate_key NOT IN (SELECT value FROM json_each(:blocked_gates)))
+      AND (q.follows IS NULL
+           OR NOT EXISTS (SELECT 1 FROM dispatches AS p WHERE p.id = q.follows
+                            AND p.status IN ('queued', 'planning', 'running')))
+    ORDER BY q.priority DESC, q.id
     LIMIT :limit
 )
 RETURNING *;
@@ -67,3 +70,18 @@ PRAGMA auto_vacuum = INCREMENTAL;
 -- name: quick_check
 -- A bounded check at start (no full index cross-check): stops at the first problem.
 PRAGMA quick_check(1);
+
+-- name: retry_dispatch
+-- A failed or cancelled dispatch queued again, its plan, done steps and claim count
+-- kept (a resumed dispatch reads its attempts: the steps that succeeded stay done); a
+-- new series of attempts begins.
+UPDATE dispatches
+SET status = 'queued', error = NULL, finished_at = NULL, cancel_requested = 0,
+    not_before = NULL, instance_id = NULL, series = series + 1, updated_at = :now
+WHERE id = :id AND status IN ('failed', 'cancelled')
+RETURNING *;
+
+-- name: schedule_for_update
+-- The schedule's row (see schedule_ensure). The transaction's write lock serializes
+-- fires (one daemon per file).
+SELECT last_fire, last_dispatch_id FROM schedules WHERE name = :name;
