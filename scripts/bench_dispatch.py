@@ -172,10 +172,10 @@ def drain_floor(count: int) -> float:
                                  "runner": "noop", "attempt": 1, "status": "succeeded",
                                  "started_at": now, "ended_at": now, "exit_code": 0,
                                  "error": None, "output": None, "result": None,
-                                 "instance_id": "floor", "not_before": None})  # fmt: skip
+                                 "instance_id": "floor", "series": 1})  # fmt: skip
             db.execute(finish, {"id": i, "status": "succeeded", "now": now, "error": None,
                                 "final": True, "plan": plan, "current_step": 1,
-                                "instance_id": "floor", "not_before": None})  # fmt: skip
+                                "instance_id": "floor"})  # fmt: skip
         db.execute("COMMIT")
         done += len(ids)
     elapsed = time.perf_counter() - started
