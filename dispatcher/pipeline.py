@@ -400,9 +400,8 @@ class Pipeline:
             spec.number,
             self.instance_id,
             started,
+            durable=spec.effects,
         )
-        if spec.effects:
-            await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
         branch.attempt = spec.number
         try:
