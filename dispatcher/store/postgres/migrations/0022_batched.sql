@@ -108,6 +108,13 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     held integer;
 BEGIN
+    -- The lock lasts until the transaction ends, and a synchronous commit ends only once
+    -- its WAL is on disk: every grant of the gate would wait for the previous one's
+    -- fsync. This transaction commits asynchronously instead (visible at once, on disk
+    -- a moment later). That loses nothing a step could have acted on: a step with
+    -- effects starts only once its attempt row is durable, a synchronous commit later
+    -- in the WAL, which puts this grant on disk first.
+    PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(hashtext('dispatcher:gate:' || slot_gate));
     -- A new snapshot (see the top): every grant committed before ours is counted.
     -- `released`: rows the caller has given back whose release is still on its way.
