@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PostgreSQL benchmarks: the daemon's drain on a shared database, against procrastinate.
 
-usage: scripts/bench_pg.py [--count N] [--rounds R] [--quick] [--url URL] [--write]
+usage: scripts/bench_pg.py [--count N] [--rounds R] [--quick] [--no-exec] [--url URL]
+                           [--previous TREE] [--write]
        (also `scripts/bench pg ...`)
 
 Each round runs, in turn on the same machine, each on a new database:
@@ -14,6 +15,8 @@ Each round runs, in turn on the same machine, each on a new database:
   exec-pg  one daemon draining N/4 dispatches of one `exec` step (/bin/true)
   exec-sqlite  the same exec drain on SQLite
   exec-bare  asyncio.create_subprocess_exec of /bin/true, N/4 times, 16 at once
+  before-1, before-3  with --previous TREE: ours-1 and ours-3 by the code checked out in
+           TREE (e.g. `git worktree add /tmp/prev HEAD~5`)
 
 For each drain the workers are started first and idle; then the N jobs are inserted in
 one transaction (their NOTIFY wakes the workers), and the clock runs from the moment
@@ -48,7 +51,7 @@ SERVER = os.environ.get("DISPATCHER_TEST_PG", "postgresql://postgres@127.0.0.1:5
 CONCURRENCY = 16
 
 import asyncpg  # noqa: E402 - after the path is set
-from bench_dispatch import cpu_ticks, exec_bare, machine  # noqa: E402
+from bench_dispatch import _commit, cpu_ticks, exec_bare, machine  # noqa: E402
 
 # -- databases ----------------------------------------------------------------------------
 
@@ -118,9 +121,11 @@ level = "{os.environ.get("BENCH_LOG_LEVEL", "info")}"
 """
 
 
-def _start_daemons(config: Path, folder: Path, daemons: int) -> list[subprocess.Popen[bytes]]:
+def _start_daemons(
+    config: Path, folder: Path, daemons: int, tree: Path | None = None
+) -> list[subprocess.Popen[bytes]]:
     command = [PYTHON, "-m", "dispatcher", "--config", str(config), "run"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(tree or ROOT)}
     procs, logs = [], []
     for n in range(daemons):
         log = folder / f"daemon-{n}.log"
@@ -148,16 +153,48 @@ async def _submit(url: str, task: str, count: int) -> None:
         await store.close()
 
 
-def drain_ours(server: str, count: int, daemons: int, task: str = "n") -> tuple[float, float]:
-    """(dispatches a second, daemon CPU ms a dispatch)."""
+SUBMIT = """
+import asyncio, sys
+from datetime import UTC, datetime
+from dispatcher.models import NewDispatch
+from dispatcher.store.postgres import PostgresStore
+
+async def main(url, task, count):
+    store = await PostgresStore.open(url)
+    try:
+        news = [NewDispatch(task=task, params={"i": i}) for i in range(count)]
+        await store.reserve_many(news, datetime.now(UTC))
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def _submit_with(tree: Path, url: str, task: str, count: int) -> None:
+    """`_submit` by the code of another checkout (its own schema version)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([PYTHON, "-c", SUBMIT, url, task, str(count)], env=env, check=True)
+
+
+def drain_ours(
+    server: str, count: int, daemons: int, task: str = "n", tree: Path | None = None
+) -> tuple[float, float]:
+    """(dispatches a second, daemon CPU ms a dispatch); `tree`: the code of another
+    checkout instead of this one."""
     folder = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     with Database(server) as db:
         config = folder / "dispatcher.toml"
         config.write_text(config_text(f'url = "{db.url}"'))
-        procs = _start_daemons(config, folder, daemons)
+        if tree is not None:  # its schema first: this tree's would be newer than it knows
+            _submit_with(tree, db.url, task, 0)
+        procs = _start_daemons(config, folder, daemons, tree)
         try:
             before = sum(cpu_ticks(p.pid) for p in procs)
-            asyncio.run(_submit(db.url, task, count))
+            if tree is None:
+                asyncio.run(_submit(db.url, task, count))
+            else:
+                _submit_with(tree, db.url, task, count)
             # The clock starts at the commit (the daemons wake on its NOTIFY), as for
             # procrastinate, whose jobs are deferred in one statement.
             started = time.perf_counter()
@@ -349,6 +386,10 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         "ours-3": lambda: drain_ours(server, count, 3),
         "sqlite": lambda: drain_sqlite(count),
     }
+    previous = Path(args.previous).resolve() if args.previous else None
+    if previous is not None:
+        measures["before-1"] = lambda: drain_ours(server, count, 1, tree=previous)
+        measures["before-3"] = lambda: drain_ours(server, count, 3, tree=previous)
     if not args.no_exec:
         measures["exec-pg"] = lambda: drain_ours(server, exec_count, 1, task="x")
         measures["exec-sqlite"] = lambda: drain_sqlite(exec_count, task="x")
@@ -382,6 +423,25 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             f"{one[1] / lite[1]:.2f}x" if lite[1] else "-",
         ),
     ]
+    if previous is not None:
+        b1, b3 = m["before-1"], m["before-3"]
+        label = f"previous code ({_commit(previous)})"
+        rows.append(
+            (
+                "",
+                "",
+                f"{label}, 1 daemon: {b1[0]:,.0f}/s, {b1[1]:.2f} ms CPU",
+                f"{one[0] / b1[0]:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "",
+                f"{label}, 3 daemons: {b3[0]:,.0f}/s, {b3[1]:.2f} ms CPU",
+                f"{three[0] / b3[0]:.2f}x",
+            )
+        )
     if not args.no_exec:
         ex, ex_lite, bare = m["exec-pg"], m["exec-sqlite"], m["exec-bare"]
         rows.append(
@@ -423,7 +483,8 @@ async def _fetchval_text(url: str, query: str) -> str:
 
 def write_doc(text: str, args: argparse.Namespace) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
-    command = f"scripts/bench pg --count {args.count} --rounds {args.rounds} --write"
+    command = f"scripts/bench pg --count {args.count} --rounds {args.rounds}"
+    command += (" --previous TREE" if args.previous else "") + " --write"
     section = (
         f"## PostgreSQL\n\nMachine: {machine()}, PostgreSQL {server_version(args.url)} on the "
         f"same host.\nCommand: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}); "
@@ -443,6 +504,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="--count 3000 --rounds 1")
     parser.add_argument("--no-exec", action="store_true", help="skip the exec rows")
+    parser.add_argument(
+        "--previous", metavar="TREE", help="also drain with the code of this checkout"
+    )
     parser.add_argument("--url", default=SERVER, help="a server where databases can be made")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
