@@ -76,21 +76,30 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {**os.environ, "PYTHONPATH": str(tree or ROOT)}
         # Only `run` and `init` create a database (older trees create it on submit).
-        subprocess.run(self._command("init"), env=self.env, capture_output=True, check=False)
+        subprocess.run(
+            self._command("init"), env=self.env, capture_output=True, check=False, cwd=self.dir
+        )
 
     def _command(self, *args: str) -> list[str]:
         return [PYTHON, "-m", "dispatcher", "--config", str(self.config), *args]
 
     def cli(self, *args: str, stdin: bytes | None = None) -> bytes:
         done = subprocess.run(
-            self._command(*args), input=stdin, check=True, capture_output=True, env=self.env
+            self._command(*args),
+            input=stdin,
+            check=True,
+            capture_output=True,
+            env=self.env,
+            cwd=self.dir,
         )
         return done.stdout
 
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("wb")
+        # In its own folder: `python -m` puts the working folder first on the path, before
+        # PYTHONPATH (from the checkout, `--previous` would run this tree's code).
         self.proc = subprocess.Popen(
-            self._command("run"), stdout=log, stderr=subprocess.STDOUT, env=self.env
+            self._command("run"), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir
         )
         while b"daemon_started" not in (self.dir / "daemon.log").read_bytes():
             if self.proc.poll() is not None:

@@ -131,7 +131,11 @@ def _start_daemons(
         log = folder / f"daemon-{n}.log"
         logs.append(log)
         with log.open("wb") as out:
-            procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
+            # In the run's folder: `python -m` puts the working folder first on the path,
+            # before PYTHONPATH (from the checkout, it would run this tree's code).
+            procs.append(
+                subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder)
+            )
     for proc, log in zip(procs, logs, strict=True):
         while b"daemon_started" not in log.read_bytes():
             if proc.poll() is not None:
@@ -174,7 +178,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 def _submit_with(tree: Path, url: str, task: str, count: int) -> None:
     """`_submit` by the code of another checkout (its own schema version)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    subprocess.run([PYTHON, "-c", SUBMIT, url, task, str(count)], env=env, check=True)
+    command = [PYTHON, "-c", SUBMIT, url, task, str(count)]
+    subprocess.run(command, env=env, check=True, cwd=tempfile.gettempdir())
 
 
 def drain_ours(
@@ -481,21 +486,32 @@ async def _fetchval_text(url: str, query: str) -> str:
         await con.close()
 
 
+END_OF_TABLE = "<!-- end of the table written by scripts/bench pg --write -->"
+
+
 def write_doc(text: str, args: argparse.Namespace) -> None:
+    """Put the table at the top of the section "PostgreSQL" of docs/benchmarks.md (made
+    if missing); the prose after `END_OF_TABLE` stays."""
     doc = ROOT / "docs" / "benchmarks.md"
     command = f"scripts/bench pg --count {args.count} --rounds {args.rounds}"
     command += (" --previous TREE" if args.previous else "") + " --write"
-    section = (
+    table_part = (
         f"## PostgreSQL\n\nMachine: {machine()}, PostgreSQL {server_version(args.url)} on the "
         f"same host.\nCommand: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}); "
-        f"medians of {args.rounds} rounds.\n\n{text}\n"
+        f"medians of {args.rounds} rounds.\n\n{text}\n\n{END_OF_TABLE}\n"
     )
     old = doc.read_text()
     start = old.find("## PostgreSQL")
-    if start >= 0:
+    if start < 0:
+        doc.write_text(old.rstrip() + "\n\n" + table_part)
+        return
+    end = old.find(END_OF_TABLE, start)
+    if end >= 0:
+        end += len(END_OF_TABLE) + 1
+    else:
         end = old.find("\n## ", start + 1)
-        old = old[:start] + old[end + 1 :] if end >= 0 else old[:start]
-    doc.write_text(old.rstrip() + "\n\n" + section)
+        end = len(old) if end < 0 else end + 1
+    doc.write_text(old[:start] + table_part + old[end:])
 
 
 def main() -> int:
