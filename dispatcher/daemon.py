@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from dispatcher import __version__, logs
@@ -189,6 +190,7 @@ class Daemon:
             gate_capacities(settings),
             on_demand=lambda name: task_gate_capacity(self.settings, name),
             poll_interval=settings.daemon.poll_interval,
+            task_gates=lambda: any(task.concurrency for task in self.settings.tasks.values()),
         )
         self.pipeline = Pipeline(
             settings=settings,
@@ -316,10 +318,26 @@ class Daemon:
         self.state.check_cancels.set()
         self.wake()
 
+    def _cancel_requested(self) -> None:
+        """A cancel request was committed (PostgreSQL): look for ours."""
+        self.state.check_cancels.set()
+
+    def _slots_released(self) -> None:
+        """A daemon released gate rows (PostgreSQL: one wake-up per batch of writes):
+        waiters for a shared place ask again; the dispatch loop claims again only when
+        the shared cap, not an empty queue, stopped its last claim."""
+        self.gate.db_changed()
+        if self._waiting_for_room:
+            self.wake()
+
     async def _subscribe(self) -> None:
         """Listen for other processes' changes (PostgreSQL); polling stays the fallback."""
         try:
-            await self.store.subscribe(self._database_changed)
+            await self.store.subscribe(
+                self._database_changed,
+                on_cancel=self._cancel_requested,
+                on_released=self._slots_released,
+            )
         except DispatcherError as exc:
             log.warning("listen_failed", error=str(exc), fallback="polling")
 
@@ -388,7 +406,9 @@ class Daemon:
         """Claim work whenever `global` has room; run each dispatch in its own task.
 
         Every free place is claimed for in one statement: one round trip to the
-        database serves many dispatches.
+        database serves many dispatches (on a shared store, their `global` rows too).
+        A wake-up that comes while a claim is in flight starts no claim beside it: it
+        leaves one more claim to do once this one is back.
         """
         async with anyio.create_task_group() as work:
             while not self.state.stopping:
@@ -400,33 +420,55 @@ class Daemon:
                     await self.gate.wait_free(GLOBAL)
                 if waiting.cancelled_caught:
                     continue  # stopping, or the lease needs us: the loop's test decides
+                if self.state.inflight:
+                    # Dispatches that end in the same turn of the loop give their places
+                    # back first: one claim for all of them, not one for the first.
+                    await anyio.lowlevel.checkpoint()
                 places = 1
                 while self.gate.try_acquire_place(GLOBAL):
                     places += 1
-                places = await self._limit_to_room(places)
                 async with self._claiming:
-                    claimed = await self._claim(places) if places else []
+                    self.state.wake.clear()  # what comes from here on: after this claim
+                    claimed, held_elsewhere = await self._claim_places(places)
                     for _ in range(places - len(claimed)):
                         self.gate.give_back(GLOBAL)
-                    for dispatch in claimed:
-                        await self._start_dispatch(work, dispatch)
+                    for dispatch, row_id in claimed:
+                        await self._start_dispatch(work, dispatch, row_id)
                 if not claimed:
+                    # Places other daemons hold stopped the claim: their release wakes us.
+                    self._waiting_for_room = held_elsewhere
                     await self._wait_for_work()
+                    self._waiting_for_room = False
             await self._drain()
 
     _stop_waiting: anyio.CancelScope | None = None
+    _waiting_for_room = False
 
-    async def _limit_to_room(self, places: int) -> int:
-        """On a shared store, claim no more than the database's `global` gate has room
-        for (other daemons hold places too); the rest of the places go back."""
+    async def _claim_places(self, places: int) -> tuple[list[tuple[Dispatch, int | None]], bool]:
+        """Up to `places` dispatches, each with its `global` row where the store is
+        shared (the database grants the places with the claim, never beyond the cap of
+        every daemon together); and whether places held by other daemons (of `global`,
+        or of per-task gates the claim passed over) may have left work unclaimed."""
+        if not self.store.shared:
+            return [(dispatch, None) for dispatch in await self._claim(places)], False
         try:
-            room = max(await self.gate.room(GLOBAL), 0)
-        except DispatcherError as exc:
-            log.warning("claim_failed", error=str(exc))
-            room = 0
-        for _ in range(places - min(places, room)):
-            self.gate.give_back(GLOBAL)
-        return min(places, room)
+            blocked = await self.gate.blocked_gates()
+            granted = await self.store.claim_with_slots(
+                self.instance_id,
+                self.clock.now(),
+                blocked,
+                places,
+                GLOBAL,
+                self.gate.capacity(GLOBAL),
+            )
+        except DispatcherError as exc:  # e.g. the database stayed busy: try again later
+            self._claim_failed(exc)
+            return [], False
+        self._claim_failures = 0
+        # Per-task gates passed over because other daemons fill them (not this one).
+        elsewhere = blocked - self.gate.full_gates()
+        held_elsewhere = granted.room < places or bool(elsewhere)
+        return [(d, row_id) for d, row_id in granted.claimed], held_elsewhere
 
     async def _claim(self, limit: int) -> list[Dispatch]:
         try:
@@ -474,33 +516,28 @@ class Daemon:
             return poll
         return min(poll, max((due - now).total_seconds(), 0.0))
 
-    async def _start_dispatch(self, work: anyio.abc.TaskGroup, dispatch: Dispatch) -> None:
+    async def _start_dispatch(
+        self, work: anyio.abc.TaskGroup, dispatch: Dispatch, global_row: int | None
+    ) -> None:
+        """Run a claimed dispatch (`global_row`: its `global` row, granted with the claim
+        on a shared store), or give its place back and put it back in the queue."""
+        holder = dispatch_holder(dispatch.id)
+        granted = None if global_row is None else self.gate.adopt(GLOBAL, holder, global_row)
         if dispatch.id in self.state.inflight:
             # Cannot happen while the fence holds (a claim needs a current lease, and a
             # dispatch we run is requeued only with our lease taken); never run it twice.
             log.error("claim_duplicate", dispatch_id=dispatch.id)
-            self.gate.give_back(GLOBAL)
+            await self._give_back(granted)
             return
-        holder = dispatch_holder(dispatch.id)
         task_slot = None
         if dispatch.gate_key is not None and self.gate.has(dispatch.gate_key):
-            if not self.gate.try_acquire_place(dispatch.gate_key):
-                # Claimed together with another of the same per-task gate: later.
-                self.gate.give_back(GLOBAL)
+            task_slot = await self._task_slot(dispatch, holder)
+            if task_slot is None:
+                await self._give_back(granted)
                 with suppress(DispatcherError):  # still ours: the self-check requeues it
                     await self.store.requeue(dispatch.id, self.clock.now())
                 return
-            try:
-                task_slot = await self.gate.try_bind(dispatch.gate_key, holder)
-            except DispatcherError as exc:
-                log.warning("claim_failed", dispatch_id=dispatch.id, error=str(exc))
-                task_slot = None
-            if task_slot is None:  # refused (another daemon holds its places), or failed
-                self.gate.give_back(GLOBAL)
-                with suppress(DispatcherError):  # still ours: the self-check requeues it
-                    await self.store.requeue(dispatch.id, self.clock.now())
-                return
-        global_slot = await self._bind_global(dispatch, holder)
+        global_slot = granted or await self._bind_global(dispatch, holder)
         if global_slot is None:
             if task_slot is not None:
                 await self.gate.release(task_slot)
@@ -513,6 +550,25 @@ class Daemon:
             waited = (dispatch.started_at - dispatch.created_at).total_seconds()
             self.observer.dispatch_started(dispatch.task, waited)
         work.start_soon(self._run_dispatch, dispatch, flight, global_slot, task_slot)
+
+    async def _give_back(self, granted: Slot | None) -> None:
+        """The `global` place of a dispatch that does not start."""
+        if granted is None:
+            self.gate.give_back(GLOBAL)
+        else:
+            await self.gate.release(granted)
+
+    async def _task_slot(self, dispatch: Dispatch, holder: str) -> Slot | None:
+        """The dispatch's per-task place, or None (then it goes back to the queue)."""
+        assert dispatch.gate_key is not None
+        if not self.gate.try_acquire_place(dispatch.gate_key):
+            return None  # claimed together with another of the same per-task gate: later
+        try:
+            # None: refused (another daemon holds its places).
+            return await self.gate.try_bind(dispatch.gate_key, holder)
+        except DispatcherError as exc:
+            log.warning("claim_failed", dispatch_id=dispatch.id, error=str(exc))
+            return None
 
     async def _bind_global(self, dispatch: Dispatch, holder: str) -> Slot | None:
         """The `global` row; on a shared store another daemon may have taken the last

@@ -11,9 +11,11 @@ are the holders' names (`dispatch:ID`, `dispatch:ID/STEP#ATTEMPT`).
 
 On a shared store (PostgreSQL, several daemons) the semaphore is only the local fast
 path: a place of any gate (`global`, `runner:*`, `task:*`) is granted when the database
-agrees too (`Store.try_take_slot` counts the held rows of every daemon under a lock),
-and a waiter retries when woken (`db_changed`: NOTIFY of a released row) or every
-`poll_interval`. So every cap holds across all the daemons together.
+agrees too (`Store.try_take_slot` counts the held rows of every daemon under a lock, in
+one statement; the daemon's claim takes its `global` places the same way, with the
+dispatches: `Store.claim_with_slots`, then `adopt`), and a waiter retries when woken
+(`db_changed`: NOTIFY of a released row) or every `poll_interval`. So every cap holds
+across all the daemons together.
 """
 
 from __future__ import annotations
@@ -228,6 +230,7 @@ class ConcurrencyGate:
         capacities: Mapping[str, int],
         on_demand: Callable[[str], int | None] = lambda name: None,
         poll_interval: float = 1.0,
+        task_gates: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._shared = bool(getattr(store, "shared", False))
@@ -238,6 +241,8 @@ class ConcurrencyGate:
         """This instance (it changes when a daemon rejoins after a lost lease)."""
         self._configured: dict[str, int] = dict(capacities)
         self._on_demand = on_demand
+        self._task_gates = task_gates
+        """Whether any per-task gate may exist (a task with a `concurrency`)."""
         self._sems: dict[str, FifoSemaphore] = {
             name: FifoSemaphore(cap) for name, cap in capacities.items()
         }
@@ -261,7 +266,7 @@ class ConcurrencyGate:
         daemons hold (so the claim passes over their dispatches instead of taking and
         giving them back)."""
         blocked = self.full_gates()
-        if not self._shared:
+        if not self._shared or not self._task_gates():
             return blocked
         held: dict[str, int] = {}
         for row in await self._store.held_slots():
@@ -284,6 +289,10 @@ class ConcurrencyGate:
             )
             for name, sem in sorted(self._sems.items())
         ]
+
+    def capacity(self, name: str) -> int:
+        """The configured capacity of a gate (this daemon's value)."""
+        return self._semaphore(name).capacity
 
     def held(self, name: str) -> int:
         sem = self._sems.get(name)
@@ -345,6 +354,11 @@ class ConcurrencyGate:
         if row_id is None:
             self.give_back(name)
             return None
+        return self._own(name, holder, row_id)
+
+    def adopt(self, name: str, holder: str, row_id: int) -> Slot:
+        """Bind a place taken by `wait_free` (or `try_acquire_place`) to a held row the
+        database already granted (`Store.claim_with_slots`)."""
         return self._own(name, holder, row_id)
 
     async def wait_free(self, name: str) -> None:

@@ -392,9 +392,8 @@ class Pipeline:
             self.instance_id,
             started,
             spec.series,
+            durable=spec.effects,
         )
-        if spec.effects:
-            await self._store.flush()
         log.info("attempt_started", step=spec.step, runner=spec.runner, attempt=spec.number)
         branch.attempt = spec.number
         try:

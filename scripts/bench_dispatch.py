@@ -98,6 +98,8 @@ class Daemon:
 
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("wb")
+        # In its own folder: `python -m` puts the working folder first on the path, before
+        # PYTHONPATH (from the checkout, `--previous` would run this tree's code).
         self.proc = subprocess.Popen(
             self._command("run"), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir
         )

@@ -112,6 +112,16 @@ class Access(Enum):
     so they work on a read-only file and while another process holds the write lock."""
 
 
+@dataclass(frozen=True, slots=True)
+class GrantedClaim:
+    """What `claim_with_slots` took: each claimed dispatch with the id of its held gate
+    row (claim order), and the room the gate had (places free across every instance,
+    before this claim took its own)."""
+
+    claimed: list[tuple[Dispatch, int]]
+    room: int
+
+
 class Tx(Protocol):
     """Statements inside one open transaction."""
 
@@ -401,6 +411,71 @@ class Store(ABC):
         claimed.sort(key=lambda d: (-d.priority, d.id))
         return claimed
 
+    async def claim_with_slots(
+        self,
+        instance_id: str,
+        now: datetime,
+        blocked_gates: Collection[str],
+        limit: int,
+        gate: str,
+        capacity: int,
+    ) -> GrantedClaim:
+        """`claim_many`, each claimed dispatch with a held row of `gate` (holder
+        `dispatch:ID`), never beyond `capacity` held rows of that gate across every
+        instance: the claim and the places of a shared gate in one go.
+
+        Rows this store has released but not yet written count as free (the place is
+        given back; the write is on its way), so a backend may run the claim ahead of
+        the queued writes, as `claim_many` does. A claimer whose lease was taken claims
+        nothing.
+        """
+        slot_ids = [await self._next_id("gates") for _ in range(max(limit, 0))]
+        params = {
+            "instance_id": instance_id,
+            "now": self._time(now),
+            "blocked_gates": self._list(sorted(blocked_gates)),
+            "limit": max(limit, 0),
+            "fence": self.lease,
+            "gate": gate,
+            "capacity": capacity,
+            "slot_ids": self._list(slot_ids),
+            "released": self._list(self._writes.queued_keys("release_slot")),
+        }
+        granted = await self._claim_with_slots(params, slot_ids)
+        granted.claimed.sort(key=lambda pair: (-pair[0].priority, pair[0].id))
+        return granted
+
+    async def _claim_with_slots(
+        self, params: Mapping[str, Any], slot_ids: Sequence[int]
+    ) -> GrantedClaim:
+        """`claim_with_slots` as a transaction of the verbs' own statements (a backend
+        may do it in one statement instead)."""
+        async with self._tx() as tx:
+            if self.shared and self.lease is not None:
+                if not await tx.fetch("lease_check", {"instance_id": self.lease}):
+                    return GrantedClaim([], 0)
+            if self.shared:
+                await tx.fetch("gate_lock", {"gate": params["gate"]})
+            held: int = (await tx.fetch("gate_held_count", {"gate": params["gate"]}))[0]["n"]
+            room = max(params["capacity"] - held, 0)
+            rows = await tx.fetch("claim_many", {**params, "limit": min(params["limit"], room)})
+            claimed: list[tuple[Dispatch, int]] = []
+            ids = sorted(row["id"] for row in rows)
+            by_id = {row["id"]: row for row in rows}
+            for dispatch_id, slot_id in zip(ids, slot_ids, strict=False):
+                holder = f"dispatch:{dispatch_id}"
+                slot = {
+                    "id": slot_id,
+                    "gate": params["gate"],
+                    "holder": holder,
+                    "instance_id": params["instance_id"],
+                    "now": params["now"],
+                    "released_at": None,
+                }
+                await tx.fetch("insert_slot", slot)
+                claimed.append((self.dispatch_from_row(by_id[dispatch_id]), slot_id))
+        return GrantedClaim(claimed, room)
+
     async def save_plan(self, dispatch_id: int, plan: Sequence[Step], now: datetime) -> None:
         """Store the plan; the dispatch becomes `running` at step 0.
 
@@ -502,9 +577,17 @@ class Store(ABC):
         instance_id: str,
         now: datetime,
         series: int = 0,
+        *,
+        durable: bool = False,
     ) -> int:
         """Queue the insert of a `running` attempt row and return its id (`series`: the
-        dispatch's, see `retry`)."""
+        dispatch's, see `retry`).
+
+        `durable`: return only once the row (and every write queued before it) has
+        landed, however long the database is away; raise what refused it (a
+        constraint: `StoreError`; the lease fence: `LeaseLost`). A step whose runner
+        has effects must not start before its row exists.
+        """
         attempt_id = await self._next_id("attempts")
         row = {
             "id": attempt_id,
@@ -524,6 +607,8 @@ class Store(ABC):
             "series": series,
         }
         self._queue("insert_attempt", attempt_id, row)
+        if durable:
+            await self._landed("insert_attempt", attempt_id)
         return attempt_id
 
     async def finish_attempt(
@@ -787,9 +872,16 @@ class Store(ABC):
         exactly one instance at a time; always True where only one daemon can run."""
         yield True
 
-    async def subscribe(self, on_change: Callable[[], None]) -> None:
+    async def subscribe(
+        self,
+        on_change: Callable[[], None],
+        *,
+        on_cancel: Callable[[], None] | None = None,
+        on_released: Callable[[], None] | None = None,
+    ) -> None:
         """Call `on_change` when another process inserted a dispatch, asked to cancel one
-        or released a slot; a no-op where polling is all there is."""
+        or released a slot (`on_cancel`, `on_released` instead for those two, where the
+        backend can tell them apart); a no-op where polling is all there is."""
         return None
 
     async def check(self, *, full: bool = False, budget: float | None = None) -> str:
@@ -960,6 +1052,11 @@ class Store(ABC):
         """Queue one write (see `WriteBuffer.put`); ignored once the store is closed."""
         if not self._closed:
             self._writes.put(name, key, params, fold)
+
+    async def _landed(self, name: str, key: Any) -> None:
+        """Wait for one queued write (see `WriteBuffer.landed`)."""
+        self._check_open()
+        await self._writes.landed(name, key)
 
     def _pending(self, name: str, key: Any) -> Params | None:
         """The queued `name` write of row `key`, while it can still be changed."""

@@ -17,9 +17,9 @@ statement kind.
   logged once when it starts (`database_unavailable`) and once when it ends
   (`database_available`, with its duration).
 - **A refused write does not sink its neighbours.** When the database refuses a write
-  (a constraint, a fence), the batch is written again one write at a time: the others
-  land, the refused one is reported (`store_write_refused`) to the store's
-  `on_refused` hook.
+  (a constraint), the batch is written again one write at a time: the others land, the
+  refused one is reported (`store_write_refused`) to the store's `on_refused` hook and
+  to whoever awaits it (`landed`).
 - **A fence is not retried.** A batch refused because this daemon's lease was taken
   (`LeaseLost`) is about work another daemon now owns: it is dropped
   (`store_writes_fenced`) and the store's `on_lease_lost` hook is told.
@@ -71,6 +71,8 @@ class _Batch:
     """`settle` callers: woken once it landed, or once it cannot land for now."""
     fenced: LeaseLost | None = None
     """Set when the batch was refused by the lease fence: `flush` raises it."""
+    watchers: dict[tuple[str, Any], list[asyncio.Future[None]]] = field(default_factory=dict)
+    """`landed` callers, by write: woken once that write landed, or with its refusal."""
 
     def __bool__(self) -> bool:
         return any(self.rows.values())
@@ -132,6 +134,13 @@ class WriteBuffer:
         rows = self._pending.rows.get(name)
         return None if rows is None else rows.get(key)
 
+    def queued_keys(self, name: str) -> list[Any]:
+        """Rows with a `name` write waiting or being written (not landed yet)."""
+        keys = list(self._pending.rows.get(name, ()))
+        if self._in_flight is not None:
+            keys += self._in_flight.rows.get(name, ())
+        return keys
+
     @property
     def idle(self) -> bool:
         """Nothing queued and nothing being written."""
@@ -146,6 +155,21 @@ class WriteBuffer:
         """Return once every write queued before the call has landed (or was refused),
         however long the database is away."""
         await self._wait(strict=True)
+
+    async def landed(self, name: str, key: Any) -> None:
+        """Return once the queued `name` write of row `key` has landed, however long the
+        database is away; raise what refused it: the database's `StoreError` (a
+        constraint), `LeaseLost` (the fence), `DatabaseCorrupt`. Returns at once when no
+        such write waits (it landed already)."""
+        if self.fatal is not None:
+            raise self.fatal
+        for batch in (self._pending, self._in_flight):
+            if batch is not None and key in batch.rows.get(name, {}):
+                waiter = asyncio.get_running_loop().create_future()
+                batch.watchers.setdefault((name, key), []).append(waiter)
+                self._schedule()
+                await asyncio.shield(waiter)
+                return
 
     async def settle(self) -> None:
         """`flush`, except that it returns at once while the database cannot take
@@ -206,6 +230,8 @@ class WriteBuffer:
                 log.exception("store_write_failed", database=self._database, error=str(exc))
             finally:
                 self._in_flight = None
+            for watchers in batch.watchers.values():
+                _wake(watchers, batch.fenced)
             _wake(batch.waiters, batch.fenced)
             _wake(batch.readers)
         if self.fatal is not None and self._pending:
@@ -250,6 +276,7 @@ class WriteBuffer:
                     raise
                 except StoreError as exc:
                     log.error("store_write_refused", statement=name, error=str(exc))
+                    _wake(batch.watchers.pop((name, key), []), exc)
                     if self.on_refused is not None:
                         self.on_refused(name, row, exc)
                 del rows[key]
@@ -295,11 +322,13 @@ class WriteBuffer:
     def _fail(self, batch: _Batch, exc: DatabaseCorrupt) -> None:
         first = self.fatal is None
         self.fatal = exc
-        for waiter in [*batch.waiters, *batch.readers]:
+        watchers = [w for ws in batch.watchers.values() for w in ws]
+        for waiter in [*batch.waiters, *batch.readers, *watchers]:
             if not waiter.done():
                 waiter.set_exception(exc)
         batch.waiters.clear()
         batch.readers.clear()
+        batch.watchers.clear()
         if first and self.on_fatal is not None:
             self.on_fatal(exc)
 

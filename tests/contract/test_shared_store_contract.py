@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from dispatcher.errors import LeaseLost
+from dispatcher.errors import LeaseLost, StoreError
 from dispatcher.models import AttemptStatus, DispatchStatus, Instance, NewDispatch
 from dispatcher.store.base import Store, load_migrations
 from dispatcher.store.postgres import PostgresStore
@@ -46,6 +46,64 @@ async def test_try_take_slot_grants_only_below_capacity(store: Store, clock: Fak
     ]
     assert await store.close_slot(first, clock.now())
     assert await store.try_take_slot("global", "c", ME, 2, clock.now()) is not None
+
+
+async def test_a_claim_takes_its_places_with_it_never_beyond_the_cap(
+    store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    ids = [(await reserve()).id for _ in range(5)]
+    assert await store.try_take_slot("global", "elsewhere", LIVE, 4, clock.now()) is not None
+
+    first = await store.claim_with_slots(ME, clock.now(), (), 2, "global", 4)
+    second = await store.claim_with_slots(ME, clock.now(), (), 5, "global", 4)
+    full = await store.claim_with_slots(ME, clock.now(), (), 5, "global", 4)
+
+    assert [d.id for d, _ in first.claimed] == ids[:2] and first.room == 3
+    assert [d.id for d, _ in second.claimed] == ids[2:3] and second.room == 1
+    assert full.claimed == [] and full.room == 0
+    held = {(row.holder, row.id) for row in await store.held_slots() if row.gate == "global"}
+    mine = {(f"dispatch:{d.id}", row_id) for d, row_id in first.claimed + second.claimed}
+    assert mine < held and len(held) == 4
+    assert all(d.status is DispatchStatus.PLANNING for d, _ in first.claimed)
+    assert all(d.instance_id == ME for d, _ in second.claimed)
+
+    # A row whose release is still queued counts as free: the place was given back.
+    (_dispatch, row_id) = first.claimed[0]
+    store.mirror_close(row_id, clock.now())
+    again = await store.claim_with_slots(ME, clock.now(), (), 5, "global", 4)
+    assert [d.id for d, _ in again.claimed] == ids[3:4]
+    assert len([r for r in await store.held_slots() if r.gate == "global"]) == 4
+
+
+async def test_a_refused_write_leaves_its_batch_neighbours_landed_and_tells_its_caller(
+    store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    if isinstance(store, InMemoryStore):
+        pytest.skip("the in-memory store checks no foreign key")
+    dispatch_id = (await reserve()).id
+    assert await store.claim_next(ME, clock.now(), ()) is not None
+    await store.start_attempt(dispatch_id, 0, "warm", "shell", 1, ME, clock.now())
+    await store.flush()  # row ids at hand: the three below are queued in one turn
+    now = clock.now()
+
+    with capture_logs() as logged:
+        answers = await asyncio.gather(
+            store.start_attempt(dispatch_id, 1, "a", "shell", 1, ME, now),
+            store.start_attempt(404_404, 0, "x", "shell", 1, ME, now, durable=True),
+            store.start_attempt(dispatch_id, 2, "b", "shell", 1, ME, now, durable=True),
+            store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, now),
+            return_exceptions=True,
+        )
+
+    assert isinstance(answers[1], StoreError)  # the caller of the refused write is told
+    assert not any(isinstance(a, BaseException) for a in (answers[0], answers[2], answers[3]))
+    steps = sorted(a.step for a in await store.list_attempts(dispatch_id))
+    assert steps == ["a", "b", "warm"]  # its neighbours landed
+    final = await store.get_dispatch(dispatch_id)
+    assert final is not None and final.status is DispatchStatus.SUCCEEDED
+    assert [e["statement"] for e in logged if e["event"] == "store_write_refused"] == [
+        "insert_attempt"
+    ]
 
 
 async def test_reap_releases_what_silent_instances_hold_and_spares_live_ones(
@@ -136,6 +194,31 @@ async def test_concurrent_slot_takers_never_oversubscribe(
             await other.close()
     assert sum(answer is not None for answer in answers) == 4
     assert len(await store.held_slots()) == 4
+
+
+async def test_concurrent_claims_with_places_never_oversubscribe(
+    pg_url: str, store: Store, clock: FakeClock, reserve: Reserve
+) -> None:
+    if not isinstance(store, PostgresStore):
+        return
+    for _ in range(30):
+        await reserve()
+    others = [await PostgresStore.open(pg_url) for _ in range(3)]
+    try:
+        stores = [store, *others]
+        granted = await asyncio.gather(
+            *(
+                s.claim_with_slots(f"i{n}", clock.now(), (), 3, "global", 5)
+                for n, s in enumerate(stores)
+                for _ in range(3)
+            )
+        )
+    finally:
+        for other in others:
+            await other.close()
+    claimed = [d.id for g in granted for d, _ in g.claimed]
+    assert len(claimed) == 5 == len(set(claimed))
+    assert len(await store.held_slots()) == 5
 
 
 async def test_a_submission_elsewhere_wakes_a_subscriber(

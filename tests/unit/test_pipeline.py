@@ -223,19 +223,19 @@ async def test_not_before_is_respected_by_claim(advance: int) -> None:
 
 
 class JournalStore(InMemoryStore):
-    """Notes attempt starts and flushes in one journal with the runner's own runs."""
+    """Notes attempt starts, and when they are durable, in one journal with the runner's
+    own runs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.journal: list[str] = []
 
-    async def start_attempt(self, *args: Any, **kwargs: Any) -> int:
+    async def start_attempt(self, *args: Any, durable: bool = False, **kwargs: Any) -> int:
         self.journal.append("start_attempt")
-        return await super().start_attempt(*args, **kwargs)
-
-    async def flush(self) -> None:
-        self.journal.append("flush")
-        await super().flush()
+        attempt_id = await super().start_attempt(*args, durable=durable, **kwargs)
+        if durable:
+            self.journal.append("durable")
+        return attempt_id
 
 
 @pytest.mark.parametrize("effects", [True, False])
@@ -255,7 +255,7 @@ async def test_a_step_with_effects_runs_only_after_its_attempt_start_is_durable(
     await h.submit("three", x="1")
 
     assert await h.run_next() is DispatchStatus.SUCCEEDED
-    expected = ["start_attempt", "flush", "run"] if effects else ["start_attempt", "run"]
+    expected = ["start_attempt", "durable", "run"] if effects else ["start_attempt", "run"]
     assert store.journal == expected * 3
 
 

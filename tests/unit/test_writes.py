@@ -139,6 +139,31 @@ async def test_a_refused_write_leaves_its_neighbours_landed_and_is_reported() ->
     assert [entry["event"] for entry in logged] == ["store_write_refused"]
 
 
+async def test_the_caller_awaiting_a_refused_write_is_told_and_its_neighbours_land() -> None:
+    db = FakeDatabase()
+    queue = buffer(db)
+    db.refuse(2)
+    for row_id in (1, 2, 3):
+        queue.put("insert_attempt", row_id, {"id": row_id})
+    waits = [asyncio.ensure_future(queue.landed("insert_attempt", i)) for i in (1, 2, 3)]
+    answers = await asyncio.gather(*waits, return_exceptions=True)
+
+    assert answers[0] is None and answers[2] is None
+    assert isinstance(answers[1], StoreError) and "constraint" in str(answers[1])
+    assert db.rows == [("insert_attempt", 1), ("insert_attempt", 3)]
+    assert len(db.batches[0][0][1]) == 3  # they went out as one batch first
+    await queue.landed("insert_attempt", 1)  # landed long ago: at once
+
+
+async def test_the_caller_awaiting_a_fenced_write_is_told() -> None:
+    db = FakeDatabase()
+    queue = buffer(db)
+    db.fail(LeaseLost("instance a was reaped"))
+    queue.put("insert_attempt", 1, {"id": 1})
+    with capture_logs(), pytest.raises(LeaseLost):
+        await queue.landed("insert_attempt", 1)
+
+
 async def test_an_outage_while_writing_one_by_one_writes_each_once() -> None:
     db = FakeDatabase()
     queue = buffer(db)

@@ -30,13 +30,33 @@ RELISTEN_MAX = 30.0
 (the first try is at once)."""
 
 
-class Listener:
-    """One listening connection for a store; see the module docstring."""
+CANCEL = "cancel"
+"""The payload of a cancel request on `dispatcher_dispatches` (migration 0022)."""
 
-    def __init__(self, url: str, database: str, on_change: Callable[[], None]) -> None:
+
+class Listener:
+    """One listening connection for a store; see the module docstring.
+
+    `on_cancel` (a cancel request) and `on_released` (gate rows released) are called
+    instead of `on_change` for those notifications when given. PostgreSQL sends one
+    notification per channel and payload per transaction, so a batch of writes is one
+    wake-up.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        database: str,
+        on_change: Callable[[], None],
+        *,
+        on_cancel: Callable[[], None] | None = None,
+        on_released: Callable[[], None] | None = None,
+    ) -> None:
         self._url = url
         self._database = database
         self._on_change = on_change
+        self._on_cancel = on_cancel or on_change
+        self._on_released = on_released or on_change
         self._connection: Any = None
         self._relisten: asyncio.Task[None] | None = None
         self._closed = False
@@ -45,13 +65,19 @@ class Listener:
         """Connect and listen; raises the driver's error when it cannot."""
         connection = await asyncpg.connect(self._url)
         try:
-            for channel in CHANNELS:
-                await connection.add_listener(channel, lambda *_: self._on_change())
+            await connection.add_listener(CHANNELS[0], self._dispatches)
+            await connection.add_listener(CHANNELS[1], lambda *_: self._on_released())
         except BaseException:
             connection.terminate()
             raise
         connection.add_termination_listener(self._lost)
         self._connection = connection
+
+    def _dispatches(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload == CANCEL:
+            self._on_cancel()
+        else:
+            self._on_change()
 
     def server_pid(self) -> int | None:
         """The PostgreSQL backend of the listening connection (None: not connected)."""

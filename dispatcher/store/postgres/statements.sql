@@ -97,3 +97,28 @@ SELECT retried.*, pg_notify('dispatcher_dispatches', '')::text AS notified FROM 
 -- take turns here until the commit.
 SELECT last_fire, last_dispatch_id FROM schedules WHERE name = :name
 FOR UPDATE;
+-- name: write_batch
+-- Every queued write of one batch in one statement (its own transaction), fenced on
+-- the lease (:fence NULL: no fence); see migration 0022. Rows are arrays of composite
+-- values, one array per kind of write.
+SELECT dispatcher_write_batch(
+    :fence,
+    :insert_attempt::dispatcher_attempt_row[],
+    :finish_attempt::dispatcher_attempt_end[],
+    :insert_slot::dispatcher_slot_row[],
+    :release_slot::dispatcher_slot_release[],
+    :write_progress::dispatcher_progress[]
+);
+
+-- name: claim_with_slots
+-- A claim and its places of :gate in one statement (migration 0022). A row with a NULL
+-- id: nothing was claimed; `room` still says how many places were free.
+SELECT c.granted_room AS room, c.granted_slot AS slot_id, (c.claimed).*
+FROM dispatcher_claim(:instance_id, :now, :blocked_gates::text[], :limit, :fence, :gate,
+                      :capacity, :slot_ids::bigint[], :released::bigint[]) AS c;
+
+-- name: take_slot
+-- One held row of a shared gate, below :capacity across every instance (migration
+-- 0022); NULL when full. Fenced: raises SQLSTATE DPL01 when the lease was taken.
+SELECT dispatcher_take_slot(:id, :gate, :holder, :instance_id, :capacity, :now, :fence,
+                            :released::bigint[]) AS id;

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -29,7 +30,7 @@ from dispatcher.errors import (
     StoreError,
     StoreUnwritable,
 )
-from dispatcher.store.base import Migration, Row, Store
+from dispatcher.store.base import GrantedClaim, Migration, Row, Store
 from dispatcher.store.postgres.listen import Listener
 from dispatcher.store.sql import statements
 from dispatcher.store.writes import WriteBatch
@@ -37,8 +38,34 @@ from dispatcher.store.writes import WriteBatch
 Params = Mapping[str, Any]
 Connection = Any  # asyncpg.Connection or a pool proxy of one; asyncpg ships no stubs
 
-ID_BLOCK = 64
+ID_BLOCK = 256
 """Row ids taken from a sequence at once (gaps after a restart are harmless)."""
+
+BATCH_FIELDS = {
+    "insert_attempt": (
+        "id", "dispatch_id", "step_index", "step", "runner", "attempt", "status",
+        "started_at", "ended_at", "exit_code", "error", "output", "instance_id", "result",
+        "series",
+    ),
+    "finish_attempt": ("id", "status", "ended_at", "exit_code", "error", "output", "result"),
+    "insert_slot": ("id", "gate", "holder", "instance_id", "now", "released_at"),
+    "release_slot": ("id", "now"),
+    "write_progress": (
+        "id", "instance_id", "plan", "current_step", "status", "final", "error", "now",
+    ),
+}  # fmt: skip
+"""Each kind of queued write as the composite type `write_batch` takes an array of
+(fields in the type's order; migration 0022)."""
+
+
+async def _keep_session(con: Connection) -> None:
+    """The pool's reset hook: nothing. asyncpg's default sends `RESET ALL`, `UNLISTEN *`,
+    `pg_advisory_unlock_all()` and `CLOSE ALL` at every release: a round trip per
+    statement for state this store never leaves behind (no SET, no LISTEN, no cursor on
+    a pool connection; `maintenance_lock` closes its connection when it cannot unlock).
+    An open transaction is still rolled back by the pool itself."""
+    return None
+
 
 # -- statements --------------------------------------------------------------------------
 
@@ -95,25 +122,33 @@ _UNWRITABLE = (
 )
 _CORRUPT = (asyncpg.DataCorruptedError, asyncpg.IndexCorruptedError)
 
+LEASE_REFUSED = "DPL01"
+"""SQLSTATE of a fenced write refused by the functions of migration 0022."""
+
 
 @contextmanager
 def wrap_exceptions(url: str, doing: str = "use") -> Iterator[None]:
     """Turn driver and connection errors into `StoreBusy`, `StoreUnwritable`,
-    `DatabaseCorrupt` or `StoreError`."""
-    where = redact(url)
+    `DatabaseCorrupt`, `LeaseLost` (a fenced write refused) or `StoreError`."""
     try:
         yield
-    except _BUSY as exc:
-        raise StoreBusy(f"database {where} is busy: {exc}; try again") from exc
-    except _UNWRITABLE as exc:
-        raise StoreUnwritable(f"cannot {doing} database {where}: {exc}") from exc
-    except _CORRUPT as exc:
-        raise DatabaseCorrupt(f"database {where} is damaged: {exc}") from exc
     except asyncpg.PostgresError as exc:
-        raise StoreError(f"cannot {doing} database {where}: {exc}") from exc
+        raise _wrapped(exc, redact(url), doing) from exc
     except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
         reason = str(exc) or type(exc).__name__
-        raise StoreBusy(f"cannot reach database {where}: {reason}; try again") from exc
+        raise StoreBusy(f"cannot reach database {redact(url)}: {reason}; try again") from exc
+
+
+def _wrapped(exc: Exception, where: str, doing: str) -> Exception:
+    if getattr(exc, "sqlstate", None) == LEASE_REFUSED:
+        return LeaseLost(str(exc))
+    if isinstance(exc, _BUSY):
+        return StoreBusy(f"database {where} is busy: {exc}; try again")
+    if isinstance(exc, _UNWRITABLE):
+        return StoreUnwritable(f"cannot {doing} database {where}: {exc}")
+    if isinstance(exc, _CORRUPT):
+        return DatabaseCorrupt(f"database {where} is damaged: {exc}")
+    return StoreError(f"cannot {doing} database {where}: {exc}")
 
 
 async def fetch(con: Connection, name: str, params: Params | None = None) -> list[Any]:
@@ -142,6 +177,10 @@ class PostgresStore(Store):
         self._url = url
         self.instance_ttl = instance_ttl
         self._listener: Listener | None = None
+        self._writer: Connection | None = None
+        """The connection the queued writes go through, kept (opened at the first
+        batch, again after it broke)."""
+        self._settings: dict[str, str] = {}
 
     @classmethod
     async def open(
@@ -162,9 +201,14 @@ class PostgresStore(Store):
         settings = {"default_transaction_read_only": "on"} if read_only else {}
         with wrap_exceptions(url, "open"):
             pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, server_settings=settings
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings=settings,
+                reset=_keep_session,
             )
         store = cls(pool, url, instance_ttl)
+        store._settings = settings
         try:
             if not read_only:
                 await store._migrate()
@@ -181,6 +225,9 @@ class PostgresStore(Store):
     async def _close(self) -> None:
         if self._listener is not None:
             await self._listener.close()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.close()
         await self._pool.close()
 
     # -- primitives ---------------------------------------------------------------------
@@ -197,15 +244,61 @@ class PostgresStore(Store):
                 yield _Tx(con)
 
     async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
+        """One statement: `dispatcher_write_batch` (migration 0022) with every row of
+        every kind, fenced in the same transaction; on the writer's own connection."""
+        params: dict[str, Any] = {name: [] for name in BATCH_FIELDS}
+        params["fence"] = fence
+        for name, rows in writes:
+            fields = BATCH_FIELDS[name]
+            params[name] = [tuple(row[field] for field in fields) for row in rows]
         with wrap_exceptions(self._url, "write"):
-            async with self._pool.acquire() as con, con.transaction():
-                if fence is not None and not await fetch(
-                    con, "lease_check", {"instance_id": fence}
-                ):
-                    raise LeaseLost(f"instance {fence} was reaped: its writes are refused")
-                for name, rows in writes:
-                    stmt = statement(name)
-                    await con.executemany(stmt.sql, [stmt.args(row) for row in rows])
+            con = await self._writer_connection()
+            try:
+                await fetch(con, "write_batch", params)
+            except asyncpg.PostgresError:
+                raise  # refused by the server: the connection itself is fine
+            except BaseException:
+                self._drop_writer()  # broken, or cancelled half-way through
+                raise
+
+    async def _writer_connection(self) -> Connection:
+        if self._writer is None or self._writer.is_closed():
+            self._writer = await asyncpg.connect(self._url, server_settings=self._settings)
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        """The writer's connection broke (or a batch was cancelled half-way): close it
+        for good; the next batch opens a new one."""
+        if self._writer is not None:
+            self._writer.terminate()
+            self._writer = None
+
+    async def _claim_with_slots(
+        self, params: Mapping[str, Any], slot_ids: Sequence[int]
+    ) -> GrantedClaim:
+        """One statement (`dispatcher_claim`, migration 0022)."""
+        rows = await self._fetch("claim_with_slots", params, first=True)
+        room = rows[0]["room"] if rows else 0
+        claimed = [(self.dispatch_from_row(row), row["slot_id"]) for row in rows if row["id"]]
+        return GrantedClaim(claimed, room)
+
+    async def try_take_slot(
+        self, gate: str, holder: str, instance_id: str, capacity: int, now: datetime
+    ) -> int | None:
+        """One statement (`dispatcher_take_slot`, migration 0022), ahead of the queued
+        writes: the rows whose release is queued count as free."""
+        params = {
+            "id": await self._next_id("gates"),
+            "gate": gate,
+            "holder": holder,
+            "instance_id": instance_id,
+            "capacity": capacity,
+            "now": self._time(now),
+            "fence": self.lease,
+            "released": self._writes.queued_keys("release_slot"),
+        }
+        slot_id: int | None = (await self._fetch("take_slot", params, first=True))[0]["id"]
+        return slot_id
 
     async def _id_block(self, table: str) -> Iterator[int]:
         rows = await self._execute("id_block", {"table": table, "size": ID_BLOCK}, first=True)
@@ -230,14 +323,27 @@ class PostgresStore(Store):
                 yield locked
             finally:
                 if locked:
-                    with contextlib.suppress(Exception):
+                    try:
                         await fetch(con, "maintenance_unlock", {"name": name})
+                    except Exception:
+                        # The pool does not reset its connections: one that may still
+                        # hold the session lock is closed instead (the lock goes with it).
+                        con.terminate()
 
-    async def subscribe(self, on_change: Any) -> None:
-        """Call `on_change` whenever a dispatch is inserted or asked to cancel, or a gate
-        row released, by any process (`LISTEN` on a dedicated connection, opened again
-        when lost; see `listen.py`)."""
-        self._listener = Listener(self._url, self.database, on_change)
+    async def subscribe(
+        self,
+        on_change: Callable[[], None],
+        *,
+        on_cancel: Callable[[], None] | None = None,
+        on_released: Callable[[], None] | None = None,
+    ) -> None:
+        """Call `on_change` whenever a dispatch is inserted, `on_cancel` when one is
+        asked to cancel, `on_released` when gate rows are released, by any process
+        (`on_change` for all three when the others are not given; `LISTEN` on a
+        dedicated connection, opened again when lost; see `listen.py`)."""
+        self._listener = Listener(
+            self._url, self.database, on_change, on_cancel=on_cancel, on_released=on_released
+        )
         with wrap_exceptions(self._url, "listen on"):
             await self._listener.start()
 

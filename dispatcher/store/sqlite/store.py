@@ -416,9 +416,16 @@ class SQLiteStore(Store):
         freed: int = next(iter(before))[0] - next(iter(after))[0]
         return max(freed, 0)
 
-    async def subscribe(self, on_change: Callable[[], None]) -> None:
+    async def subscribe(
+        self,
+        on_change: Callable[[], None],
+        *,
+        on_cancel: Callable[[], None] | None = None,
+        on_released: Callable[[], None] | None = None,
+    ) -> None:
         """Call `on_change` when another process submits to this file or asks to cancel
-        (`dispatcher.wake`). Polling stays the fallback: a lost wake-up only delays."""
+        (`dispatcher.wake`; a wake-up says no more). Polling stays the fallback: a lost
+        wake-up only delays."""
         listener = wake.Listener(self._path, on_change)
         try:
             listener.start()

@@ -1,0 +1,127 @@
+"""The dispatch loop on a shared store: wake-ups while a claim is in flight, and which
+wake-ups start a claim at all (NOTIFY without a storm)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dispatcher.config import load_settings
+from dispatcher.daemon import Daemon
+from dispatcher.models import DispatchStatus, NewDispatch
+from dispatcher.store.base import GrantedClaim
+from dispatcher.testing import FakeClock, InMemoryStore
+
+CONFIG = """
+[database]
+path = "d.db"
+[daemon]
+poll_interval = "60s"
+[gate]
+global = 2
+[runners.noop]
+type = "noop"
+[tasks.n]
+steps = [{ name = "a", runner = "noop" }]
+"""
+
+
+class HeldClaimStore(InMemoryStore):
+    """The in-memory store posing as a shared one, whose claims wait until a test lets
+    them through, counting how many run and how many at once."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+        self.at_once = 0
+        self.most_at_once = 0
+        self.in_claim = asyncio.Event()
+        self.let_through = asyncio.Event()
+
+    async def _claim_with_slots(
+        self, params: Mapping[str, Any], slot_ids: Sequence[int]
+    ) -> GrantedClaim:
+        self.claims += 1
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        self.in_claim.set()
+        try:
+            await self.let_through.wait()
+            return await super()._claim_with_slots(params, slot_ids)
+        finally:
+            self.at_once -= 1
+
+
+async def settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+
+
+async def test_wake_ups_during_a_claim_start_no_claim_beside_it_and_one_after(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dispatcher.toml").write_text(CONFIG)
+    store, clock = HeldClaimStore(), FakeClock()
+    daemon = Daemon(load_settings(tmp_path / "dispatcher.toml", {}), store, clock=clock)
+    loop = asyncio.create_task(daemon._dispatch_loop())
+    try:
+        await asyncio.wait_for(store.in_claim.wait(), 5)
+        for _ in range(5):  # submissions, releases, cancels: NOTIFYs from other daemons
+            daemon._database_changed()
+            daemon._slots_released()
+            daemon.wake()
+        await settle()
+        assert (store.claims, store.most_at_once) == (1, 1)  # nothing beside it
+
+        store.let_through.set()
+        await settle()
+        # One claim after it, for what may have come after its snapshot; not five.
+        assert (store.claims, store.most_at_once) == (2, 1)
+
+        for _ in range(5):  # releases while the queue is empty: no claim
+            daemon._slots_released()
+            daemon._cancel_requested()
+        await settle()
+        assert store.claims == 2
+
+        new = NewDispatch(task="n", params={})
+        dispatch_id = (await store.check_and_reserve(new, clock.now())).id
+        daemon._database_changed()  # its NOTIFY
+        await settle()
+        assert store.claims >= 3  # claimed (then once more, as its end freed a place)
+        assert store.dispatches[dispatch_id].status is DispatchStatus.SUCCEEDED
+        held = [slot for slot in store.slots.values() if slot.released_at is None]
+        assert held == []  # its `global` row, granted with the claim, was released
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(loop, 5)
+
+
+async def test_a_release_elsewhere_wakes_a_loop_the_shared_cap_stopped(tmp_path: Path) -> None:
+    (tmp_path / "dispatcher.toml").write_text(CONFIG)
+    store, clock = HeldClaimStore(), FakeClock()
+    store.let_through.set()
+    daemon = Daemon(load_settings(tmp_path / "dispatcher.toml", {}), store, clock=clock)
+    others = [await store.try_take_slot("global", f"x{n}", "other", 2, clock.now()) for n in (1, 2)]
+    new = NewDispatch(task="n", params={})
+    dispatch_id = (await store.check_and_reserve(new, clock.now())).id
+    loop = asyncio.create_task(daemon._dispatch_loop())
+    try:
+        await settle()
+        assert store.claims == 1  # the other daemon holds both places: nothing claimed
+        assert store.dispatches[dispatch_id].status is DispatchStatus.QUEUED
+
+        assert others[0] is not None
+        await store.close_slot(others[0], clock.now())
+        daemon._slots_released()  # its NOTIFY
+        await settle()
+        assert store.claims >= 2
+        assert store.dispatches[dispatch_id].status is DispatchStatus.SUCCEEDED
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(loop, 5)
