@@ -1,12 +1,17 @@
 """The PostgreSQL store: the `Store` base on an asyncpg pool, shared by several daemons.
 
 Same tables and semantics as the SQLite store, with what one database for many hosts
-needs: claims with `FOR UPDATE SKIP LOCKED`, gate slots granted under a per-gate
-advisory lock (`try_take_slot`), leases (`reap_dead_instances`: rows of an instance
-whose heartbeat is older than the TTL are released by any live one), `LISTEN/NOTIFY`
-wake-ups (`subscribe`, in `listen.py`) and a maintenance advisory lock. Row ids are
-taken from the sequences in blocks, so queued writes need no round trip each. Driver
-errors become the package's own exceptions here (`wrap_exceptions`).
+needs: claims with `FOR UPDATE SKIP LOCKED`, leases (`reap_dead_instances`: rows of an
+instance whose heartbeat is older than the TTL are released by any live one),
+`LISTEN/NOTIFY` wake-ups (`subscribe`, in `listen.py`) and a maintenance advisory lock.
+
+Each hot verb is one statement, one round trip and one short transaction, through the
+functions of migration 0022: a batch of queued writes (`dispatcher_write_batch`, on a
+connection the writer keeps), a claim with its `global` places (`dispatcher_claim`),
+a place of a shared gate (`dispatcher_take_slot`, counted under a per-gate advisory
+lock held for that statement only). Pool connections are not reset at release. Row ids
+are taken from the sequences in blocks, so queued writes need no round trip each.
+Driver errors become the package's own exceptions here (`wrap_exceptions`).
 """
 
 from __future__ import annotations
