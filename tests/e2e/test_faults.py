@@ -321,8 +321,14 @@ def _fill_queue(config: Path, count: int) -> None:
 def _damage(path: Path, first_page: int = 3) -> None:
     """Garbage over every page from `first_page` on, after a checkpoint has moved all
     of the WAL into the file (the header and the first pages stay readable)."""
-    with closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with closing(sqlite3.connect(path, timeout=10)) as db:
+        # A checkpoint that meets a reader (the running daemon) reports busy and leaves
+        # frames in the WAL: the daemon would read those pages from there, never seeing
+        # the damage. Try again until the whole WAL is in the file.
+        deadline = time.monotonic() + 30
+        while db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] != 0:
+            assert time.monotonic() < deadline, "the WAL could not be checkpointed"
+            time.sleep(0.05)
         pages, size = db.execute("SELECT * FROM pragma_page_count, pragma_page_size").fetchone()
     with path.open("r+b") as out:
         for page in range(first_page, pages + 1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,12 +132,16 @@ def attempts(h: Harness, dispatch_id: int) -> list[tuple[str, int, AttemptStatus
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run until `condition` holds (a fake clock never moves by itself)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
+    """Let the loop run until `condition` holds (a fake clock never moves by itself).
+    Turns of the loop first; then short real sleeps, for work handed to a thread (a
+    python planner), bounded by a wall-clock deadline for a loaded machine."""
+    deadline = time.monotonic() + 10
+    turns = 0
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never held")
+        turns += 1
+        await asyncio.sleep(0 if turns < 1000 else 0.001)
 
 
 async def in_background(
