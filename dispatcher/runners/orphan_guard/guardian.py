@@ -160,10 +160,18 @@ def kill_steps(ended: dict[bytes, bytes], proc: str = "/proc") -> int:
     """
     needles = {STEP_VARIABLE.encode() + b"=" + token: label for token, label in ended.items()}
     killed: dict[bytes, set[int]] = {}
+    quiet = 0
     for _ in range(_SCAN_ROUNDS):
         found = [(pid, needle) for pid, needle in carriers_of(needles, proc) if _kill(pid)]
         if not found:
-            break
+            # Two scans in a row find none before it is over: one scan can miss a
+            # process whose environment cannot be read for a moment (mid-exec).
+            quiet += 1
+            if quiet == 2:
+                break
+            time.sleep(0.01)
+            continue
+        quiet = 0
         for pid, needle in found:
             killed.setdefault(needle, set()).add(pid)
         time.sleep(0.01)  # let the killed exit, so the next scan sees what they forked
