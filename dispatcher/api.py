@@ -13,7 +13,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib import resources
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ from dispatcher.metrics import CONTENT_TYPE, DaemonMetrics, LiveSources
 from dispatcher.models import Dispatch, DispatchStatus
 from dispatcher.pipeline import CancelReason
 from dispatcher.store.base import Store
+from dispatcher.views import BranchView, DispatchView
 
 log = logs.get_logger("dispatcher.api")
 
@@ -376,7 +377,7 @@ class _Routes:
         if reservation.created or reservation.retried:
             d.wake()
         status = 201 if reservation.created else 200
-        answer = service.reservation_json(reservation)
+        answer = service.reservation_view(reservation).to_json()
         warnings = service.param_warnings(d.settings, submission)
         if warnings:
             answer["warnings"] = warnings
@@ -384,15 +385,15 @@ class _Routes:
 
     async def show(self, request: web.Request) -> web.Response:
         """GET /v1/dispatches/{id}: the object of `show --json`."""
-        return web.json_response(await self._show(_dispatch_id(request)))
+        return web.json_response((await self._show(_dispatch_id(request))).to_json())
 
     async def cancel(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches/{id}/cancel: 202; an in-flight dispatch is stopped at once."""
         d = self.daemon
         answer = await service.cancel(d.store, d.clock, _dispatch_id(request))
-        if answer["cancel_requested"]:
-            d.cancel(answer["id"], CancelReason.USER)
-        return web.json_response(answer, status=202)
+        if answer.cancel_requested:
+            d.cancel(answer.id, CancelReason.USER)
+        return web.json_response(answer.to_json(), status=202)
 
     async def retry(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches/{id}/retry: 202, queued again from its first unfinished
@@ -400,18 +401,18 @@ class _Routes:
         d = self.daemon
         answer = await service.retry(d.settings, d.store, d.clock, _dispatch_id(request))
         d.wake()
-        return web.json_response(answer, status=202)
+        return web.json_response(answer.to_json(), status=202)
 
     async def schedules(self, request: web.Request) -> web.Response:
         """GET /v1/schedules: the object of `schedules --json`."""
         d = self.daemon
-        return web.json_response(await service.schedules_report(d.settings, d.store, d.clock))
+        answer = await service.schedules_report(d.settings, d.store, d.clock)
+        return web.json_response(answer.to_json())
 
     async def gates(self, request: web.Request) -> web.Response:
         """GET /v1/gates: the object of `gates --json`."""
-        return web.json_response(
-            await service.gates_report(self.daemon.settings, self.daemon.store)
-        )
+        answer = await service.gates_report(self.daemon.settings, self.daemon.store)
+        return web.json_response(answer.to_json())
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the loop answers."""
@@ -452,19 +453,19 @@ class _Routes:
 
     async def dispatch_page(self, request: web.Request) -> web.Response:
         """The HTML page of one dispatch: its steps and attempts with their output."""
-        data = await self._show(_dispatch_id(request))
+        data = (await self._show(_dispatch_id(request))).to_json()
         return web.Response(text=statuspage.render_dispatch(data), content_type="text/html")
 
-    async def _show(self, dispatch_id: int) -> dict[str, Any]:
-        """`show --json`; what it waits for is what this daemon knows in memory when
-        the dispatch is in flight here."""
+    async def _show(self, dispatch_id: int) -> DispatchView:
+        """`show`; what it waits for is what this daemon knows in memory when the
+        dispatch is in flight here."""
         d = self.daemon
-        data = await service.show(d.store, dispatch_id, d.settings, d.clock)
-        flight = d.in_flight.get(data["id"])
-        if flight is not None and not DispatchStatus(data["status"]).is_final:
-            data["waiting_for"] = flight.waiting_for
-            data["running"] = [service.branch_json(*_branch(b)) for b in flight.running()]
-        return data
+        view = await service.show(d.store, dispatch_id, d.settings, d.clock)
+        flight = d.in_flight.get(view.id)
+        if flight is not None and not view.status.is_final:
+            running = tuple(_branch(b) for b in flight.running())
+            view = replace(view, waiting_for=flight.waiting_for, running=running)
+        return view
 
     async def _status_view(self) -> statuspage.StatusView:
         d = self.daemon
@@ -492,7 +493,7 @@ class _Routes:
             queued=[_queued_row(dispatch, full, now) for dispatch in queued],
             minutes=d.activity.minutes(),
             in_flight=len(flights),
-            schedules=(await service.schedules_report(d.settings, d.store, d.clock))["schedules"],
+            schedules=(await service.schedules_report(d.settings, d.store, d.clock)).schedules,
         )
 
     async def _failures(self) -> list[statuspage.FailureRow]:
@@ -527,9 +528,10 @@ def _running_row(dispatch: Dispatch, flight: FlightView) -> statuspage.RunningRo
     )
 
 
-def _branch(branch: Branch) -> tuple[str, int | None, str | None]:
-    """A branch as `service.branch_json` takes it (no attempt while it waits)."""
-    return branch.step, None if branch.waiting_for else branch.attempt, branch.waiting_for
+def _branch(branch: Branch) -> BranchView:
+    """A branch as `show` lists it (no attempt while it waits)."""
+    attempt = None if branch.waiting_for else branch.attempt
+    return BranchView(branch.step, attempt, branch.waiting_for)
 
 
 def _queued_row(dispatch: Dispatch, full: set[str], now: datetime) -> statuspage.QueuedRow:
