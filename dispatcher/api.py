@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from dispatcher import __version__, limits, logs, service, statuspage
+from dispatcher.activity import Activity
 from dispatcher.branches import Branch
+from dispatcher.clock import Clock
 from dispatcher.config import Settings, split_listen
 from dispatcher.connections import Acceptor, ConnectionLimiter, connection_cap, listening_sockets
 from dispatcher.durations import format_duration
@@ -35,13 +38,13 @@ from dispatcher.errors import (
     StoreBusy,
     Unavailable,
 )
+from dispatcher.gate import GateState
 from dispatcher.httpauth import read_token, token_matches
 from dispatcher.metrics import CONTENT_TYPE, DaemonMetrics, LiveSources
 from dispatcher.models import Dispatch, DispatchStatus
-from dispatcher.pipeline import CancelReason, InFlight
-
-if TYPE_CHECKING:
-    from dispatcher.daemon import Daemon
+from dispatcher.pipeline import CancelReason
+from dispatcher.store.base import Store
+from dispatcher.views import BranchView, DispatchView
 
 log = logs.get_logger("dispatcher.api")
 
@@ -64,6 +67,53 @@ _HTTP_CODES = {
     408: "request_timeout",
     413: "body_too_large",
 }
+
+
+class FlightView(Protocol):
+    """A dispatch in flight, as the API reads it (`dispatcher.pipeline.InFlight`)."""
+
+    @property
+    def dispatch_id(self) -> int: ...
+
+    @property
+    def waiting_for(self) -> str | None: ...
+
+    def running(self) -> list[Branch]: ...
+
+
+class DaemonView(Protocol):
+    """What the API needs of the daemon it serves beside (`dispatcher.daemon.Daemon`):
+    the API never imports the daemon, so that the two cannot import each other."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def activity(self) -> Activity: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> Mapping[int, FlightView]:
+        """What the daemon runs now, by dispatch id (read only)."""
+
+    def gate_snapshot(self) -> list[GateState]: ...
+
+    def wake(self) -> None:
+        """New work may be there: claim at once."""
+
+    def cancel(self, dispatch_id: int, reason: CancelReason) -> bool:
+        """Stop a dispatch the daemon runs now; False when it does not run there."""
 
 
 class ApiError(Exception):
@@ -132,7 +182,10 @@ class ApiServer:
         )
 
     async def serve(
-        self, daemon: Daemon, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        daemon: DaemonView,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """A side task of the daemon: serve until cancelled with its task group."""
         loop = asyncio.get_running_loop()
@@ -152,7 +205,7 @@ class ApiServer:
             sockets = self._listen()
             assert runner.server is not None  # set up above
             acceptor = Acceptor(sockets, runner.server, limiter)
-            sources = LiveSources(daemon.gate.snapshot, lambda: len(daemon.state.inflight))
+            sources = LiveSources(daemon.gate_snapshot, lambda: len(daemon.in_flight))
             self.metrics.watch(sources, daemon.instance_id, __version__)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(acceptor.serve)
@@ -185,7 +238,7 @@ class ApiServer:
         )
 
     def build_app(
-        self, daemon: Daemon, limiter: ConnectionLimiter | None = None
+        self, daemon: DaemonView, limiter: ConnectionLimiter | None = None
     ) -> web.Application:
         """The aiohttp application: routes, auth, JSON errors, access log."""
         middlewares: list[Middleware] = [self._access_log, _json_errors, self._auth]
@@ -309,7 +362,7 @@ def _dispatch_id(request: web.Request) -> int:
 class _Routes:
     """The handlers, on one daemon."""
 
-    def __init__(self, daemon: Daemon, metrics: DaemonMetrics, read_timeout: float) -> None:
+    def __init__(self, daemon: DaemonView, metrics: DaemonMetrics, read_timeout: float) -> None:
         self.daemon = daemon
         self._metrics = metrics
         self._read_timeout = read_timeout
@@ -324,7 +377,7 @@ class _Routes:
         if reservation.created or reservation.retried:
             d.wake()
         status = 201 if reservation.created else 200
-        answer = service.reservation_json(reservation)
+        answer = service.reservation_view(reservation).to_json()
         warnings = service.param_warnings(d.settings, submission)
         if warnings:
             answer["warnings"] = warnings
@@ -332,16 +385,15 @@ class _Routes:
 
     async def show(self, request: web.Request) -> web.Response:
         """GET /v1/dispatches/{id}: the object of `show --json`."""
-        return web.json_response(await self._show(_dispatch_id(request)))
+        return web.json_response((await self._show(_dispatch_id(request))).to_json())
 
     async def cancel(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches/{id}/cancel: 202; an in-flight dispatch is stopped at once."""
         d = self.daemon
         answer = await service.cancel(d.store, d.clock, _dispatch_id(request))
-        flight = d.state.inflight.get(answer["id"])
-        if flight is not None and answer["cancel_requested"]:
-            flight.cancel(CancelReason.USER)
-        return web.json_response(answer, status=202)
+        if answer.cancel_requested:
+            d.cancel(answer.id, CancelReason.USER)
+        return web.json_response(answer.to_json(), status=202)
 
     async def retry(self, request: web.Request) -> web.Response:
         """POST /v1/dispatches/{id}/retry: 202, queued again from its first unfinished
@@ -349,18 +401,18 @@ class _Routes:
         d = self.daemon
         answer = await service.retry(d.settings, d.store, d.clock, _dispatch_id(request))
         d.wake()
-        return web.json_response(answer, status=202)
+        return web.json_response(answer.to_json(), status=202)
 
     async def schedules(self, request: web.Request) -> web.Response:
         """GET /v1/schedules: the object of `schedules --json`."""
         d = self.daemon
-        return web.json_response(await service.schedules_report(d.settings, d.store, d.clock))
+        answer = await service.schedules_report(d.settings, d.store, d.clock)
+        return web.json_response(answer.to_json())
 
     async def gates(self, request: web.Request) -> web.Response:
         """GET /v1/gates: the object of `gates --json`."""
-        return web.json_response(
-            await service.gates_report(self.daemon.settings, self.daemon.store)
-        )
+        answer = await service.gates_report(self.daemon.settings, self.daemon.store)
+        return web.json_response(answer.to_json())
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the loop answers."""
@@ -369,7 +421,7 @@ class _Routes:
     async def readyz(self, request: web.Request) -> web.Response:
         """Readiness: not draining, the database answers, the loop keeps time."""
         reasons = []
-        if self.daemon.state.stopping:
+        if self.daemon.stopping:
             reasons.append("stopping")
         with anyio.move_on_after(READY_TIMEOUT) as probe:
             try:
@@ -401,25 +453,25 @@ class _Routes:
 
     async def dispatch_page(self, request: web.Request) -> web.Response:
         """The HTML page of one dispatch: its steps and attempts with their output."""
-        data = await self._show(_dispatch_id(request))
+        data = (await self._show(_dispatch_id(request))).to_json()
         return web.Response(text=statuspage.render_dispatch(data), content_type="text/html")
 
-    async def _show(self, dispatch_id: int) -> dict[str, Any]:
-        """`show --json`; what it waits for is what this daemon knows in memory when
-        the dispatch is in flight here."""
+    async def _show(self, dispatch_id: int) -> DispatchView:
+        """`show`; what it waits for is what this daemon knows in memory when the
+        dispatch is in flight here."""
         d = self.daemon
-        data = await service.show(d.store, dispatch_id, d.settings, d.clock)
-        flight = d.state.inflight.get(data["id"])
-        if flight is not None and not DispatchStatus(data["status"]).is_final:
-            data["waiting_for"] = flight.waiting_for
-            data["running"] = [service.branch_json(*_branch(b)) for b in flight.running()]
-        return data
+        view = await service.show(d.store, dispatch_id, d.settings, d.clock)
+        flight = d.in_flight.get(view.id)
+        if flight is not None and not view.status.is_final:
+            running = tuple(_branch(b) for b in flight.running())
+            view = replace(view, waiting_for=flight.waiting_for, running=running)
+        return view
 
     async def _status_view(self) -> statuspage.StatusView:
         d = self.daemon
         # One moment, no await in between: the gates and the flights agree.
-        gates = d.gate.snapshot()
-        flights = sorted(d.state.inflight.values(), key=lambda f: f.dispatch_id)
+        gates = d.gate_snapshot()
+        flights = sorted(d.in_flight.values(), key=lambda f: f.dispatch_id)
         now = d.clock.now()
         running = []
         for flight in flights[:MAX_RUNNING_SHOWN]:
@@ -433,7 +485,7 @@ class _Routes:
             version=__version__,
             started_at=self.started_at,
             now=now,
-            stopping=d.state.stopping,
+            stopping=d.stopping,
             gates=gates,
             queue=await d.store.count_by_status(),
             running=running,
@@ -441,7 +493,7 @@ class _Routes:
             queued=[_queued_row(dispatch, full, now) for dispatch in queued],
             minutes=d.activity.minutes(),
             in_flight=len(flights),
-            schedules=(await service.schedules_report(d.settings, d.store, d.clock))["schedules"],
+            schedules=(await service.schedules_report(d.settings, d.store, d.clock)).schedules,
         )
 
     async def _failures(self) -> list[statuspage.FailureRow]:
@@ -457,7 +509,7 @@ class _Routes:
         return rows
 
 
-def _running_row(dispatch: Dispatch, flight: InFlight) -> statuspage.RunningRow:
+def _running_row(dispatch: Dispatch, flight: FlightView) -> statuspage.RunningRow:
     branches = flight.running()
     first = branches[0] if branches else None
     return statuspage.RunningRow(
@@ -476,9 +528,10 @@ def _running_row(dispatch: Dispatch, flight: InFlight) -> statuspage.RunningRow:
     )
 
 
-def _branch(branch: Branch) -> tuple[str, int | None, str | None]:
-    """A branch as `service.branch_json` takes it (no attempt while it waits)."""
-    return branch.step, None if branch.waiting_for else branch.attempt, branch.waiting_for
+def _branch(branch: Branch) -> BranchView:
+    """A branch as `show` lists it (no attempt while it waits)."""
+    attempt = None if branch.waiting_for else branch.attempt
+    return BranchView(branch.step, attempt, branch.waiting_for)
 
 
 def _queued_row(dispatch: Dispatch, full: set[str], now: datetime) -> statuspage.QueuedRow:

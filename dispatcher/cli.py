@@ -14,14 +14,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
-from dispatcher import __version__, limits, purge, service, watch
+from dispatcher import __version__, limits, service, watch
 from dispatcher.clock import SystemClock
 from dispatcher.config import Settings, find_config, load_settings
 from dispatcher.durations import parse_duration
@@ -38,6 +38,16 @@ from dispatcher.errors import (
 from dispatcher.gate import GLOBAL
 from dispatcher.models import DispatchStatus, NewDispatch, Reservation
 from dispatcher.store.base import Access, Store
+from dispatcher.views import (
+    AttemptView,
+    DispatchView,
+    InFlightView,
+    QueuedView,
+    ScheduleView,
+    StatusView,
+    json_list,
+    timestamp,
+)
 
 EXIT_NOT_SUCCEEDED = 1
 REMOTE_WAIT_POLL = 0.5
@@ -498,7 +508,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, store: Store) ->
             _local_source(settings, store), reservation.id, patience=args.timeout, err=sys.stderr
         )
         return _print_final(data, reservation.created, args.json)
-    _print_reservation(args, service.reservation_json(reservation))
+    _print_reservation(args, service.reservation_view(reservation).to_json())
     return EX_OK
 
 
@@ -587,11 +597,11 @@ def _local_source(settings: Settings, store: Store, light: bool = False) -> watc
             dispatch = await store.get_dispatch(dispatch_id)
             if dispatch is None:
                 raise NotFound(f"no dispatch with id {dispatch_id}")
-            return service.dispatch_json(dispatch)
-        return await service.show(store, dispatch_id, settings, clock)
+            return service.dispatch_view(dispatch).to_json()
+        return (await service.show(store, dispatch_id, settings, clock)).to_json()
 
     async def daemon_live() -> bool:
-        return bool((await service.health(settings, store, clock))["live"])
+        return (await service.health(settings, store, clock)).live
 
     return watch.Source(show, daemon_live)
 
@@ -656,7 +666,7 @@ async def _save_batch(
     def print_chunk(chunk: list[Reservation | Exception]) -> None:
         for answer in chunk:
             if isinstance(answer, Reservation):
-                sys.stdout.write(json.dumps(service.reservation_json(answer)) + "\n")
+                sys.stdout.write(json.dumps(service.reservation_view(answer).to_json()) + "\n")
             else:
                 sys.stdout.write(json.dumps({"error": str(answer)}) + "\n")
         sys.stdout.flush()
@@ -751,74 +761,71 @@ def _submit_remote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _show(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.show(store, args.id, settings)
+    view = await service.show(store, args.id, settings)
     if args.json:
-        _print_json(data)
+        _print_json(view.to_json())
         return EX_OK
-    print(f"dispatch {data['id']}  task {data['task']}  status {_status_text(data)}")
-    print(f"  params  {json.dumps(data['params'])}")
-    if data["key"]:
-        print(f"  key     {data['key']}")
-    if data["not_before"] and data["status"] == DispatchStatus.QUEUED:
-        label = "due" if data["started_at"] is None else "retry"
-        print(f"  {label:<7} not before {data['not_before']}")
-    if data["follows"] is not None and data["status"] == DispatchStatus.QUEUED:
-        print(f"  after   dispatch {data['follows']} has ended (its schedule's overlap = queue)")
-    if data["series"]:
-        times = "once" if data["series"] == 1 else f"{data['series']} times"
+    print(f"dispatch {view.id}  task {view.task}  status {_status_text(view)}")
+    print(f"  params  {json.dumps(view.params)}")
+    if view.key:
+        print(f"  key     {view.key}")
+    if view.not_before and view.status == DispatchStatus.QUEUED:
+        label = "due" if view.started_at is None else "retry"
+        print(f"  {label:<7} not before {timestamp(view.not_before)}")
+    if view.follows is not None and view.status == DispatchStatus.QUEUED:
+        print(f"  after   dispatch {view.follows} has ended (its schedule's overlap = queue)")
+    if view.series:
+        times = "once" if view.series == 1 else f"{view.series} times"
         print(f"  retried {times} (each series of attempts below starts with its marker)")
-    if data["error"]:
-        print(f"  error   {data['error']}")
-    running = {branch["step"] for branch in data["running"]}
-    for index, step in enumerate(data["plan"] or []):
-        here = index == data["current_step"] and not running and data["status"] != "succeeded"
-        mark = "*" if step["name"] in running or here else " "
-        needs = f" (needs {', '.join(step['needs']) or 'nothing'})" if "needs" in step else ""
+    if view.error:
+        print(f"  error   {view.error}")
+    running = {branch.step for branch in view.running or ()}
+    for index, step in enumerate(view.plan or ()):
+        here = index == view.current_step and not running and view.status != "succeeded"
+        mark = "*" if step.name in running or here else " "
+        shown = step.to_json()
+        needs = f" (needs {', '.join(shown['needs']) or 'nothing'})" if "needs" in shown else ""
         print(
-            f"  {mark} step {index}: {step['name']} [{step['runner']}] "
-            f"{' '.join(step['args'])}{needs}"
+            f"  {mark} step {index}: {step.name} [{step.runner}] {' '.join(shown['args'])}{needs}"
         )
     series = 0
-    for attempt in data["attempts"]:
-        if attempt["series"] != series:
-            series = attempt["series"]
+    for attempt in view.attempts or ():
+        if attempt.series != series:
+            series = attempt.series
             print(f"    -- retry {series}")
         _print_attempt(attempt)
     return EX_OK
 
 
-def _print_attempt(attempt: dict[str, Any]) -> None:
-    code = "" if attempt["exit_code"] is None else f" exit {attempt['exit_code']}"
-    error = f": {attempt['error']}" if attempt["error"] else ""
+def _print_attempt(attempt: AttemptView) -> None:
+    code = "" if attempt.exit_code is None else f" exit {attempt.exit_code}"
+    error = f": {attempt.error}" if attempt.error else ""
     print(
-        f"    {attempt['started_at']}  {attempt['step']} #{attempt['attempt']} "
-        f"{attempt['status']}{code}{error}"
+        f"    {timestamp(attempt.started_at)}  {attempt.step} #{attempt.attempt} "
+        f"{attempt.status}{code}{error}"
     )
-    if attempt["result"] is not None:
-        result = json.dumps(attempt["result"], ensure_ascii=False)
+    if attempt.result is not None:
+        result = json.dumps(attempt.result, ensure_ascii=False)
         cut = result if len(result) <= RESULT_CHARS else result[:RESULT_CHARS] + " ..."
         print(f"      result {cut}")
-    if attempt["output"]:
-        print(_indent(service.tail_lines(attempt["output"], OUTPUT_TAIL_LINES), "      | "))
+    if attempt.output:
+        print(_indent(service.tail_lines(attempt.output, OUTPUT_TAIL_LINES), "      | "))
 
 
-def _status_text(data: dict[str, Any], now: datetime | None = None) -> str:
+def _status_text(view: DispatchView, now: datetime | None = None) -> str:
     """`waiting (runner:shell)` for a dispatch that waits for a gate, `due 10:30:00Z`
     for one that waits for its time (`--at`, `--in`), else its status."""
-    waiting = data.get("waiting_for")
-    if waiting:
-        return f"waiting ({waiting})"
-    due = data.get("not_before")
-    if now is not None and due and data["status"] == DispatchStatus.QUEUED:
-        if datetime.fromisoformat(due) > now:
-            verb = "due" if data.get("started_at") is None else "retry"
-            return f"{verb} {_clock_time(due, now)}"
-    return str(data["status"])
+    if view.waiting_for:
+        return f"waiting ({view.waiting_for})"
+    due = view.not_before
+    if now is not None and due and view.status == DispatchStatus.QUEUED and due > now:
+        verb = "due" if view.started_at is None else "retry"
+        return f"{verb} {_clock_time(due, now)}"
+    return str(view.status)
 
 
-def _clock_time(stamp: str, now: datetime) -> str:
+def _clock_time(when: datetime, now: datetime) -> str:
     """A time of today as `10:30:00Z`, any other as `2026-12-01 10:30Z`."""
-    when = datetime.fromisoformat(stamp)
     if when.date() == now.date():
         return when.strftime("%H:%M:%SZ")
     return when.strftime("%Y-%m-%d %H:%MZ")
@@ -830,7 +837,7 @@ async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> i
     status = DispatchStatus(args.status) if args.status else None
     rows = await service.list_dispatches(store, status, args.limit, settings)
     if args.json:
-        _print_json(rows)
+        _print_json(json_list(rows))
         return EX_OK
     if not rows:
         print("no dispatches" + (f" with status {status}" if status else ""), file=sys.stderr)
@@ -841,20 +848,20 @@ async def _list(args: argparse.Namespace, settings: Settings, store: Store) -> i
     now = SystemClock().now()
     for row in rows:
         print(
-            f"{row['id']:>8}  {_status_text(row, now):<24} {row['task']:<20} "
-            f"{row['created_at']:<27} {row['error'] or ''}"
+            f"{row.id:>8}  {_status_text(row, now):<24} {row.task:<20} "
+            f"{timestamp(row.created_at):<27} {row.error or ''}"
         )
     return EX_OK
 
 
-def _list_failed(rows: list[dict[str, Any]]) -> int:
+def _list_failed(rows: list[DispatchView]) -> int:
     """`list --status failed`: the dead letters, each with its whole error."""
     print(f"{'ID':>8}  {'TASK':<20} {'FAILED AT':<27} ERROR")
     for row in rows:
-        retried = f" (retried {row['series']}x)" if row["series"] else ""
+        retried = f" (retried {row.series}x)" if row.series else ""
         print(
-            f"{row['id']:>8}  {row['task']:<20} {row['finished_at'] or '':<27} "
-            f"{row['error'] or '(no error recorded)'}{retried}"
+            f"{row.id:>8}  {row.task:<20} {timestamp(row.finished_at) or '':<27} "
+            f"{row.error or '(no error recorded)'}{retried}"
         )
     print(
         "dispatcher: `dispatcher show ID` has each one's output; "
@@ -865,21 +872,21 @@ def _list_failed(rows: list[dict[str, Any]]) -> int:
 
 
 def _tasks(args: argparse.Namespace, settings: Settings) -> int:
-    tasks = service.tasks_json(settings)
+    view = service.tasks(settings)
     if args.json:
-        _print_json({"tasks": tasks})
+        _print_json(view.to_json())
         return EX_OK
-    for task in tasks:
-        about = f"  {task['description']}" if task["description"] else ""
-        print(f"{task['name']}{about}")
-        if not task["params"]:
+    for task in view.tasks:
+        about = f"  {task.description}" if task.description else ""
+        print(f"{task.name}{about}")
+        if not task.params:
             print("    (no params)")
-        for param in task["params"]:
-            print(f"    {_param_text(param, task['declared'])}")
+        for param in task.params:
+            print(f"    {_param_text(param, task.declared)}")
     return EX_OK
 
 
-def _param_text(param: dict[str, Any], declared: bool) -> str:
+def _param_text(param: Mapping[str, Any], declared: bool) -> str:
     if not declared:
         return f"{param['name']:<16} required (used by a step; not declared)"
     kind = param["type"]
@@ -893,159 +900,157 @@ def _param_text(param: dict[str, Any], declared: bool) -> str:
 
 
 async def _cancel(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.cancel(store, SystemClock(), args.id)
+    view = await service.cancel(store, SystemClock(), args.id)
     if args.json:
-        _print_json(data)
-    elif data["status"] == DispatchStatus.CANCELLED:
-        print(f"{data['id']} cancelled")
-    elif data["cancel_requested"]:
-        print(f"{data['id']} {data['status']}: cancel requested; the daemon stops it shortly")
+        _print_json(view.to_json())
+    elif view.status == DispatchStatus.CANCELLED:
+        print(f"{view.id} cancelled")
+    elif view.cancel_requested:
+        print(f"{view.id} {view.status}: cancel requested; the daemon stops it shortly")
     else:
-        print(f"{data['id']} already {data['status']}; nothing to cancel")
+        print(f"{view.id} already {view.status}; nothing to cancel")
     return EX_OK
 
 
 async def _retry(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.retry(settings, store, SystemClock(), args.id)
+    view = await service.retry(settings, store, SystemClock(), args.id)
     if args.json:
-        _print_json(data)
+        _print_json(view.to_json())
     else:
-        where = f"from step {data['from_step']}" if data["from_step"] else "from its plan"
-        print(f"{data['id']} queued again {where} (retry {data['series']})")
+        where = f"from step {view.from_step}" if view.from_step else "from its plan"
+        print(f"{view.id} queued again {where} (retry {view.series})")
     return EX_OK
 
 
 async def _schedules(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.schedules_report(settings, store, SystemClock())
+    view = await service.schedules_report(settings, store, SystemClock())
     if args.json:
-        _print_json(data)
+        _print_json(view.to_json())
         return EX_OK
-    if not data["schedules"]:
+    if not view.schedules:
         print("no schedules configured ([schedules.NAME] in the configuration)", file=sys.stderr)
         return EX_OK
     print(f"{'SCHEDULE':<20} {'WHEN':<32} {'NEXT FIRE':<22} {'LAST FIRE':<22} LAST DISPATCH")
-    for item in data["schedules"]:
+    for item in view.schedules:
         print(_schedule_line(item))
     return EX_OK
 
 
-def _schedule_line(item: dict[str, Any]) -> str:
-    when = f"every {item['every']}" if item["every"] else item["cron"]
-    if item["cron"] and item["timezone"] != "UTC":
-        when += f" {item['timezone']}"
+def _schedule_line(item: ScheduleView) -> str:
+    when = f"every {item.every}" if item.every else str(item.cron)
+    if item.cron and item.timezone != "UTC":
+        when += f" {item.timezone}"
     last = "-"
-    if item["last_outcome"] == "skipped":
+    if item.last_outcome == "skipped":
         last = "skipped (overlap)"
-    elif item["last_dispatch_id"] is not None:
-        last = f"{item['last_dispatch_id']} {item['last_status'] or '(deleted)'}"
+    elif item.last_dispatch_id is not None:
+        last = f"{item.last_dispatch_id} {item.last_status or '(deleted)'}"
     return (
-        f"{item['name']:<20} {when:<32} {item['next_fire'] or 'never':<22} "
-        f"{item['last_fire'] or 'never':<22} {last}"
+        f"{item.name:<20} {when:<32} {timestamp(item.next_fire) or 'never':<22} "
+        f"{timestamp(item.last_fire) or 'never':<22} {last}"
     )
 
 
 async def _gates(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.gates_report(settings, store, SystemClock())
+    view = await service.gates_report(settings, store, SystemClock())
     if args.json:
-        _print_json(data)
+        _print_json(view.to_json())
         return EX_OK
-    for gate in data["gates"]:
-        holders = ", ".join(gate["holders"][:5]) + (" ..." if len(gate["holders"]) > 5 else "")
-        print(f"{gate['name']:<30} {gate['held']:>4}/{gate['capacity']:<4} {holders}")
-    rows = data["rows"]
-    print(
-        f"gate rows: {rows['held']} held, {rows['released']} released "
-        f"({rows['purgeable']} purgeable)"
-    )
+    for gate in view.gates:
+        holders = ", ".join(gate.holders[:5]) + (" ..." if len(gate.holders) > 5 else "")
+        print(f"{gate.name:<30} {gate.held:>4}/{gate.capacity!s:<4} {holders}")
+    rows = view.rows
+    print(f"gate rows: {rows.held} held, {rows.released} released ({rows.purgeable} purgeable)")
     return EX_OK
 
 
 async def _purge(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await purge.purge_now(settings, store, SystemClock(), dry_run=args.dry_run)
+    view = await service.purge(settings, store, SystemClock(), dry_run=args.dry_run)
     if args.json:
-        _print_json(data)
+        _print_json(view.to_json())
         return EX_OK
-    gates, dispatches = data["gates"], data["dispatches"]
-    if args.dry_run:
-        print(f"would purge {gates['purgeable']} gate rows released before {gates['before']}")
+    gates, dispatches = view.gates, view.dispatches
+    gates_before = timestamp(gates.before)
+    if view.dry_run:
+        print(f"would purge {gates.deleted} gate rows released before {gates_before}")
     else:
         print(
-            f"purged {gates['deleted']} gate rows released before {gates['before']} "
-            f"in {gates['batches']} batches"
+            f"purged {gates.deleted} gate rows released before {gates_before} "
+            f"in {gates.batches} batches"
         )
-    if dispatches["before"] is None:
+    if dispatches.before is None:
         print("dispatches: kept forever (retention.dispatches = 0)")
-    elif args.dry_run:
+    elif view.dry_run:
         print(
-            f"would delete {dispatches['expired']} dispatches finished before "
-            f"{dispatches['before']} ({dispatches['attempts']} attempts)"
+            f"would delete {dispatches.dispatches} dispatches finished before "
+            f"{timestamp(dispatches.before)} ({dispatches.attempts} attempts)"
         )
     else:
         print(
-            f"deleted {dispatches['deleted']} dispatches finished before "
-            f"{dispatches['before']} ({dispatches['attempts_deleted']} attempts)"
+            f"deleted {dispatches.dispatches} dispatches finished before "
+            f"{timestamp(dispatches.before)} ({dispatches.attempts} attempts)"
         )
     return EX_OK
 
 
 async def _health(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.health(settings, store, SystemClock())
+    view = await service.health(settings, store, SystemClock())
     if args.json:
-        _print_json(data)
-    elif data["live"]:
-        inst = data["instances"][0]
+        _print_json(view.to_json())
+    elif view.live:
+        inst = view.instances[0]
         print(
-            f"ok: instance {inst['id']} (pid {inst['pid']} on {inst['hostname']}) "
-            f"heartbeat {inst['heartbeat_at']}"
+            f"ok: instance {inst.id} (pid {inst.pid} on {inst.hostname}) "
+            f"heartbeat {timestamp(inst.heartbeat_at)}"
         )
     else:
         print("dispatcher: error: no live daemon heartbeats on this database", file=sys.stderr)
-    return EX_OK if data["live"] else EX_UNAVAILABLE
+    return EX_OK if view.live else EX_UNAVAILABLE
 
 
 async def _status(args: argparse.Namespace, settings: Settings, store: Store) -> int:
-    data = await service.status(settings, store, SystemClock())
+    view = await service.status(settings, store, SystemClock())
     if args.json:
-        _print_json(data)
+        _print_json(view.to_json())
         return EX_OK
-    for line in _status_lines(data):
+    for line in _status_lines(view):
         print(line)
     return EX_OK
 
 
-def _status_lines(data: dict[str, Any]) -> list[str]:
-    lines = _daemon_lines(data)
-    queue = data["queue"]
-    global_gate = next((g for g in data["gates"] if g["name"] == GLOBAL), None)
-    cap = f" (global {global_gate['held']}/{global_gate['capacity']})" if global_gate else ""
+def _status_lines(view: StatusView) -> list[str]:
+    lines = _daemon_lines(view)
+    queue = view.queue
+    global_gate = next((g for g in view.gates if g.name == GLOBAL), None)
+    cap = f" (global {global_gate.held}/{global_gate.capacity})" if global_gate else ""
     finals = ", ".join(f"{queue[str(s)]} {s}" for s in service.FINAL_STATUSES)
     lines.append(
-        f"queue     {queue['queued']} queued, {data['in_flight_count']} in flight{cap}, {finals}"
+        f"queue     {queue['queued']} queued, {view.in_flight_count} in flight{cap}, {finals}"
     )
-    gates = "  ".join(f"{g['name']} {g['held']}/{g['capacity']}" for g in data["gates"])
+    gates = "  ".join(f"{g.name} {g.held}/{g.capacity}" for g in view.gates)
     lines.append(f"gates     {gates}")
-    lines += _labelled("in flight", [_in_flight_text(item) for item in data["in_flight"]])
-    lines += _labelled("queued", [_queued_text(item) for item in data["queued"][:STATUS_QUEUED]])
+    lines += _labelled("in flight", [_in_flight_text(item) for item in view.in_flight])
+    lines += _labelled("queued", [_queued_text(item) for item in view.queued[:STATUS_QUEUED]])
     failures = []
-    for item in data["recent_failures"]:
-        failures.append(f"{item['id']:>6} {item['task']:<16} {item['error'] or ''}")
-        if item["output_tail"]:
-            failures += [" " * 24 + "| " + line for line in item["output_tail"].splitlines()]
+    for item in view.recent_failures:
+        failures.append(f"{item.id:>6} {item.task:<16} {item.error or ''}")
+        if item.output_tail:
+            failures += [" " * 24 + "| " + line for line in item.output_tail.splitlines()]
     return lines + _labelled("failures", failures)
 
 
-def _daemon_lines(data: dict[str, Any]) -> list[str]:
+def _daemon_lines(view: StatusView) -> list[str]:
     lines = [
-        f"daemon    live: instance {inst['id']} (pid {inst['pid']} on "
-        f"{inst['hostname']}), heartbeat {inst['heartbeat_at']}"
-        for inst in data["instances"]
+        f"daemon    live: instance {inst.id} (pid {inst.pid} on "
+        f"{inst.hostname}), heartbeat {timestamp(inst.heartbeat_at)}"
+        for inst in view.instances
     ]
-    if not data["live"]:
+    if not view.live:
         lines.append("daemon    NOT RUNNING: no live instance heartbeats on this database")
-    if data["stale_instances"]:
+    if view.stale_instances:
         lines.append(
             "stale     gate places still held by "
-            + ", ".join(data["stale_instances"])
+            + ", ".join(view.stale_instances)
             + " (not live): released when a daemon starts (or reaps them)"
         )
     return lines
@@ -1055,23 +1060,23 @@ def _labelled(label: str, items: list[str]) -> list[str]:
     return [f"{label if n == 0 else '':<9} {item}" for n, item in enumerate(items)]
 
 
-def _in_flight_text(item: dict[str, Any]) -> str:
-    step = item["step"] or "(planning)"
-    where = f"step {item['step_index'] + 1}/{item['steps']} {step}" if item["steps"] else step
-    if len(item["running"]) > 1:  # parallel branches
-        where = "steps " + ", ".join(f"{b['step']} #{b['attempt']}" for b in item["running"])
-    state = f"waiting for {item['waiting_for']} at {where}" if item["waiting_for"] else where
-    return f"{item['id']:>6} {item['task']:<16} {state}  {item['running_s']}s"
+def _in_flight_text(item: InFlightView) -> str:
+    step = item.step or "(planning)"
+    where = f"step {item.step_index + 1}/{item.steps} {step}" if item.steps else step
+    if len(item.running) > 1:  # parallel branches
+        where = "steps " + ", ".join(f"{b.step} #{b.attempt}" for b in item.running)
+    state = f"waiting for {item.waiting_for} at {where}" if item.waiting_for else where
+    return f"{item.id:>6} {item.task:<16} {state}  {item.running_s}s"
 
 
-def _queued_text(item: dict[str, Any]) -> str:
-    if item["waiting_for"]:
-        why = f"waiting for {item['waiting_for']}"
-    elif item["not_before"]:
-        why = f"due at {item['not_before']}"
+def _queued_text(item: QueuedView) -> str:
+    if item.waiting_for:
+        why = f"waiting for {item.waiting_for}"
+    elif item.not_before:
+        why = f"due at {timestamp(item.not_before)}"
     else:
         why = ""
-    return f"{item['id']:>6} {item['task']:<16} {why}".rstrip()
+    return f"{item.id:>6} {item.task:<16} {why}".rstrip()
 
 
 def _print_json(data: Any, out: TextIO | None = None) -> None:

@@ -1,8 +1,9 @@
-"""The daemon's lifecycle: instance lock, recovery, the dispatch loop, signals, drain.
+"""The daemon's lifecycle: recovery, the side loops, signals, drain.
 
-One anyio task group owns everything the daemon runs. Start: lock, migrate, recover
-what a dead predecessor left, register the instance. Then the dispatch loop claims
-work whenever the `global` gate has room. SIGTERM/SIGINT: stop claiming, drain for
+One anyio task group owns everything the daemon runs. Start: lock (SQLite:
+`dispatcher.store.sqlite.lock`), migrate, recover what a dead predecessor left,
+register the instance. Then the claim loop (`dispatcher.claims`) claims work whenever
+the `global` gate has room. SIGTERM/SIGINT: stop claiming, drain for
 `shutdown_grace`, cancel what is left (interrupted, re-queued), release every slot,
 exit 0. SIGHUP re-reads the configuration.
 """
@@ -10,19 +11,18 @@ exit 0. SIGHUP re-reads the configuration.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import resource
 import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from types import MappingProxyType
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
@@ -30,6 +30,7 @@ import structlog
 
 from dispatcher import __version__, logs
 from dispatcher.activity import Activity
+from dispatcher.claims import ClaimLoop, DaemonState
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.config import Settings
 from dispatcher.errors import (
@@ -37,20 +38,11 @@ from dispatcher.errors import (
     DatabaseCorrupt,
     DispatcherError,
     LeaseLost,
-    StoreError,
-    Unavailable,
 )
-from dispatcher.gate import (
-    GLOBAL,
-    ConcurrencyGate,
-    Slot,
-    dispatch_holder,
-    gate_capacities,
-    task_gate_capacity,
-)
+from dispatcher.gate import ConcurrencyGate, GateState, gate_capacities, task_gate_capacity
 from dispatcher.lease import Lease, LeaseState
 from dispatcher.maintenance import Maintenance
-from dispatcher.models import Dispatch, DispatchStatus, Instance
+from dispatcher.models import DispatchStatus, Instance
 from dispatcher.observe import NullObserver, Observer, Observers
 from dispatcher.pipeline import CancelReason, InFlight, Pipeline
 from dispatcher.planners import planner_of
@@ -70,56 +62,20 @@ minute at the default interval). They also run right after a database outage end
 REJOIN_WAIT = 30.0
 """Seconds a daemon that lost its lease waits for its ended steps before it rejoins."""
 
-CLAIM_FAILED_EVERY = 10.0
-"""Seconds between two `claim_failed` lines while claims keep failing."""
-
 CHECK_BUDGET = 10.0
 """Seconds the look for damage at start may take (a larger database is checked in
 part; `dispatcher check-db` reads all of it)."""
 
-SideTask = Callable[..., Coroutine[Any, Any, None]]
-"""`f(daemon, *, task_status)`: a service beside the dispatch loop (e.g. the HTTP API).
-`tg.start`ed after recovery, it calls `task_status.started()` once it serves and is
-cancelled with the daemon's task group; if it fails, the daemon stops."""
 
+class SideTask(Protocol):
+    """`f(daemon, *, task_status)`: a service beside the claim loop (e.g. the HTTP API,
+    which takes the daemon as its narrow `api.DaemonView`). `tg.start`ed after recovery,
+    it calls `task_status.started()` once it serves and is cancelled with the daemon's
+    task group; if it fails, the daemon stops."""
 
-class InstanceLock:
-    """An exclusive `flock` on `<database>.lock`: one daemon per database."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.path = db_path.with_name(db_path.name + ".lock")
-        self._handle: IO[str] | None = None
-
-    def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self.path.open("a+")
-        except OSError as exc:  # e.g. a read-only folder: one line, exit 73, no traceback
-            raise StoreError(
-                f"cannot open database {self.path.with_suffix('')}: cannot open lock file "
-                f"{self.path}: {exc.strerror or exc}"
-            ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise Unavailable(
-                f"another dispatcher daemon (pid {holder}) is running on "
-                f"{self.path.with_suffix('')} (lock {self.path} is held)"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+    async def __call__(
+        self, daemon: Daemon, *, task_status: anyio.abc.TaskStatus[None] = ...
+    ) -> None: ...
 
 
 def build_runners(settings: Settings) -> dict[str, Runner]:
@@ -136,21 +92,6 @@ def spawns_processes(settings: Settings) -> bool:
     return any(kind.spawns_processes for kind in runners) or any(
         planner_of(task).spawns_processes for task in settings.tasks.values()
     )
-
-
-@dataclass
-class DaemonState:
-    """What the loop and the signal handler share."""
-
-    stopping: bool = False
-    fatal: DispatcherError | None = None
-    """Why the daemon stops on its own (a damaged database); `run` raises it."""
-    inflight: dict[int, InFlight] = field(default_factory=dict)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    check_cancels: asyncio.Event = field(default_factory=asyncio.Event)
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set whenever the last dispatch in flight has ended."""
 
 
 class Daemon:
@@ -178,8 +119,6 @@ class Daemon:
         self.instance_id = uuid.uuid4().hex[:12]
         self._reload = reload
         self.state = DaemonState()
-        self._claiming = asyncio.Lock()
-        """Held from a claim until its dispatches are in flight (see `self_check`)."""
         self.lease = Lease(settings.daemon.instance_ttl)
         """This instance's lease on a shared store (see `dispatcher.lease`)."""
         self._self_check_now = asyncio.Event()
@@ -200,6 +139,18 @@ class Daemon:
             runners=build_runners(settings),
             instance_id=self.instance_id,
             observer=self.observer,
+        )
+        self.claims = ClaimLoop(
+            self.state,
+            settings=lambda: self.settings,
+            store=store,
+            gate=self.gate,
+            pipeline=self.pipeline,
+            clock=self.clock,
+            lease=self.lease,
+            observer=self.observer,
+            instance_id=self.instance_id,
+            while_fenced=self._while_fenced,
         )
         self.maintenance = Maintenance(lambda: self.settings, store, self.clock, self.observer)
         self.schedules = Schedules(
@@ -244,7 +195,7 @@ class Daemon:
                     self.settings.daemon.heartbeat_interval,
                 )
                 self._started()
-                await self._dispatch_loop()
+                await self.claims.run()
                 tg.cancel_scope.cancel()
         finally:
             if self.store.shared:  # no steps left to fence: the guardian's deadline goes
@@ -282,6 +233,30 @@ class Daemon:
         """New work may be there: claim at once instead of at the next poll."""
         self.state.wake.set()
 
+    def cancel(self, dispatch_id: int, reason: CancelReason) -> bool:
+        """Stop a dispatch this daemon runs now, its end recorded as `reason` says; False
+        when it does not run here (ended, queued, or run by another daemon)."""
+        flight = self.state.inflight.get(dispatch_id)
+        if flight is None:
+            return False
+        flight.cancel(reason)
+        return True
+
+    @property
+    def in_flight(self) -> Mapping[int, InFlight]:
+        """What this daemon runs now, by dispatch id: a read-only view (for the API and
+        the status page; `cancel` stops one)."""
+        return MappingProxyType(self.state.inflight)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the drain has started: no new work is claimed."""
+        return self.state.stopping
+
+    def gate_snapshot(self) -> list[GateState]:
+        """Every gate's capacity and places held, now."""
+        return self.gate.snapshot()
+
     def _database_corrupt(self, exc: DatabaseCorrupt) -> None:
         """The store found the database damaged: stop now, not drain (nothing lands)."""
         if self.state.fatal is None:
@@ -289,8 +264,7 @@ class Daemon:
             for flight in list(self.state.inflight.values()):
                 flight.cancel(CancelReason.SHUTDOWN)
             self.stop()
-            if self._stop_waiting is not None:
-                self._stop_waiting.cancel()
+            self.claims.stop_waiting()
 
     def _database_back(self) -> None:
         """Queued writes land again after an outage: check our own rows at once."""
@@ -300,7 +274,7 @@ class Daemon:
         """Put back in the queue what this live instance marked in flight but does not run
         (a write lost before it was retried, a claim whose start failed): the repair
         that recovery does at start, without a restart. Answers the ids requeued."""
-        async with self._claiming:  # no claim is half-way while we compare
+        async with self.claims.claiming:  # no claim is half-way while we compare
             keep = set(self.state.inflight)
             # What finished before `keep` was taken is final in the database first.
             await self.store.flush()
@@ -327,7 +301,7 @@ class Daemon:
         waiters for a shared place ask again; the dispatch loop claims again only when
         the shared cap, not an empty queue, stopped its last claim."""
         self.gate.db_changed()
-        if self._waiting_for_room:
+        if self.claims.waiting_for_room:
             self.wake()
 
     async def _subscribe(self) -> None:
@@ -384,233 +358,19 @@ class Daemon:
         except GuardError as exc:  # exec steps fail one by one, each saying why
             log.error("guardian_start_failed", error=exc.strerror)
 
-    def _database_name(self) -> str:
-        url = getattr(self.store, "url", None)
-        return str(url) if url is not None else str(self.settings.database.path)
-
     def _started(self) -> None:
         """Recovered, registered, signal handlers in place: accepting work."""
         log.info(
             "daemon_started",
             version=__version__,
             pid=os.getpid(),
-            database=self._database_name(),
+            database=self.store.database,
             gates=gate_capacities(self.settings),
             guardian_pid=process_guard().pid,
         )
         self.notifier.ready(status=self._inflight_summary())
 
-    # -- the dispatch loop --------------------------------------------------------------
-
-    async def _dispatch_loop(self) -> None:
-        """Claim work whenever `global` has room; run each dispatch in its own task.
-
-        Every free place is claimed for in one statement: one round trip to the
-        database serves many dispatches (on a shared store, their `global` rows too).
-        A wake-up that comes while a claim is in flight starts no claim beside it: it
-        leaves one more claim to do once this one is back.
-        """
-        async with anyio.create_task_group() as work:
-            while not self.state.stopping:
-                if not self.lease.may_claim:
-                    await self._while_fenced()
-                    continue
-                with anyio.CancelScope() as waiting:
-                    self._stop_waiting = waiting
-                    await self.gate.wait_free(GLOBAL)
-                if waiting.cancelled_caught:
-                    continue  # stopping, or the lease needs us: the loop's test decides
-                if self.state.inflight:
-                    # Dispatches that end in the same turn of the loop give their places
-                    # back first: one claim for all of them, not one for the first.
-                    await anyio.lowlevel.checkpoint()
-                places = 1
-                while self.gate.try_acquire_place(GLOBAL):
-                    places += 1
-                async with self._claiming:
-                    self.state.wake.clear()  # what comes from here on: after this claim
-                    claimed, held_elsewhere = await self._claim_places(places)
-                    for _ in range(places - len(claimed)):
-                        self.gate.give_back(GLOBAL)
-                    for dispatch, row_id in claimed:
-                        await self._start_dispatch(work, dispatch, row_id)
-                if not claimed:
-                    # Places other daemons hold stopped the claim: their release wakes us.
-                    self._waiting_for_room = held_elsewhere
-                    await self._wait_for_work()
-                    self._waiting_for_room = False
-            await self._drain()
-
-    _stop_waiting: anyio.CancelScope | None = None
-    _waiting_for_room = False
-
-    async def _claim_places(self, places: int) -> tuple[list[tuple[Dispatch, int | None]], bool]:
-        """Up to `places` dispatches, each with its `global` row where the store is
-        shared (the database grants the places with the claim, never beyond the cap of
-        every daemon together); and whether places held by other daemons (of `global`,
-        or of per-task gates the claim passed over) may have left work unclaimed."""
-        if not self.store.shared:
-            return [(dispatch, None) for dispatch in await self._claim(places)], False
-        try:
-            blocked = await self.gate.blocked_gates()
-            granted = await self.store.claim_with_slots(
-                self.instance_id,
-                self.clock.now(),
-                blocked,
-                places,
-                GLOBAL,
-                self.gate.capacity(GLOBAL),
-            )
-        except DispatcherError as exc:  # e.g. the database stayed busy: try again later
-            self._claim_failed(exc)
-            return [], False
-        self._claim_failures = 0
-        # Per-task gates passed over because other daemons fill them (not this one).
-        elsewhere = blocked - self.gate.full_gates()
-        held_elsewhere = granted.room < places or bool(elsewhere)
-        return [(d, row_id) for d, row_id in granted.claimed], held_elsewhere
-
-    async def _claim(self, limit: int) -> list[Dispatch]:
-        try:
-            blocked = await self.gate.blocked_gates()
-            claimed = await self.store.claim_many(
-                self.instance_id, self.clock.now(), blocked, limit
-            )
-        except DispatcherError as exc:  # e.g. the database stayed busy: try again later
-            self._claim_failed(exc)
-            return []
-        self._claim_failures = 0
-        return claimed
-
-    def _claim_failed(self, exc: DispatcherError) -> None:
-        """Log a failed claim: the first of a run of failures, then one line every
-        `CLAIM_FAILED_EVERY` seconds with the count (claims are tried every poll)."""
-        self._claim_failures += 1
-        now = anyio.current_time()
-        if self._claim_failures == 1 or now - self._claim_logged >= CLAIM_FAILED_EVERY:
-            self._claim_logged = now
-            log.warning("claim_failed", error=str(exc), failures=self._claim_failures)
-
-    _claim_failures = 0
-    _claim_logged = 0.0
-
-    async def _wait_for_work(self) -> None:
-        """Until woken (a submission, a dispatch ended), the poll interval passed, or the
-        earliest waiting dispatch (`--at`, `--in`, a retry's backoff) is due."""
-        with anyio.move_on_after(await self._until_due()):
-            await self.state.wake.wait()
-        self.state.wake.clear()
-
-    async def _until_due(self) -> float:
-        """Seconds to wait for work: the poll interval, or less when a dispatch becomes
-        due sooner (read from the database: other processes submit too)."""
-        poll = self.settings.daemon.poll_interval
-        if self.state.wake.is_set():
-            return 0.0
-        now = self.clock.now()
-        try:
-            due = await self.store.next_due(now)
-        except DispatcherError:
-            return poll  # the claim that follows says what is wrong
-        if due is None:
-            return poll
-        return min(poll, max((due - now).total_seconds(), 0.0))
-
-    async def _start_dispatch(
-        self, work: anyio.abc.TaskGroup, dispatch: Dispatch, global_row: int | None
-    ) -> None:
-        """Run a claimed dispatch (`global_row`: its `global` row, granted with the claim
-        on a shared store), or give its place back and put it back in the queue."""
-        holder = dispatch_holder(dispatch.id)
-        granted = None if global_row is None else self.gate.adopt(GLOBAL, holder, global_row)
-        if dispatch.id in self.state.inflight:
-            # Cannot happen while the fence holds (a claim needs a current lease, and a
-            # dispatch we run is requeued only with our lease taken); never run it twice.
-            log.error("claim_duplicate", dispatch_id=dispatch.id)
-            await self._give_back(granted)
-            return
-        task_slot = None
-        if dispatch.gate_key is not None and self.gate.has(dispatch.gate_key):
-            task_slot = await self._task_slot(dispatch, holder)
-            if task_slot is None:
-                await self._give_back(granted)
-                with suppress(DispatcherError):  # still ours: the self-check requeues it
-                    await self.store.requeue(dispatch.id, self.clock.now())
-                return
-        global_slot = granted or await self._bind_global(dispatch, holder)
-        if global_slot is None:
-            if task_slot is not None:
-                await self.gate.release(task_slot)
-            return
-        flight = InFlight(dispatch.id)
-        self.state.inflight[dispatch.id] = flight
-        self.state.idle.clear()
-        log.debug("dispatch_claimed", dispatch_id=dispatch.id, task=dispatch.task)
-        if not dispatch.resumed and dispatch.started_at is not None:
-            waited = (dispatch.started_at - dispatch.created_at).total_seconds()
-            self.observer.dispatch_started(dispatch.task, waited)
-        work.start_soon(self._run_dispatch, dispatch, flight, global_slot, task_slot)
-
-    async def _give_back(self, granted: Slot | None) -> None:
-        """The `global` place of a dispatch that does not start."""
-        if granted is None:
-            self.gate.give_back(GLOBAL)
-        else:
-            await self.gate.release(granted)
-
-    async def _task_slot(self, dispatch: Dispatch, holder: str) -> Slot | None:
-        """The dispatch's per-task place, or None (then it goes back to the queue)."""
-        assert dispatch.gate_key is not None
-        if not self.gate.try_acquire_place(dispatch.gate_key):
-            return None  # claimed together with another of the same per-task gate: later
-        try:
-            # None: refused (another daemon holds its places).
-            return await self.gate.try_bind(dispatch.gate_key, holder)
-        except DispatcherError as exc:
-            log.warning("claim_failed", dispatch_id=dispatch.id, error=str(exc))
-            return None
-
-    async def _bind_global(self, dispatch: Dispatch, holder: str) -> Slot | None:
-        """The `global` row; on a shared store another daemon may have taken the last
-        place since the claim: the dispatch then goes back to the queue."""
-        try:
-            slot = await self.gate.try_bind(GLOBAL, holder)
-        except DispatcherError as exc:
-            log.warning("claim_failed", error=str(exc))
-            slot = None
-        if slot is None:  # the gate gave the place back
-            with suppress(DispatcherError):
-                await self.store.requeue(dispatch.id, self.clock.now())
-        return slot
-
-    async def _run_dispatch(
-        self, dispatch: Dispatch, flight: InFlight, global_slot: Slot, task_slot: Slot | None
-    ) -> None:
-        try:
-            await self.pipeline.run(dispatch, flight)
-        finally:
-            del self.state.inflight[dispatch.id]
-            if task_slot is not None:
-                await self.gate.release(task_slot)
-            await self.gate.release(global_slot)
-            self.state.wake.set()
-            if not self.state.inflight:
-                self.state.idle.set()
-                if self.state.stopping:
-                    self.state.drained.set()
-
     # -- stop -------------------------------------------------------------------------
-
-    async def _drain(self) -> None:
-        """Wait up to `shutdown_grace` for running work, then cancel what is left."""
-        grace = self.settings.daemon.shutdown_grace
-        if self.state.inflight:
-            log.info("drain_started", in_flight=len(self.state.inflight), grace_s=grace)
-            with anyio.move_on_after(grace):
-                await self.state.drained.wait()
-        for flight in list(self.state.inflight.values()):
-            flight.cancel(CancelReason.SHUTDOWN)
-        log.info("drain_finished", interrupted=len(self.state.inflight))
 
     async def _signal_loop(
         self, scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None]
@@ -628,8 +388,7 @@ class Daemon:
                     for flight in list(self.state.inflight.values()):
                         flight.cancel(CancelReason.SHUTDOWN)
                 self.stop()
-                if self._stop_waiting is not None:
-                    self._stop_waiting.cancel()
+                self.claims.stop_waiting()
 
     def _reload_config(self) -> None:
         if self._reload is None:
@@ -745,8 +504,7 @@ class Daemon:
     def _end_all(self, reason: CancelReason) -> None:
         for flight in list(self.state.inflight.values()):
             flight.cancel(reason)
-        if self._stop_waiting is not None:
-            self._stop_waiting.cancel()
+        self.claims.stop_waiting()
         self.wake()
 
     async def _while_fenced(self) -> None:
@@ -754,7 +512,7 @@ class Daemon:
         if self.lease.state is LeaseState.LOST:
             await self._rejoin()
             return
-        await self._wait_for_work()
+        await self.claims.wait_for_work()
 
     async def _rejoin(self) -> None:
         """After a lost lease: wait for our steps to end, let the fenced writes go, and
@@ -768,13 +526,14 @@ class Daemon:
         self.instance_id = uuid.uuid4().hex[:12]
         self.gate.instance_id = self.instance_id
         self.pipeline.instance_id = self.instance_id
+        self.claims.instance_id = self.instance_id
         structlog.contextvars.bind_contextvars(instance_id=self.instance_id)
         try:
             await self._register(self.clock.now())
         except DispatcherError as exc:  # unreachable again: stay lost, try next round
             log.warning("lease_rejoin_failed", error=str(exc))
             self.lease.lose()
-            await self._wait_for_work()
+            await self.claims.wait_for_work()
             return
         log.warning("lease_rejoined", old_instance_id=old, in_flight=len(self.state.inflight))
 
@@ -803,10 +562,9 @@ class Daemon:
                 continue
             with suppress(DispatcherError):
                 for dispatch_id in await self.store.cancel_requests(list(self.state.inflight)):
-                    flight = self.state.inflight.get(dispatch_id)
-                    if flight is not None:
+                    if dispatch_id in self.state.inflight:
                         log.info("dispatch_cancel_requested", dispatch_id=dispatch_id)
-                        flight.cancel(CancelReason.USER)
+                        self.cancel(dispatch_id, CancelReason.USER)
 
 
 NR_OPEN_FALLBACK = 1024 * 1024
@@ -890,7 +648,7 @@ async def run_daemon(
     systemd's notification variables are read (and removed from the environment, so
     steps don't inherit them) unless a `notifier` is given.
     """
-    from dispatcher.store import open_store
+    from dispatcher.store import daemon_lock, open_store
 
     raise_open_files_limit()
     side_tasks: list[SideTask] = []
@@ -902,11 +660,7 @@ async def run_daemon(
         side_tasks.append(api.serve)
         observer = api.metrics
     notifier = notifier or Notifier.from_environ()
-    # On PostgreSQL several daemons share the database: leases replace the OS lock.
-    lock = InstanceLock(settings.database.path) if settings.database.url is None else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    with daemon_lock(settings):  # SQLite: one daemon per file; PostgreSQL: leases
         store = await open_store(settings, daemon=True)
         try:
             await _check_database(store)
@@ -925,6 +679,3 @@ async def run_daemon(
         finally:
             with anyio.CancelScope(shield=True):
                 await store.close()
-    finally:
-        if lock is not None:
-            lock.release()

@@ -233,7 +233,7 @@ class ConcurrencyGate:
         task_gates: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
-        self._shared = bool(getattr(store, "shared", False))
+        self._shared = store.shared
         self._poll_interval = poll_interval
         self._db_changed = asyncio.Event()
         self._clock = clock

@@ -166,16 +166,3 @@ def retention_json(run: RetentionRun) -> dict[str, Any]:
         "reclaimed_pages": run.reclaimed_pages,
         "duration_ms": run.duration_ms,
     }
-
-
-async def purge_now(
-    settings: Settings, store: Store, clock: Clock, *, dry_run: bool = False
-) -> dict[str, Any]:
-    """`dispatcher purge`: both jobs once, now: gate rows, then expired dispatches."""
-    gates = await purge_gates(settings, store, clock, dry_run=dry_run)
-    dispatches = await apply_retention(settings, store, clock, dry_run=dry_run)
-    return {
-        "dry_run": dry_run,
-        "gates": gate_purge_json(gates),
-        "dispatches": retention_json(dispatches),
-    }

@@ -1,7 +1,8 @@
 """Service functions: what the CLI (and the HTTP API) do, on a `Store`.
 
-They validate input into records, call store verbs and shape answers as plain JSON
-objects; they never print and never parse command lines.
+They validate input into records, call store verbs and answer typed views
+(`dispatcher.views`, each with its `to_json`); they never print and never parse
+command lines.
 """
 
 from __future__ import annotations
@@ -42,9 +43,32 @@ from dispatcher.models import (
     Step,
 )
 from dispatcher.planners import check_params, planner_of
-from dispatcher.purge import gate_cutoff
+from dispatcher.purge import apply_retention, gate_cutoff, purge_gates
 from dispatcher.schedules import FireTimes, fire_key
 from dispatcher.store.base import Store
+from dispatcher.views import (
+    AttemptView,
+    BranchView,
+    CancelView,
+    DispatchView,
+    FailureView,
+    GateRowsView,
+    GatesView,
+    GateView,
+    HealthView,
+    InFlightView,
+    InstanceView,
+    PurgeView,
+    QueuedView,
+    ReservationView,
+    RetryView,
+    SchedulesView,
+    ScheduleView,
+    StatusView,
+    TasksView,
+    TaskView,
+    timestamp,
+)
 
 BATCH_CHUNK = 1000
 MAX_KEY_LENGTH = 500
@@ -97,7 +121,7 @@ def not_before(request: SubmitRequest, now: datetime) -> datetime | None:
     if request.delay is not None:
         return now + timedelta(seconds=request.delay)
     if request.at is not None and not now - MAX_START_SPAN < request.at < now + MAX_START_SPAN:
-        raise BadRequest(f"start time {_ts(request.at)}: more than 100 years away")
+        raise BadRequest(f"start time {timestamp(request.at)}: more than 100 years away")
     return request.at
 
 
@@ -194,29 +218,29 @@ def _undeclared_json(name: str) -> dict[str, Any]:
     return {"name": name, "type": None, "required": True, "default": None, "description": ""}
 
 
-def tasks_json(settings: Settings) -> list[dict[str, Any]]:
+def tasks(settings: Settings) -> TasksView:
     """Every configured task with its params, as `dispatcher tasks --json` shows them."""
     answer = []
     for name in sorted(settings.tasks):
         task = settings.tasks[name]
         declared = task.params
         answer.append(
-            {
-                "name": name,
-                "description": task.description,
-                "planner": task.planner,
-                "steps": [step.name for step in task.configured_steps()],
-                "declared": declared is not None,
-                "params": (
-                    [declared[p].to_json(p) for p in sorted(declared)]
+            TaskView(
+                name=name,
+                description=task.description,
+                planner=task.planner,
+                steps=tuple(step.name for step in task.configured_steps()),
+                declared=declared is not None,
+                params=(
+                    tuple(declared[p].to_json(p) for p in sorted(declared))
                     if declared is not None
-                    else [_undeclared_json(p) for p in sorted(task.params_used())]
+                    else tuple(_undeclared_json(p) for p in sorted(task.params_used()))
                 ),
-                "concurrency": task.concurrency,
-                "priority": task.priority,
-            }
+                concurrency=task.concurrency,
+                priority=task.priority,
+            )
         )
-    return answer
+    return TasksView(tuple(answer))
 
 
 def _check_key(key: str) -> None:
@@ -397,87 +421,66 @@ def _chunks(items: list[NewDispatch], size: int) -> Iterator[list[NewDispatch]]:
         yield items[start : start + size]
 
 
-def reservation_json(reservation: Reservation) -> dict[str, Any]:
-    """`{"id", "status", "created"}`; `"retried": true` when the key's failed dispatch
-    was started again (`key_reuse = "after_failure"`); `not_before` when one created
-    now waits for its time (`--at`, `--in`)."""
-    answer: dict[str, Any] = {
-        "id": reservation.id,
-        "status": str(reservation.status),
-        "created": reservation.created,
-    }
-    if reservation.retried:
-        answer["retried"] = True
-    if reservation.not_before is not None:
-        answer["not_before"] = _ts(reservation.not_before)
-    return answer
+def reservation_view(reservation: Reservation) -> ReservationView:
+    """What a submission answers (see `ReservationView`)."""
+    return ReservationView.of(reservation)
 
 
 # -- reading ------------------------------------------------------------------------------
 
 
-def _ts(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
+def attempt_view(attempt: Attempt) -> AttemptView:
+    """An attempt as `show` lists it (`result`: the step's JSON value, or None)."""
+    return AttemptView(
+        step=attempt.step,
+        runner=attempt.runner,
+        attempt=attempt.attempt,
+        status=attempt.status,
+        started_at=attempt.started_at,
+        ended_at=attempt.ended_at,
+        exit_code=attempt.exit_code,
+        error=attempt.error,
+        output=attempt.output,
+        result=None if attempt.result is None else json.loads(attempt.result),
+        series=attempt.series,
+    )
 
 
-def attempt_json(attempt: Attempt) -> dict[str, Any]:
-    """An attempt as `show --json` lists it (`result`: the step's JSON value, or null)."""
-    return {
-        "step": attempt.step,
-        "runner": attempt.runner,
-        "attempt": attempt.attempt,
-        "status": str(attempt.status),
-        "started_at": _ts(attempt.started_at),
-        "ended_at": _ts(attempt.ended_at),
-        "exit_code": attempt.exit_code,
-        "error": attempt.error,
-        "output": attempt.output,
-        "result": None if attempt.result is None else json.loads(attempt.result),
-        "series": attempt.series,
-    }
-
-
-def branch_json(step: str, attempt: int | None, waiting_for: str | None) -> dict[str, Any]:
-    """A step running (or waiting for its runner's place) in an in-flight dispatch."""
-    return {"step": step, "attempt": attempt, "waiting_for": waiting_for}
-
-
-def running_branches(dispatch: Dispatch, attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
+def running_branches(dispatch: Dispatch, attempts: Sequence[Attempt]) -> tuple[BranchView, ...]:
     """The steps an in-flight dispatch runs now, from the database: those with a running
     attempt, in plan order (the daemon's API also knows the ones waiting for a place)."""
     if dispatch.status.is_final:
-        return []
+        return ()
     running = sorted(
         (a for a in attempts if a.status is AttemptStatus.RUNNING), key=lambda a: a.step_index
     )
-    return [branch_json(a.step, a.attempt, None) for a in running]
+    return tuple(BranchView(a.step, a.attempt, None) for a in running)
 
 
-def dispatch_json(
+def dispatch_view(
     dispatch: Dispatch, attempts: list[Attempt] | None = None, waiting_for: str | None = None
-) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": dispatch.id,
-        "task": dispatch.task,
-        "status": str(dispatch.status),
-        "waiting_for": waiting_for,
-        "params": dispatch.params,
-        "key": dispatch.key,
-        "priority": dispatch.priority,
-        "plan": None if dispatch.plan is None else [step.to_json() for step in dispatch.plan],
-        "current_step": dispatch.current_step,
-        "error": dispatch.error,
-        "created_at": _ts(dispatch.created_at),
-        "started_at": _ts(dispatch.started_at),
-        "finished_at": _ts(dispatch.finished_at),
-        "not_before": _ts(dispatch.not_before),
-        "series": dispatch.series,
-        "follows": dispatch.follows,
-    }
-    if attempts is not None:
-        data["attempts"] = [attempt_json(attempt) for attempt in attempts]
-        data["running"] = running_branches(dispatch, attempts)
-    return data
+) -> DispatchView:
+    """A dispatch; with its `attempts`, also what it runs now (`show`)."""
+    return DispatchView(
+        id=dispatch.id,
+        task=dispatch.task,
+        status=dispatch.status,
+        waiting_for=waiting_for,
+        params=dispatch.params,
+        key=dispatch.key,
+        priority=dispatch.priority,
+        plan=None if dispatch.plan is None else tuple(dispatch.plan),
+        current_step=dispatch.current_step,
+        error=dispatch.error,
+        created_at=dispatch.created_at,
+        started_at=dispatch.started_at,
+        finished_at=dispatch.finished_at,
+        not_before=dispatch.not_before,
+        series=dispatch.series,
+        follows=dispatch.follows,
+        attempts=None if attempts is None else tuple(attempt_view(a) for a in attempts),
+        running=None if attempts is None else running_branches(dispatch, attempts),
+    )
 
 
 def _known_id(dispatch_id: int) -> int:
@@ -567,7 +570,7 @@ async def show(
     dispatch_id: int,
     settings: Settings | None = None,
     clock: Clock | None = None,
-) -> dict[str, Any]:
+) -> DispatchView:
     """One dispatch with its attempts; with `settings`, also the gate it waits for."""
     dispatch = await store.get_dispatch(_known_id(dispatch_id))
     if dispatch is None:
@@ -576,7 +579,7 @@ async def show(
     if settings is not None and not dispatch.status.is_final:
         now = (clock or SystemClock()).now()
         waiting = waiting_for(settings, dispatch, await store.held_slots(), now)
-    return dispatch_json(dispatch, await store.list_attempts(dispatch_id), waiting)
+    return dispatch_view(dispatch, await store.list_attempts(dispatch_id), waiting)
 
 
 async def list_dispatches(
@@ -585,26 +588,23 @@ async def list_dispatches(
     limit: int,
     settings: Settings | None = None,
     clock: Clock | None = None,
-) -> list[dict[str, Any]]:
+) -> list[DispatchView]:
     """Newest first; with `settings`, each with the gate it waits for."""
     dispatches = await store.list_dispatches(status, limit)
     if settings is None or all(d.status.is_final for d in dispatches):
-        return [dispatch_json(d) for d in dispatches]
+        return [dispatch_view(d) for d in dispatches]
     held = await store.held_slots()
     now = (clock or SystemClock()).now()
-    return [dispatch_json(d, None, waiting_for(settings, d, held, now)) for d in dispatches]
+    return [dispatch_view(d, None, waiting_for(settings, d, held, now)) for d in dispatches]
 
 
-async def cancel(store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
+async def cancel(store: Store, clock: Clock, dispatch_id: int) -> CancelView:
+    """Cancel a queued dispatch at once; flag an in-flight one for its daemon."""
     dispatch = await store.request_cancel(_known_id(dispatch_id), clock.now())
-    return {
-        "id": dispatch.id,
-        "status": str(dispatch.status),
-        "cancel_requested": dispatch.cancel_requested,
-    }
+    return CancelView(dispatch.id, dispatch.status, dispatch.cancel_requested)
 
 
-async def retry(settings: Settings, store: Store, clock: Clock, dispatch_id: int) -> dict[str, Any]:
+async def retry(settings: Settings, store: Store, clock: Clock, dispatch_id: int) -> RetryView:
     """Queue a failed or cancelled dispatch again from its first unfinished step
     (`Store.retry`); its task must still be configured."""
     dispatch = await store.get_dispatch(_known_id(dispatch_id))
@@ -615,12 +615,7 @@ async def retry(settings: Settings, store: Store, clock: Clock, dispatch_id: int
             f"dispatch {dispatch_id}: task {dispatch.task!r} is no longer in the configuration"
         )
     retried = await store.retry(dispatch_id, clock.now())
-    return {
-        "id": retried.id,
-        "status": str(retried.status),
-        "series": retried.series,
-        "from_step": _current_step(retried),
-    }
+    return RetryView(retried.id, retried.status, retried.series, _current_step(retried))
 
 
 # -- schedules ------------------------------------------------------------------------------
@@ -634,7 +629,7 @@ def schedule_dispatch(
     return validate_request(settings, request, at)
 
 
-async def schedules_report(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+async def schedules_report(settings: Settings, store: Store, clock: Clock) -> SchedulesView:
     """Each configured schedule: its trigger and policies, next fire (from the
     configuration), last fire and the status of its last dispatch (from the database)."""
     now = clock.now()
@@ -644,24 +639,22 @@ async def schedules_report(settings: Settings, store: Store, clock: Clock) -> di
         spec = settings.schedules[name]
         state = states.get(name)
         schedules.append(
-            {
-                "name": name,
-                "task": spec.task,
-                "cron": spec.cron,
-                "every": None if spec.every is None else format_duration(spec.every),
-                "timezone": spec.timezone or "UTC",
-                "overlap": spec.overlap,
-                "catch_up": spec.catch_up,
-                "next_fire": _ts(FireTimes(spec).next_after(now)),
-                "last_fire": _ts(state.last_fire) if state else None,
-                "last_outcome": state.last_outcome if state else None,
-                "last_dispatch_id": state.last_dispatch_id if state else None,
-                "last_status": None
-                if state is None or state.last_status is None
-                else str(state.last_status),
-            }
+            ScheduleView(
+                name=name,
+                task=spec.task,
+                cron=spec.cron,
+                every=None if spec.every is None else format_duration(spec.every),
+                timezone=spec.timezone or "UTC",
+                overlap=spec.overlap,
+                catch_up=spec.catch_up,
+                next_fire=FireTimes(spec).next_after(now),
+                last_fire=state.last_fire if state else None,
+                last_outcome=state.last_outcome if state else None,
+                last_dispatch_id=state.last_dispatch_id if state else None,
+                last_status=state.last_status if state else None,
+            )
         )
-    return {"schedules": schedules}
+    return SchedulesView(tuple(schedules))
 
 
 async def gates_report(
@@ -669,7 +662,7 @@ async def gates_report(
     store: Store,
     clock: Clock | None = None,
     held: Sequence[SlotRow] | None = None,
-) -> dict[str, Any]:
+) -> GatesView:
     """Every gate with capacity, held count and holders, from the `gates` rows
     (`held`: rows already read, so that a caller's other figures agree with these).
 
@@ -679,39 +672,29 @@ async def gates_report(
     for row in await store.held_slots() if held is None else held:
         holders.setdefault(row.gate, []).append(row.holder)
     counts = await store.gate_row_counts()
-    gates = [
-        {
-            "name": name,
-            "capacity": gate_capacity(settings, name),
-            "held": len(holders[name]),
-            "holders": sorted(holders[name]),
-        }
+    gates = tuple(
+        GateView(
+            name, gate_capacity(settings, name), len(holders[name]), tuple(sorted(holders[name]))
+        )
         for name in sorted(holders, key=lambda n: (n != GLOBAL, n))
-    ]
+    )
     now = (clock or SystemClock()).now()
     purgeable = await store.count_purgeable(gate_cutoff(settings, now))
-    rows = {"held": counts.held, "released": counts.released, "purgeable": purgeable}
-    return {"gates": gates, "rows": rows}
+    return GatesView(gates, GateRowsView(counts.held, counts.released, purgeable))
 
 
-async def health(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+async def health(settings: Settings, store: Store, clock: Clock) -> HealthView:
     """Live instances: not stopped, heartbeat within `instance_ttl`."""
     since = clock.now() - timedelta(seconds=settings.daemon.instance_ttl)
     instances = await store.live_instances(since)
-    return {
-        "live": bool(instances),
-        "instances": [
-            {
-                "id": inst.id,
-                "hostname": inst.hostname,
-                "pid": inst.pid,
-                "started_at": _ts(inst.started_at),
-                "heartbeat_at": _ts(inst.heartbeat_at),
-            }
+    return HealthView(
+        live=bool(instances),
+        instances=tuple(
+            InstanceView(inst.id, inst.hostname, inst.pid, inst.started_at, inst.heartbeat_at)
             for inst in instances
-        ],
-        "queue": {str(status): count for status, count in (await store.count_by_status()).items()},
-    }
+        ),
+        queue={str(status): count for status, count in (await store.count_by_status()).items()},
+    )
 
 
 # -- status: the whole picture for an operator --------------------------------------------
@@ -728,22 +711,22 @@ def _current_step(dispatch: Dispatch) -> str | None:
     return dispatch.plan[dispatch.current_step].name
 
 
-def _in_flight_json(
-    dispatch: Dispatch, now: datetime, waiting: str | None, running: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _in_flight_view(
+    dispatch: Dispatch, now: datetime, waiting: str | None, running: tuple[BranchView, ...]
+) -> InFlightView:
     since = dispatch.started_at or dispatch.updated_at
-    return {
-        "id": dispatch.id,
-        "task": dispatch.task,
-        "status": str(dispatch.status),
-        "waiting_for": waiting,
-        "step": _current_step(dispatch),
-        "step_index": dispatch.current_step,
-        "steps": None if dispatch.plan is None else len(dispatch.plan),
-        "running": running,
-        "started_at": _ts(dispatch.started_at),
-        "running_s": max(0, round((now - since).total_seconds())),
-    }
+    return InFlightView(
+        id=dispatch.id,
+        task=dispatch.task,
+        status=dispatch.status,
+        waiting_for=waiting,
+        step=_current_step(dispatch),
+        step_index=dispatch.current_step,
+        steps=None if dispatch.plan is None else len(dispatch.plan),
+        running=running,
+        started_at=dispatch.started_at,
+        running_s=max(0, round((now - since).total_seconds())),
+    )
 
 
 def _holder_id(holder: str) -> int | None:
@@ -754,7 +737,7 @@ def _holder_id(holder: str) -> int | None:
 
 async def _in_flight(
     settings: Settings, store: Store, held: Sequence[SlotRow], live: set[str], now: datetime
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[InFlightView]]:
     """What holds a `global` place of a live daemon: never more than the cap.
 
     Read from the gate rows, not from dispatch statuses: a dispatch's `running` row
@@ -775,45 +758,43 @@ async def _in_flight(
             continue  # ended (or went back to the queue) since: its place is being freed
         waiting = waiting_for(settings, dispatch, held, now)
         running = running_branches(dispatch, await store.list_attempts(dispatch_id))
-        shown.append(_in_flight_json(dispatch, now, waiting, running))
+        shown.append(_in_flight_view(dispatch, now, waiting, running))
     return len(ids), shown
 
 
 _IN_FLIGHT = frozenset({DispatchStatus.PLANNING, DispatchStatus.RUNNING})
 
 
-async def _failures(store: Store) -> list[dict[str, Any]]:
-    answer = []
-    for dispatch in await store.list_dispatches(DispatchStatus.FAILED, STATUS_FAILURES_LIMIT):
-        answer.append(
-            {
-                "id": dispatch.id,
-                "task": dispatch.task,
-                "error": dispatch.error,
-                "finished_at": _ts(dispatch.finished_at),
-                "output_tail": output_tail(await store.list_attempts(dispatch.id)),
-            }
+async def _failures(store: Store) -> list[FailureView]:
+    return [
+        FailureView(
+            dispatch.id,
+            dispatch.task,
+            dispatch.error,
+            dispatch.finished_at,
+            output_tail(await store.list_attempts(dispatch.id)),
         )
-    return answer
+        for dispatch in await store.list_dispatches(DispatchStatus.FAILED, STATUS_FAILURES_LIMIT)
+    ]
 
 
 async def _queued(
     settings: Settings, store: Store, held: Sequence[SlotRow], now: datetime
-) -> list[dict[str, Any]]:
+) -> list[QueuedView]:
     return [
-        {
-            "id": d.id,
-            "task": d.task,
-            "priority": d.priority,
-            "created_at": _ts(d.created_at),
-            "not_before": _ts(d.not_before),
-            "waiting_for": waiting_for(settings, d, held, now),
-        }
+        QueuedView(
+            d.id,
+            d.task,
+            d.priority,
+            d.created_at,
+            d.not_before,
+            waiting_for(settings, d, held, now),
+        )
         for d in await store.list_dispatches(DispatchStatus.QUEUED, STATUS_QUEUED_LIMIT)
     ]
 
 
-async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, Any]:
+async def status(settings: Settings, store: Store, clock: Clock) -> StatusView:
     """Live instances, queue by status, gates, in-flight dispatches, recent failures.
 
     The gate rows are read once, first: the gates, the in-flight list and the gates
@@ -822,22 +803,34 @@ async def status(settings: Settings, store: Store, clock: Clock) -> dict[str, An
     now = clock.now()
     held = await store.held_slots()
     live = await health(settings, store, clock)
-    live_ids = {inst["id"] for inst in live["instances"]}
+    live_ids = {inst.id for inst in live.instances}
     count, in_flight = await _in_flight(settings, store, held, live_ids, now)
     stale = sorted(
         {row.instance_id or "unknown" for row in held if row.instance_id not in live_ids}
     )
-    return {
-        "live": live["live"],
-        "instances": live["instances"],
-        "queue": {str(s): live["queue"].get(str(s), 0) for s in DispatchStatus},
-        "gates": (await gates_report(settings, store, clock, held))["gates"],
-        "in_flight_count": count,
-        "in_flight": in_flight,
-        "stale_instances": stale,
-        "queued": await _queued(settings, store, held, now),
-        "recent_failures": await _failures(store),
-    }
+    return StatusView(
+        live=live.live,
+        instances=live.instances,
+        queue={str(s): live.queue.get(str(s), 0) for s in DispatchStatus},
+        gates=(await gates_report(settings, store, clock, held)).gates,
+        in_flight_count=count,
+        in_flight=tuple(in_flight),
+        stale_instances=tuple(stale),
+        queued=tuple(await _queued(settings, store, held, now)),
+        recent_failures=tuple(await _failures(store)),
+    )
+
+
+# -- purge -----------------------------------------------------------------------------------
+
+
+async def purge(
+    settings: Settings, store: Store, clock: Clock, *, dry_run: bool = False
+) -> PurgeView:
+    """`dispatcher purge`: both jobs once, now: gate rows, then expired dispatches."""
+    gates = await purge_gates(settings, store, clock, dry_run=dry_run)
+    dispatches = await apply_retention(settings, store, clock, dry_run=dry_run)
+    return PurgeView(dry_run, gates, dispatches)
 
 
 # -- files the daemon will need ----------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 from dispatcher.activity import FINAL, Minute
 from dispatcher.gate import GateKind, GateState, kind_of
 from dispatcher.models import DispatchStatus
+from dispatcher.views import ScheduleView
 
 REFRESH_SECONDS = 2
 ERROR_CHARS = 300
@@ -93,8 +94,8 @@ class StatusView:
     minutes: Sequence[Minute] = ()
     in_flight: int | None = None
     """Dispatches in flight here (None: as many as `running` shows)."""
-    schedules: Sequence[Mapping[str, Any]] = ()
-    """The schedules, as `schedules --json` lists them (the section shows when any)."""
+    schedules: Sequence[ScheduleView] = ()
+    """The schedules, as `schedules` lists them (the section shows when any)."""
 
 
 _STYLE = """
@@ -254,24 +255,24 @@ def _queued(rows: Sequence[QueuedRow], total: int) -> str:
     return _table(head, body, 5, "nothing queued") + note
 
 
-def _schedules(rows: Sequence[Mapping[str, Any]]) -> str:
+def _schedules(rows: Sequence[ScheduleView]) -> str:
     body = []
     for row in rows:
-        when = f"every {row['every']}" if row["every"] else f"cron {row['cron']}"
-        if row["cron"] and row["timezone"] != "UTC":
-            when += f" ({row['timezone']})"
+        when = f"every {row.every}" if row.every else f"cron {row.cron}"
+        if row.cron and row.timezone != "UTC":
+            when += f" ({row.timezone})"
         last = ""
-        if row["last_outcome"] == "skipped":
+        if row.last_outcome == "skipped":
             last = "skipped (the previous one had not ended)"
-        elif row["last_dispatch_id"] is not None:
-            status = escape(row["last_status"] or "deleted")
-            last = f"{_link(row['last_dispatch_id'])} {status}"
+        elif row.last_dispatch_id is not None:
+            status = escape(row.last_status or "deleted")
+            last = f"{_link(row.last_dispatch_id)} {status}"
         body.append(
-            f'<tr class="schedule" data-schedule="{escape(row["name"])}">'
-            f"<td>{escape(row['name'])}</td><td>{escape(row['task'])}</td>"
-            f"<td>{escape(when)}</td><td>{escape(row['overlap'])}</td>"
-            f"<td>{escape(_ts(row['next_fire']) or 'never')}</td>"
-            f"<td>{escape(_ts(row['last_fire']) or 'never')}</td><td>{last}</td></tr>"
+            f'<tr class="schedule" data-schedule="{escape(row.name)}">'
+            f"<td>{escape(row.name)}</td><td>{escape(row.task)}</td>"
+            f"<td>{escape(when)}</td><td>{escape(row.overlap)}</td>"
+            f"<td>{escape(_ts(row.next_fire) or 'never')}</td>"
+            f"<td>{escape(_ts(row.last_fire) or 'never')}</td><td>{last}</td></tr>"
         )
     head = (
         "<tr><th>schedule</th><th>task</th><th>when</th><th>overlap</th><th>next fire</th>"

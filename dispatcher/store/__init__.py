@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 from dispatcher.store.base import Access, Store
@@ -9,7 +10,7 @@ from dispatcher.store.base import Access, Store
 if TYPE_CHECKING:
     from dispatcher.config import Settings
 
-__all__ = ["Access", "Store", "open_store"]
+__all__ = ["Access", "Store", "daemon_lock", "open_store"]
 
 
 async def open_store(
@@ -38,3 +39,15 @@ async def open_store(
         mode=access,
         config=settings.source,
     )
+
+
+def daemon_lock(settings: Settings) -> AbstractContextManager[object]:
+    """What keeps a second daemon off the database the configuration names, held from
+    before the store opens until it is closed: the instance lock beside a SQLite file
+    (`Unavailable` when another daemon holds it); nothing on PostgreSQL, where several
+    daemons share the database under leases (`dispatcher.lease`)."""
+    if settings.database.url is not None:
+        return nullcontext()
+    from dispatcher.store.sqlite.lock import InstanceLock
+
+    return InstanceLock(settings.database.path)

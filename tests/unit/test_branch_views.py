@@ -66,12 +66,12 @@ async def test_show_and_status_list_the_branches_running_now(settings: Settings)
     for index, step in [(1, "test"), (2, "lint")]:
         await store.start_attempt(dispatch_id, index, step, "free", 1, LIVE, clock.now())
 
-    shown = await service.show(store, dispatch_id, settings, clock)
-    (in_flight,) = (await service.status(settings, store, clock))["in_flight"]
+    shown = (await service.show(store, dispatch_id, settings, clock)).to_json()
+    (in_flight,) = (await service.status(settings, store, clock)).in_flight
 
     branches = [{"step": s, "attempt": 1, "waiting_for": None} for s in ("test", "lint")]
     assert shown["running"] == branches
-    assert in_flight["running"] == branches
+    assert in_flight.to_json()["running"] == branches
     assert shown["attempts"][0]["result"] == "/a.tar"
     assert shown["plan"][3]["needs"] == ["test", "lint"]
     assert cli._in_flight_text(in_flight).split()[2:5] == ["steps", "test", "#1,"]
@@ -83,13 +83,11 @@ async def test_a_graph_waits_for_a_runner_only_when_none_of_its_ready_steps_runs
 ) -> None:
     store, clock = InMemoryStore(), FakeClock()
     dispatch_id = await built(settings, store, clock)
-    assert (await service.show(store, dispatch_id, settings, clock))[
-        "waiting_for"
-    ] == "runner:shell"
+    assert (await service.show(store, dispatch_id, settings, clock)).waiting_for == "runner:shell"
 
     await store.open_slot("runner:shell", f"dispatch:{dispatch_id}/lint#1", LIVE, clock.now())
 
-    assert (await service.show(store, dispatch_id, settings, clock))["waiting_for"] is None
+    assert (await service.show(store, dispatch_id, settings, clock)).waiting_for is None
 
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -123,7 +121,8 @@ async def test_the_dispatch_page_shows_needs_running_steps_and_results(
     store, clock = InMemoryStore(), FakeClock()
     dispatch_id = await built(settings, store, clock)
     await store.start_attempt(dispatch_id, 2, "lint", "shell", 1, LIVE, clock.now())
-    page = statuspage.render_dispatch(await service.show(store, dispatch_id, settings, clock))
+    shown = await service.show(store, dispatch_id, settings, clock)
+    page = statuspage.render_dispatch(shown.to_json())
     assert '<td>▶</td><td class="num">3</td><td>lint</td><td>build</td>' in page
     assert '<td></td><td class="num">2</td><td>test</td><td>build</td>' in page
     assert '<div class="result">result <code>&quot;/a.tar&quot;</code></div>' in page

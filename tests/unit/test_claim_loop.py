@@ -68,7 +68,7 @@ async def test_wake_ups_during_a_claim_start_no_claim_beside_it_and_one_after(
     (tmp_path / "dispatcher.toml").write_text(CONFIG)
     store, clock = HeldClaimStore(), FakeClock()
     daemon = Daemon(load_settings(tmp_path / "dispatcher.toml", {}), store, clock=clock)
-    loop = asyncio.create_task(daemon._dispatch_loop())
+    loop = asyncio.create_task(daemon.claims.run())
     try:
         await asyncio.wait_for(store.in_claim.wait(), 5)
         for _ in range(5):  # submissions, releases, cancels: NOTIFYs from other daemons
@@ -110,7 +110,7 @@ async def test_a_release_elsewhere_wakes_a_loop_the_shared_cap_stopped(tmp_path:
     others = [await store.try_take_slot("global", f"x{n}", "other", 2, clock.now()) for n in (1, 2)]
     new = NewDispatch(task="n", params={})
     dispatch_id = (await store.check_and_reserve(new, clock.now())).id
-    loop = asyncio.create_task(daemon._dispatch_loop())
+    loop = asyncio.create_task(daemon.claims.run())
     try:
         await settle()
         assert store.claims == 1  # the other daemon holds both places: nothing claimed

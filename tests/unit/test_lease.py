@@ -99,6 +99,7 @@ async def test_a_reaped_daemon_ends_its_work_and_rejoins_as_a_new_instance(
 
     assert daemon.instance_id != old and store.lease == daemon.instance_id
     assert daemon.gate.instance_id == daemon.pipeline.instance_id == daemon.instance_id
+    assert daemon.claims.instance_id == daemon.instance_id  # it claims as the new one
     assert daemon.lease.may_claim
     assert store.instances[daemon.instance_id].stopped_at is None
     assert store.instances[old].stopped_at is not None  # never revived

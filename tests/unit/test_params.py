@@ -218,7 +218,8 @@ def test_an_undeclared_task_warns_on_params_no_template_uses(tmp_path: Path) -> 
 
 
 def test_tasks_lists_every_task_with_its_params(tmp_path: Path) -> None:
-    tasks = {t["name"]: t for t in service.tasks_json(settings_of(tmp_path, DECLARED))}
+    listed = service.tasks(settings_of(tmp_path, DECLARED)).to_json()["tasks"]
+    tasks = {t["name"]: t for t in listed}
     assert tasks["build"]["declared"] is True
     assert [p["name"] for p in tasks["build"]["params"]] == [
         "clean",

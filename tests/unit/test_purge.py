@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import purge
+from dispatcher import purge, service
 from dispatcher.config import Settings
 from dispatcher.models import AttemptStatus, DispatchStatus, NewDispatch
 from dispatcher.testing import FakeClock, InMemoryStore
@@ -183,21 +183,21 @@ async def test_retention_dry_run(store: InMemoryStore, clock: FakeClock) -> None
     assert len(store.dispatches) == 1
 
 
-# -- purge_now (the CLI's answer) --------------------------------------------------------------
+# -- service.purge (the CLI's answer) --------------------------------------------------------------
 
 
-async def test_purge_now_answers_both_jobs(store: InMemoryStore, clock: FakeClock) -> None:
+async def test_purge_answers_both_jobs(store: InMemoryStore, clock: FakeClock) -> None:
     await released_ago(store, clock, 8 * DAY)
     await finished_ago(store, clock, 31 * DAY)
 
-    dry = await purge.purge_now(Settings(), store, clock, dry_run=True)
+    dry = (await service.purge(Settings(), store, clock, dry_run=True)).to_json()
     assert dry == {
         "dry_run": True,
         "gates": {"before": "2025-12-25T00:00:00Z", "purgeable": 1},
         "dispatches": {"before": "2025-12-02T00:00:00Z", "expired": 1, "attempts": 1},
     }
 
-    done = await purge.purge_now(Settings(), store, clock)
+    done = (await service.purge(Settings(), store, clock)).to_json()
     assert done["dry_run"] is False
     assert {k: done["gates"][k] for k in ("deleted", "batches")} == {"deleted": 1, "batches": 1}
     assert (done["dispatches"]["deleted"], done["dispatches"]["attempts_deleted"]) == (1, 1)

@@ -11,6 +11,7 @@ from dispatcher import service
 from dispatcher.config import Settings, load_settings
 from dispatcher.models import AttemptStatus, DispatchStatus, Instance, NewDispatch, Step
 from dispatcher.testing import FakeClock, InMemoryStore
+from dispatcher.views import json_list
 
 CONFIG = """
 [gate]
@@ -71,7 +72,7 @@ async def test_in_flight_comes_from_the_gate_rows_never_more_than_the_cap(
     # before the row of its place. Counting `running` rows would show 3 with global 2/2.
     await running(store, clock, "t", LIVE)
 
-    data = await service.status(settings, store, clock)
+    data = (await service.status(settings, store, clock)).to_json()
 
     assert [item["id"] for item in data["in_flight"]] == [first, second]
     assert data["in_flight_count"] == 2
@@ -88,7 +89,7 @@ async def test_places_of_a_dead_daemon_are_not_in_flight(settings: Settings) -> 
     await store.open_slot("global", f"dispatch:{orphan}", DEAD, clock.now())
     clock.advance(settings.daemon.instance_ttl + 1)  # its heartbeat is now too old
 
-    data = await service.status(settings, store, clock)
+    data = (await service.status(settings, store, clock)).to_json()
 
     assert not data["live"]
     assert data["in_flight"] == [] and data["in_flight_count"] == 0
@@ -106,11 +107,11 @@ async def test_a_queued_dispatch_whose_task_gate_is_full_waits_for_it(
         NewDispatch("lane", {"lane": "a"}, gate_key="task:lane:a"), clock.now()
     )
 
-    data = await service.status(settings, store, clock)
+    data = (await service.status(settings, store, clock)).to_json()
     assert [(q["id"], q["waiting_for"]) for q in data["queued"]] == [(queued.id, "task:lane:a")]
-    shown = await service.show(store, queued.id, settings, clock)
+    shown = (await service.show(store, queued.id, settings, clock)).to_json()
     assert shown["status"] == "queued" and shown["waiting_for"] == "task:lane:a"
-    listed = await service.list_dispatches(store, None, 10, settings, clock)
+    listed = json_list(await service.list_dispatches(store, None, 10, settings, clock))
     assert {row["id"]: row["waiting_for"] for row in listed}[queued.id] == "task:lane:a"
 
 
@@ -124,7 +125,7 @@ async def test_a_failure_shows_the_tail_of_its_output(settings: Settings) -> Non
     )
     await store.finish_dispatch(failed, DispatchStatus.FAILED, clock.now(), "exited with status 1")
 
-    (failure,) = (await service.status(settings, store, clock))["recent_failures"]
+    (failure,) = (await service.status(settings, store, clock)).to_json()["recent_failures"]
     assert failure["output_tail"].splitlines() == [
         "line 16",
         "line 17",
