@@ -17,7 +17,7 @@ The pipeline runs each step (`RunStep`); this module only decides what runs when
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
@@ -63,7 +63,9 @@ class Branch:
 
     step: str
     index: int
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    scope: anyio.CancelScope | None = None
+    """Cancels it, while steps run beside it (a step run alone has no sibling to
+    cancel it)."""
     attempt: int | None = None
     """The number of its attempt once the attempt started."""
     waiting_for: str | None = None
@@ -133,7 +135,9 @@ class GraphRun:
 
     def _start_ready(self, tg: TaskGroup) -> None:
         for name in self._ready():
-            tg.start_soon(self._branch, tg, self._start(name), name=f"step {name}")
+            branch = self._start(name)
+            branch.scope = anyio.CancelScope()
+            tg.start_soon(self._branch, tg, branch, name=f"step {name}")
 
     async def _branch(self, tg: TaskGroup, branch: Branch) -> None:
         if await self._run_one(branch):
@@ -144,8 +148,11 @@ class GraphRun:
         step = self._plan[branch.step][1]
         end: StepEnd | None = None
         try:
-            with branch.scope:
+            if branch.scope is None:
                 end = await self._run_step(step, branch, self._done)
+            else:
+                with branch.scope:
+                    end = await self._run_step(step, branch, self._done)
         finally:
             del self._branches[branch.step]
         if end is None:  # cancelled because a sibling failed: its attempt says so
@@ -166,8 +173,9 @@ class GraphRun:
             self._failure = reason
         if step.on_failure == "cancel_siblings":
             for branch in self._branches.values():
-                branch.cancelled_by = branch.cancelled_by or step.name
-                branch.scope.cancel()
+                if branch.scope is not None:
+                    branch.cancelled_by = branch.cancelled_by or step.name
+                    branch.scope.cancel()
 
     def _end(self) -> GraphEnd:
         if self._failure is not None:

@@ -34,6 +34,26 @@ CLAIM_FAILED_EVERY = 10.0
 """Seconds between two `claim_failed` lines while claims keep failing."""
 
 
+class _Places:
+    """The `global` places one claim holds: one taken when the loop woke, and every
+    other free one, counted again when the claim goes out (`take_free`)."""
+
+    def __init__(self, gate: ConcurrencyGate) -> None:
+        self._gate = gate
+        self.held = 1
+        self.take_free()
+
+    def take_free(self) -> int:
+        """Take the places free now too; answer how many are held in all. The store
+        asks once the claim is about to go out: places given back while it waited
+        behind a batch of writes join it, instead of waiting for a claim of their own
+        (dispatches that end a few at a time would otherwise go on being claimed a few
+        at a time, a round trip each)."""
+        while self._gate.try_acquire_place(GLOBAL):
+            self.held += 1
+        return self.held
+
+
 @dataclass
 class DaemonState:
     """What the loop, the daemon's side loops and its signal handler share."""
@@ -113,13 +133,11 @@ class ClaimLoop:
                     # Dispatches that end in the same turn of the loop give their places
                     # back first: one claim for all of them, not one for the first.
                     await anyio.lowlevel.checkpoint()
-                places = 1
-                while self._gate.try_acquire_place(GLOBAL):
-                    places += 1
+                places = _Places(self._gate)
                 async with self.claiming:
                     self.state.wake.clear()  # what comes from here on: after this claim
                     claimed, held_elsewhere = await self._claim_places(places)
-                    for _ in range(places - len(claimed)):
+                    for _ in range(places.held - len(claimed)):
                         self._gate.give_back(GLOBAL)
                     for dispatch, row_id in claimed:
                         await self._start_dispatch(work, dispatch, row_id)
@@ -130,20 +148,22 @@ class ClaimLoop:
                     self.waiting_for_room = False
             await self._drain()
 
-    async def _claim_places(self, places: int) -> tuple[list[tuple[Dispatch, int | None]], bool]:
+    async def _claim_places(
+        self, places: _Places
+    ) -> tuple[list[tuple[Dispatch, int | None]], bool]:
         """Up to `places` dispatches, each with its `global` row where the store is
         shared (the database grants the places with the claim, never beyond the cap of
         every daemon together); and whether places held by other daemons (of `global`,
         or of per-task gates the claim passed over) may have left work unclaimed."""
         if not self._store.shared:
-            return [(dispatch, None) for dispatch in await self._claim(places)], False
+            return [(dispatch, None) for dispatch in await self._claim(places.take_free)], False
         try:
             blocked = await self._gate.blocked_gates()
             granted = await self._store.claim_with_slots(
                 self.instance_id,
                 self._clock.now(),
                 blocked,
-                places,
+                places.held,
                 GLOBAL,
                 self._gate.capacity(GLOBAL),
             )
@@ -153,10 +173,10 @@ class ClaimLoop:
         self._claim_failures = 0
         # Per-task gates passed over because other daemons fill them (not this one).
         elsewhere = blocked - self._gate.full_gates()
-        held_elsewhere = granted.room < places or bool(elsewhere)
+        held_elsewhere = granted.room < places.held or bool(elsewhere)
         return [(d, row_id) for d, row_id in granted.claimed], held_elsewhere
 
-    async def _claim(self, limit: int) -> list[Dispatch]:
+    async def _claim(self, limit: int | Callable[[], int]) -> list[Dispatch]:
         try:
             blocked = await self._gate.blocked_gates()
             claimed = await self._store.claim_many(

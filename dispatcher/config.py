@@ -7,6 +7,7 @@ the environment variable) and the key, e.g.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import tomllib
@@ -203,15 +204,17 @@ class StepSettings(StepFields):
         used = {name for arg in self.args for name in template_fields(arg)[0]}
         return used | set(value_placeholders(self.kwargs))
 
-    def results_used(self) -> set[str]:
-        """Steps whose results its args and kwargs use."""
+    @functools.cached_property
+    def results_used(self) -> frozenset[str]:
+        """Steps whose results its args and kwargs use (worked out once: each plan of
+        the task asks)."""
         texts = [*self.args, *strings(self.kwargs)]
-        return {ref.step for text in texts for ref in template_fields(text)[1]}
+        return frozenset(ref.step for text in texts for ref in template_fields(text)[1])
 
     def node(self) -> Node:
         """The step as the graph check sees it."""
         needs = None if self.needs is None else tuple(self.needs)
-        return Node(self.name, needs, frozenset(self.results_used()))
+        return Node(self.name, needs, self.results_used)
 
 
 DEFAULT_PLANNER = "steps"

@@ -20,7 +20,6 @@ from enum import Enum
 from typing import Any
 
 import anyio
-import structlog
 
 from dispatcher import limits, logs
 from dispatcher.branches import Branch, GraphRun, StepEnd, Verdict
@@ -139,7 +138,7 @@ class Pipeline:
 
     async def run(self, dispatch: Dispatch, flight: InFlight) -> DispatchStatus:
         """Plan (if needed) and execute the remaining steps; answer the status left."""
-        with structlog.contextvars.bound_contextvars(dispatch_id=dispatch.id, task=dispatch.task):
+        with logs.bound(dispatch_id=dispatch.id, task=dispatch.task):
             log.debug("dispatch_started", step_index=dispatch.current_step, status=dispatch.status)
             try:
                 with flight.scope:
@@ -247,7 +246,7 @@ class Pipeline:
 
         async def run_step(step: Step, branch: Branch, results: Results) -> StepEnd:
             history = StepHistory.of(attempts.get(branch.index, []), dispatch.series)
-            with structlog.contextvars.bound_contextvars(step=step.name, runner=step.runner):
+            with logs.bound(step=step.name, runner=step.runner):
                 return await self._run_branch(dispatch, flight, branch, step, history, results)
 
         end = await GraphRun(plan, done, flight.branches, run_step, advance).run()

@@ -80,7 +80,7 @@ def _to_step(
 def step_from_settings(step: StepSettings, params: Mapping[str, Any]) -> Step:
     """A config step with its `{param}` templates filled; one that uses results keeps
     them, in template form, for its start."""
-    if not step.results_used():
+    if not step.results_used:
         args = (fill(arg, params) for arg in step.args)
         return _to_step(step, args, fill_value(step.kwargs, params))
     keep = (fill_params(arg, params) for arg in step.args)

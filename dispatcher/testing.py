@@ -18,7 +18,7 @@ from typing import Any
 
 from dispatcher.errors import LeaseLost, StoreError
 from dispatcher.models import Attempt, Dispatch, Instance, SlotRow
-from dispatcher.store.base import Migration, Row, Store
+from dispatcher.store.base import Migration, Row, Store, as_sent
 from dispatcher.store.writes import Fold, Params, WriteBatch
 
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -136,7 +136,7 @@ class InMemoryStore(Store):
 
     async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Row]:
         await asyncio.sleep(0)
-        return self._statements[name](params)
+        return self._statements[name](as_sent(params))
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_MemoryTx]:

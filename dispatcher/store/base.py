@@ -159,6 +159,14 @@ def load_migrations(package: str) -> tuple[Migration, ...]:
     return tuple(found[version] for version in sorted(found))
 
 
+def as_sent(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`params` with each function among them replaced by what it answers now (see
+    `Store._execute`); a limit asked so is never below 0."""
+    if not any(callable(value) for value in params.values()):
+        return params
+    return {key: max(value(), 0) if callable(value) else value for key, value in params.items()}
+
+
 # -- the store ---------------------------------------------------------------------------
 
 
@@ -390,9 +398,18 @@ class Store(ABC):
         return claimed[0] if claimed else None
 
     async def claim_many(
-        self, instance_id: str, now: datetime, blocked_gates: Collection[str], limit: int
+        self,
+        instance_id: str,
+        now: datetime,
+        blocked_gates: Collection[str],
+        limit: int | Callable[[], int],
     ) -> list[Dispatch]:
         """`claim_next` for up to `limit` dispatches in one statement, in claim order.
+
+        `limit` may be a function: it is asked once the statement is about to go out,
+        after any wait for the connection (a claim that waited behind a batch of
+        writes then takes the places freed meanwhile too, instead of leaving them to a
+        claim of their own).
 
         Two claimed dispatches may share a per-task gate: the caller checks and
         `requeue`s what it cannot start. The claim runs ahead of the queued writes:
@@ -403,7 +420,7 @@ class Store(ABC):
             "instance_id": instance_id,
             "now": self._time(now),
             "blocked_gates": self._list(sorted(blocked_gates)),
-            "limit": max(limit, 0),
+            "limit": limit if callable(limit) else max(limit, 0),
             "fence": self.lease,
         }
         rows = await self._fetch("claim_many", params, first=True)
@@ -1119,7 +1136,11 @@ class Store(ABC):
 
     @abstractmethod
     async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Row]:
-        """Run one named statement in a transaction of its own; answer its rows."""
+        """Run one named statement in a transaction of its own; answer its rows.
+
+        A param may be a function (`claim_many`'s limit): pass the params through
+        `as_sent` right before the statement goes out, after any wait for the
+        connection."""
 
     @abstractmethod
     def _transaction(self) -> AbstractAsyncContextManager[Tx]:

@@ -1,5 +1,6 @@
-"""The dispatch loop on a shared store: wake-ups while a claim is in flight, and which
-wake-ups start a claim at all (NOTIFY without a storm)."""
+"""The dispatch loop: on a shared store, wake-ups while a claim is in flight, and which
+wake-ups start a claim at all (NOTIFY without a storm); on any store, how many places
+one claim takes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
+from dispatcher.gate import GLOBAL
 from dispatcher.models import DispatchStatus, NewDispatch
 from dispatcher.store.base import GrantedClaim
 from dispatcher.testing import FakeClock, InMemoryStore
@@ -124,4 +126,61 @@ async def test_a_release_elsewhere_wakes_a_loop_the_shared_cap_stopped(tmp_path:
         assert store.dispatches[dispatch_id].status is DispatchStatus.SUCCEEDED
     finally:
         daemon.stop()
+        await asyncio.wait_for(loop, 5)
+
+
+class SlowClaimStore(InMemoryStore):
+    """The in-memory store whose claims wait, before they go out, until a test lets them
+    through (as a claim waits behind a batch of writes on SQLite's one connection),
+    recording how many dispatches each asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+        self.hold = True
+        self.in_claim = asyncio.Event()
+        self.let_through = asyncio.Event()
+
+    async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Any]:
+        if name == "claim_many":
+            if self.hold:
+                self.in_claim.set()
+                await self.let_through.wait()
+                self.in_claim.clear()
+                self.let_through.clear()
+            limit = params["limit"]
+            self.asked.append(limit() if callable(limit) else limit)
+            return await super()._execute(name, {**params, "limit": self.asked[-1]}, first=first)
+        return await super()._execute(name, params, first=first)
+
+
+async def test_places_given_back_while_a_claim_waits_to_go_out_join_that_claim(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dispatcher.toml").write_text(CONFIG.replace("global = 2", "global = 4"))
+    store, clock = SlowClaimStore(), FakeClock()
+    daemon = Daemon(load_settings(tmp_path / "dispatcher.toml", {}), store, clock=clock)
+    for n in range(8):
+        await store.check_and_reserve(NewDispatch(task="n", params={"n": n}), clock.now())
+    elsewhere = [daemon.gate.try_acquire_place(GLOBAL) for _ in range(3)]  # 3 of 4 held
+    assert all(elsewhere)
+    loop = asyncio.create_task(daemon.claims.run())
+    try:
+        await asyncio.wait_for(store.in_claim.wait(), 5)  # it woke with one place free
+        for _ in elsewhere:  # the other three come back while the claim waits
+            daemon.gate.give_back(GLOBAL)
+        store.let_through.set()
+        await asyncio.wait_for(store.in_claim.wait(), 5)  # the next claim
+        assert store.asked == [4]  # one claim for all four places, not 1 then 3
+
+        store.hold = False
+        store.let_through.set()
+        await settle()
+        statuses = [d.status for d in store.dispatches.values()]
+        assert statuses == [DispatchStatus.SUCCEEDED] * 8
+        held = {state.name: state.held for state in daemon.gate.snapshot()}
+        assert held[GLOBAL] == 0  # every place given back
+    finally:
+        daemon.stop()
+        store.let_through.set()
         await asyncio.wait_for(loop, 5)

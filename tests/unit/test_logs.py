@@ -224,3 +224,22 @@ def test_the_console_format_leads_with_what_a_person_looks_for() -> None:
     ]
     assert "instance_id" not in line and "4e0d986e7413" not in line
     assert "\x1b[" in terminal.getvalue()  # colours at a terminal
+
+
+def test_bound_fields_are_on_the_lines_inside_and_what_was_bound_before_comes_back(
+    stream: io.StringIO,
+) -> None:
+    log = structlog.get_logger("dispatcher.test")
+    with logs.bound(dispatch_id=1, task="outer"):
+        with logs.bound(task="inner", step="a"):
+            log.info("inside")
+        log.info("after_inner")
+    log.info("outside")
+    logs.flush()
+    lines = [json.loads(line) for line in written(stream).splitlines()]
+    fields = [{k: e.get(k) for k in ("dispatch_id", "task", "step")} for e in lines]
+    assert fields == [
+        {"dispatch_id": 1, "task": "inner", "step": "a"},
+        {"dispatch_id": 1, "task": "outer", "step": None},
+        {"dispatch_id": None, "task": None, "step": None},
+    ]

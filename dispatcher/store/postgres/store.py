@@ -35,7 +35,7 @@ from dispatcher.errors import (
     StoreError,
     StoreUnwritable,
 )
-from dispatcher.store.base import GrantedClaim, Migration, Row, Store
+from dispatcher.store.base import GrantedClaim, Migration, Row, Store, as_sent
 from dispatcher.store.postgres.listen import Listener
 from dispatcher.store.sql import statements
 from dispatcher.store.writes import WriteBatch
@@ -240,7 +240,7 @@ class PostgresStore(Store):
     async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Row]:
         with wrap_exceptions(self._url):
             async with self._pool.acquire() as con:
-                return await fetch(con, name, params)
+                return await fetch(con, name, as_sent(params))
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_Tx]:

@@ -40,7 +40,7 @@ from dispatcher.errors import (
     StoreError,
     StoreUnwritable,
 )
-from dispatcher.store.base import Access, Migration, Row, Store
+from dispatcher.store.base import Access, Migration, Row, Store, as_sent
 from dispatcher.store.sql import statements
 from dispatcher.store.writes import WriteBatch
 
@@ -332,7 +332,8 @@ class SQLiteStore(Store):
     async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Row]:
         sql = self._sql[name]
         async with self._lock:
-            rows = await self._busy_retry(lambda: self._db.execute_fetchall(sql, params))
+            sent = as_sent(params)
+            rows = await self._busy_retry(lambda: self._db.execute_fetchall(sql, sent))
         return list(rows)
 
     @asynccontextmanager
