@@ -6,6 +6,7 @@ connection) in tests/e2e/test_leases.py.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,25 @@ def test_a_crash_names_every_error_of_a_task_group() -> None:
             ) from None
     except ExceptionGroup as group:
         assert crash_summary(group) == ["KeyError: 'inner'", "ValueError: deep"]
+
+
+async def test_a_daemon_on_a_shared_store_lifts_its_guardians_deadline_when_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Armed at each renewal, the guardian's deadline must not outlive the daemon: in a
+    process that goes on without it (an embedding host, a test run), the deadline
+    would pass and the guardian would end whatever later runs with this token."""
+    deadlines: list[int] = []
+    monkeypatch.setattr(process_guard(), "lease", deadlines.append)
+    config = tmp_path / "dispatcher.toml"
+    config.write_text(CONFIG)
+    daemon = Daemon(load_settings(config, {}), SharedMemoryStore(), clock=FakeClock())
+    running = asyncio.create_task(daemon.run())
+    for _ in range(500):
+        if deadlines:
+            break
+        await asyncio.sleep(0.01)
+    assert deadlines and deadlines[0] > 0  # armed by the first renewal
+    daemon.stop()
+    await asyncio.wait_for(running, 10)
+    assert deadlines[-1] == 0  # and lifted at the stop
