@@ -78,7 +78,8 @@ exit codes:
   66  no database at the configured path (only run and init create one)
   69  unavailable: no live daemon (health; submit --wait after its grace)
   73  the database cannot be created, opened or written, or it is damaged
-  75  temporary: the database stayed busy; submit --wait --timeout passed
+  75  temporary: the database stayed busy; submit --wait --timeout passed;
+      a read-only command met a database the daemon has not upgraded yet
   77  submit --url: the API refused the token
   78  bad configuration
 

@@ -99,6 +99,13 @@ class StoreUnwritable(StoreError):
     folder is read-only, or an I/O error. The daemon keeps its writes and tries again."""
 
 
+class SchemaBehind(StoreError):
+    """A command that only reads met a database this code has not migrated yet (the
+    code was upgraded, the daemon not restarted): it goes away once the daemon starts."""
+
+    exit_code = EX_TEMPFAIL
+
+
 class DatabaseCorrupt(StoreError):
     """The database file is damaged: never retried; the daemon stops."""
 

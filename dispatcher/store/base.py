@@ -48,6 +48,7 @@ from dispatcher.errors import (
     LeaseLost,
     NotFound,
     NotRetryable,
+    SchemaBehind,
     StoreError,
 )
 from dispatcher.models import (
@@ -1044,6 +1045,23 @@ class Store(ABC):
                     await tx.fetch("migrations_record", {"version": migration.version, "now": now})
         if newer is not None:  # outside the transaction: the check reads the whole file
             await self._newer_schema(newer, known)
+
+    async def _check_schema(self) -> None:
+        """For a store opened only to read, which migrates nothing: refuse a schema
+        older or newer than this code's (it would read rows without the columns it
+        expects, or with ones it does not know)."""
+        assert self.migrations is not None
+        migrations = load_migrations(self.migrations)
+        known = migrations[-1].version if migrations else 0
+        current: int = (await self._execute("migrations_current", {}, first=True))[0]["version"]
+        if current > known:
+            await self._newer_schema(current, known)
+        if current < known:
+            raise SchemaBehind(
+                f"database {self.database} is at schema version {current}, older than this "
+                f"dispatcher's ({known}): the daemon upgrades it when it starts (or run "
+                "`dispatcher init`); read commands change nothing"
+            )
 
     async def _newer_schema(self, version: int, known: int) -> None:
         """Refuse a schema this code does not know, unless the number is garbage read

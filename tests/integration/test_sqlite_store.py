@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from dispatcher.errors import EX_TEMPFAIL, StoreBusy, StoreError
+from dispatcher.errors import EX_TEMPFAIL, SchemaBehind, StoreBusy, StoreError
 from dispatcher.models import DispatchStatus, NewDispatch
-from dispatcher.store.base import load_migrations
+from dispatcher.store.base import Access, load_migrations
 from dispatcher.store.sql import parse_queries, statements
 from dispatcher.store.sqlite import SQLiteStore, from_db_time, to_db_time
 from dispatcher.store.sqlite.store import split_statements
@@ -102,6 +102,35 @@ async def test_a_newer_schema_is_refused(open_store: Opener, db_path: Path) -> N
         f"database schema version {known + 7} is newer than this dispatcher supports "
         f"({known}): upgrade dispatcher"
     )
+
+
+async def test_a_read_on_an_older_schema_is_refused_and_changes_nothing(
+    open_store: Opener, db_path: Path
+) -> None:
+    """A read-only command after an upgrade of the code, before the daemon (or `init`)
+    migrated the database, would read rows without the columns it expects."""
+    store = await open_store()
+    await store.close()
+    newest = load_migrations("dispatcher.store.sqlite")[-1].version
+    with raw(db_path) as db:
+        db.execute("DELETE FROM schema_migrations WHERE version = ?", (newest,))
+        behind = db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+
+    with pytest.raises(SchemaBehind) as caught:
+        await SQLiteStore.open(db_path, mode=Access.READ)
+
+    assert str(caught.value) == (
+        f"database {db_path} is at schema version {behind}, older than this dispatcher's "
+        f"({newest}): the daemon upgrades it when it starts (or run `dispatcher init`); "
+        "read commands change nothing"
+    )
+    assert caught.value.exit_code == EX_TEMPFAIL
+    with raw(db_path) as db:
+        assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == behind
+    with raw(db_path) as db:  # what the daemon's migration records (its DDL is there)
+        db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (newest, to_db_time(NOW)))
+    reader = await SQLiteStore.open(db_path, mode=Access.READ)
+    await reader.close()
 
 
 async def test_two_stores_opening_a_new_database_at_once(open_store: Opener) -> None:

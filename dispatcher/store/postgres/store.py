@@ -215,7 +215,9 @@ class PostgresStore(Store):
         store = cls(pool, url, instance_ttl)
         store._settings = settings
         try:
-            if not read_only:
+            if read_only:
+                await store._check_schema()
+            else:
                 await store._migrate()
         except BaseException:
             await store.close()

@@ -291,10 +291,7 @@ class SQLiteStore(Store):
         )
         if not tables:
             raise StoreError(f"database {self._path} has no dispatcher tables yet")
-        rows = await self._execute("migrations_current", {}, first=True)
-        known = max(m.version for m in _known_migrations())
-        if rows[0]["version"] > known:
-            await self._newer_schema(rows[0]["version"], known)
+        await self._check_schema()
 
     async def check(self, *, full: bool = False, budget: float | None = CHECK_BUDGET) -> str:
         """`PRAGMA quick_check` (or the full `integrity_check`), stopped after `budget`
@@ -502,12 +499,6 @@ class _Tx:
         sql = store._sql[name]
         rows = await store._raw(lambda: store._db.execute_fetchall(sql, params or {}))
         return list(rows)
-
-
-def _known_migrations() -> tuple[Migration, ...]:
-    from dispatcher.store.base import load_migrations
-
-    return load_migrations(SQLiteStore.migrations)
 
 
 def _prepare(path: Path, mode: Access, config: Path | None) -> None:
