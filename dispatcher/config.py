@@ -366,10 +366,10 @@ class PurgeSettings(_Section):
     @field_validator("schedule")
     @classmethod
     def _schedule_is_cron(cls, schedule: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
+        from dispatcher.schedules import cron_trigger
 
         try:
-            CronTrigger.from_crontab(schedule, timezone="UTC")
+            cron_trigger(schedule, "UTC")
         except ValueError as exc:
             raise ValueError(f"invalid cron schedule {schedule!r}: {exc}") from None
         return schedule

@@ -31,6 +31,7 @@ from dispatcher.clock import Clock
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
 from dispatcher.observe import NullObserver, Observer
+from dispatcher.schedules import cron_trigger
 from dispatcher.store.base import Store
 
 log = logs.get_logger("dispatcher.maintenance")
@@ -44,8 +45,9 @@ MISFIRE_GRACE = 3600
 
 
 def cron(settings: Settings) -> CronTrigger:
-    """`purge.schedule` as an APScheduler trigger, in UTC."""
-    return CronTrigger.from_crontab(settings.purge.schedule, timezone=UTC)
+    """`purge.schedule` as an APScheduler trigger, in UTC, read as a crontab (and a
+    schedule's `cron`) reads it: Sunday is day 0."""
+    return cron_trigger(settings.purge.schedule, "UTC")
 
 
 class Maintenance:

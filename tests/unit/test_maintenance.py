@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from dispatcher.config import Settings
 from dispatcher.errors import StoreBusy
-from dispatcher.maintenance import MISFIRE_GRACE, PURGE_GATES, RETENTION, Maintenance
+from dispatcher.maintenance import MISFIRE_GRACE, PURGE_GATES, RETENTION, Maintenance, cron
 from dispatcher.testing import FakeClock, InMemoryStore
 
 DAY = 86400
@@ -123,7 +123,8 @@ async def test_reschedule_applies_a_new_cron() -> None:
         maintenance.reschedule(settings(schedule="5 1 * * 0"))
         job = maintenance.scheduler.get_job(RETENTION)
         fields = {f.name: str(f) for f in job.trigger.fields}
-        assert (fields["minute"], fields["hour"], fields["day_of_week"]) == ("5", "1", "0")
+        # cron's Sunday (0), in APScheduler's own numbering (Monday = 0)
+        assert (fields["minute"], fields["hour"], fields["day_of_week"]) == ("5", "1", "6")
 
 
 class LockedElsewhereStore(InMemoryStore):
@@ -147,3 +148,18 @@ async def test_a_job_another_instance_holds_is_skipped_and_deletes_nothing() -> 
     assert {e["job"] for e in events(logs, "maintenance_job_skipped")} == {PURGE_GATES, RETENTION}
     assert events(logs, "gates_purged") == []
     assert list(store.slots) == [slot]
+
+
+def test_the_purge_schedule_numbers_the_days_of_the_week_as_cron_and_schedules_do() -> None:
+    """0 is Sunday in a crontab (and in `[schedules.NAME] cron`); APScheduler 3's own
+    numbering starts at Monday."""
+    wednesday = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    for expression, weekday in (("0 3 * * 0", 6), ("0 3 * * 7", 6), ("0 3 * * 1-5", 3)):
+        fire = cron(settings(schedule=expression)).get_next_fire_time(None, wednesday)
+        assert fire is not None and fire.weekday() == weekday, expression
+        assert fire.astimezone(UTC).hour == 3
+
+
+def test_a_purge_schedule_naming_both_day_fields_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        settings(schedule="0 3 1 * 1")
