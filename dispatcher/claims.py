@@ -104,6 +104,10 @@ class ClaimLoop:
         self._stop_waiting: anyio.CancelScope | None = None
         self._claim_failures = 0
         self._claim_logged = 0.0
+        self._ended = 0
+        """Dispatches ended (run to their end, whatever it was) since the start."""
+        self._ended_landed = 0
+        """`_ended` when the loop last waited for their writes to land."""
 
     def stop_waiting(self) -> None:
         """End the wait for a free `global` place: the loop looks at its state again
@@ -142,11 +146,28 @@ class ClaimLoop:
                     for dispatch, row_id in claimed:
                         await self._start_dispatch(work, dispatch, row_id)
                 if not claimed:
+                    if self._ended_unwritten():
+                        await self._let_ends_land()
+                        continue  # and claim once more
                     # Places other daemons hold stopped the claim: their release wakes us.
                     self.waiting_for_room = held_elsewhere
                     await self.wait_for_work()
                     self.waiting_for_room = False
             await self._drain()
+
+    def _ended_unwritten(self) -> bool:
+        """Whether dispatches ended since the last `_let_ends_land` while writes are
+        queued: the claim ran ahead of their final statuses, so it passed over what
+        waits for them to end (a schedule's dispatch with `overlap = "queue"`)."""
+        return self._ended != self._ended_landed and self._store.writes_queued
+
+    async def _let_ends_land(self) -> None:
+        """Wait until the writes queued now have landed (a poll interval at most: an
+        outage must not hold the loop), so that the next claim sees those ends."""
+        ended = self._ended
+        with anyio.move_on_after(self._settings().daemon.poll_interval):
+            await self._store.flush()
+        self._ended_landed = ended
 
     async def _claim_places(
         self, places: _Places
@@ -294,6 +315,7 @@ class ClaimLoop:
         try:
             await self._pipeline.run(dispatch, flight)
         finally:
+            self._ended += 1
             del self.state.inflight[dispatch.id]
             if task_slot is not None:
                 await self._gate.release(task_slot)

@@ -580,6 +580,11 @@ class Store(ABC):
 
     # -- attempts -------------------------------------------------------------------------
 
+    @property
+    def writes_queued(self) -> bool:
+        """Whether writes are queued or being written (not durable yet)."""
+        return not self._writes.idle
+
     async def flush(self) -> None:
         """Return once every write queued before the call is durable."""
         self._check_open()

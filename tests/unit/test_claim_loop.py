@@ -13,7 +13,8 @@ from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
 from dispatcher.gate import GLOBAL
 from dispatcher.models import DispatchStatus, NewDispatch
-from dispatcher.store.base import GrantedClaim
+from dispatcher.store.base import GrantedClaim, Store
+from dispatcher.store.writes import Fold, Params, WriteBatch
 from dispatcher.testing import FakeClock, InMemoryStore
 
 CONFIG = """
@@ -183,4 +184,42 @@ async def test_places_given_back_while_a_claim_waits_to_go_out_join_that_claim(
     finally:
         daemon.stop()
         store.let_through.set()
+        await asyncio.wait_for(loop, 5)
+
+
+class SlowWritesStore(InMemoryStore):
+    """The in-memory store whose writes are queued, as a real store's are (the fake
+    applies them at once), and land a moment after they are sent: a claim runs ahead
+    of them."""
+
+    def _queue(self, name: str, key: Any, params: Params, fold: Fold = "replace") -> None:
+        Store._queue(self, name, key, params, fold)
+
+    async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
+        await asyncio.sleep(0.02)
+        await super()._write_batch(writes, fence)
+
+
+async def test_a_dispatch_that_follows_another_starts_once_that_one_ends_not_a_poll_later(
+    tmp_path: Path,
+) -> None:
+    """The claim that an ending dispatch wakes runs ahead of its final write, so it sees
+    the dispatch still running and passes over the one that follows it; once that
+    write has landed the loop must claim again, not sleep out `poll_interval` (60 s)."""
+    (tmp_path / "dispatcher.toml").write_text(CONFIG)
+    store, clock = SlowWritesStore(), FakeClock()
+    daemon = Daemon(load_settings(tmp_path / "dispatcher.toml", {}), store, clock=clock)
+    first = (await store.check_and_reserve(NewDispatch(task="n", params={}), clock.now())).id
+    then = NewDispatch(task="n", params={"n": 2}, follows=first)
+    second = (await store.check_and_reserve(then, clock.now())).id
+    loop = asyncio.create_task(daemon.claims.run())
+    try:
+        for _ in range(300):  # 3 s of real time, far below the 60 s poll
+            if store.dispatches[second].status is DispatchStatus.SUCCEEDED:
+                break
+            await asyncio.sleep(0.01)
+        assert store.dispatches[first].status is DispatchStatus.SUCCEEDED
+        assert store.dispatches[second].status is DispatchStatus.SUCCEEDED
+    finally:
+        daemon.stop()
         await asyncio.wait_for(loop, 5)
