@@ -40,6 +40,8 @@ def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
 
 
 def hold_lock(
