@@ -660,7 +660,9 @@ async def run_daemon(
         side_tasks.append(api.serve)
         observer = api.metrics
     notifier = notifier or Notifier.from_environ()
-    with daemon_lock(settings):  # SQLite: one daemon per file; PostgreSQL: leases
+    with daemon_lock(settings) as held:  # SQLite: one daemon per file; PostgreSQL: leases
+        if held is not None:  # the guardian holds the lock too: killed, we keep it held
+            process_guard().hold(held)  # until our steps are gone (store/sqlite/lock.py)
         store = await open_store(settings, daemon=True)
         try:
             await _check_database(store)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from dispatcher.store.base import Access, Store
 
 if TYPE_CHECKING:
     from dispatcher.config import Settings
+    from dispatcher.store.sqlite.lock import InstanceLock
 
 __all__ = ["Access", "Store", "daemon_lock", "open_store"]
 
@@ -41,13 +43,23 @@ async def open_store(
     )
 
 
-def daemon_lock(settings: Settings) -> AbstractContextManager[object]:
+def daemon_lock(settings: Settings) -> AbstractContextManager[int | None]:
     """What keeps a second daemon off the database the configuration names, held from
     before the store opens until it is closed: the instance lock beside a SQLite file
     (`Unavailable` when another daemon holds it); nothing on PostgreSQL, where several
-    daemons share the database under leases (`dispatcher.lease`)."""
+    daemons share the database under leases (`dispatcher.lease`).
+
+    Entered, it gives the descriptor that holds the lock, for the daemon's guardian to
+    inherit (`OrphanGuard.hold`: the lock then outlives a killed daemon until its steps
+    are gone), or None when there is nothing to hold."""
     if settings.database.url is not None:
-        return nullcontext()
+        return nullcontext(None)
     from dispatcher.store.sqlite.lock import InstanceLock
 
-    return InstanceLock(settings.database.path)
+    return _holding(InstanceLock(settings.database.path))
+
+
+@contextmanager
+def _holding(lock: InstanceLock) -> Iterator[int | None]:
+    with lock:
+        yield lock.fileno()

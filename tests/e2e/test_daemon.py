@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timedelta
@@ -312,6 +313,87 @@ def test_a_cli_cancel_wakes_the_daemon_instead_of_waiting_for_its_poll(
     daemon.wait_status(1, "cancelled", timeout=20)
     assert time.monotonic() - asked < 10  # not the 60 s poll
     assert not _alive(read_records(log)[0].pid)
+    assert daemon.stop() == 0
+
+
+LINGER = """\
+import json, os, sys, time
+fds = []
+for name in os.listdir("/proc/self/fd"):
+    try:
+        fds.append(os.readlink(f"/proc/self/fd/{name}"))
+    except OSError:
+        pass  # the listing's own descriptor, closed by now
+with open(sys.argv[1] + ".tmp", "w") as out:
+    json.dump({"pid": os.getpid(), "fds": fds}, out)
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+
+
+def _fd_targets(pid: int) -> list[str]:
+    targets = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return targets
+
+
+@ON_PG
+def test_a_killed_daemons_steps_are_gone_before_a_new_daemon_starts(
+    tmp_path: Path, make_daemon: Any
+) -> None:
+    """The guardian holds the instance lock (never a step): after a SIGKILL the lock
+    stays held until the guardian has swept the dead daemon's steps away, and a new
+    daemon waits for it. The guardian is stopped (SIGSTOP) to stand for a slow sweep."""
+    out, linger = tmp_path / "step.json", tmp_path / "linger.py"
+    linger.write_text(LINGER)
+    args = json.dumps([sys.executable, str(linger), str(out)])
+    daemon = make_daemon(
+        f"""
+[database]
+path = "state/dispatcher.db"
+[daemon]
+shutdown_grace = "0s"
+kill_grace = "1s"
+[runners.sh]
+type = "exec"
+[tasks.linger]
+steps = [{{ name = "a", runner = "sh", args = {args} }}]
+"""
+    )
+    lock = str((tmp_path / "state" / "dispatcher.db.lock").resolve())
+    daemon.start()
+    guardian = daemon.wait_for_event("daemon_started")["guardian_pid"]
+    assert lock in _fd_targets(guardian)
+    assert daemon.cli("submit", "linger").returncode == 0
+    wait_until(out.exists, timeout=20, interval=0.05)
+    step = json.loads(out.read_text())
+    assert _alive(step["pid"]) and lock not in step["fds"]
+
+    os.kill(guardian, signal.SIGSTOP)
+    try:
+        daemon.kill()
+        daemon.start(wait=False)
+        wait_until(
+            lambda: (
+                {"instance_lock_waiting", "daemon_started"}
+                & {e.get("event") for e in daemon.events()}
+            ),
+            timeout=30,
+            interval=0.05,
+        )
+        # The stopped guardian holds the lock: the new daemon waits, the step runs.
+        assert "daemon_started" not in {e.get("event") for e in daemon.events()}
+        assert _alive(step["pid"])
+    finally:
+        os.kill(guardian, signal.SIGCONT)
+
+    daemon.wait_for_event("daemon_started", timeout=30)
+    assert not _alive(step["pid"])
+    assert daemon.wait_for_event("daemon_recovered")["attempts_interrupted"] == 1
     assert daemon.stop() == 0
 
 

@@ -363,6 +363,43 @@ def test_close_ends_the_guardian_which_kills_what_is_left(
     assert wait_gone([pid], within=5) == []
 
 
+def test_a_held_descriptor_goes_to_every_guardian_the_restarted_one_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the daemon does with the instance lock: each guardian holds a copy, so that
+    the lock outlives the daemon until its guardian is done."""
+    monkeypatch.setenv(VARIABLE, os.environ.get(VARIABLE, "restored-at-teardown"))
+    held = tmp_path / "held"
+
+    def holds(pid: int | None) -> bool:
+        assert pid is not None
+        return str(held) in [
+            os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+        ]
+
+    orphan_guard = OrphanGuard(token=secrets.token_hex(8))
+    with held.open("w") as handle:
+        orphan_guard.hold(handle.fileno())
+    orphan_guard.start()  # the caller's descriptor is closed: the guard kept its own copy
+    first = orphan_guard.pid
+    try:
+        assert holds(first)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: orphan_guard.pid not in (first, None), within=10)
+        second = orphan_guard.pid
+        assert holds(second)
+        with held.open("w") as handle:  # handed while one runs: that one is replaced
+            orphan_guard.hold(handle.fileno())
+        assert orphan_guard.pid != second
+        assert holds(orphan_guard.pid)
+        assert second is not None and wait_gone([second], within=5) == []
+    finally:
+        last = orphan_guard.pid
+        orphan_guard.close()
+    assert last is not None and wait_gone([last], within=5) == []
+
+
 # -- a step's own token: what a step leaves ends with the step -----------------------
 
 

@@ -26,6 +26,10 @@ kills its process group and writes `!TOKEN LABEL`: the guardian then kills every
 process still carrying that token, those that left the group or the session (setsid,
 double fork) included, while the daemon goes on.
 
+A descriptor handed to `hold()` (the daemon's instance lock, on SQLite) is inherited by
+every guardian, and by nothing else: a `flock` on it stays held while the guardian
+lives, so after the daemon's death until its steps are gone.
+
 Linux: the token scan reads /proc. Without /proc the registered groups are still
 killed, and `guardian_degraded` says what is lost.
 """
@@ -72,6 +76,7 @@ class OrphanGuard:
         self._groups: set[int] = set()
         self._proc: subprocess.Popen[bytes] | None = None
         self._fd = -1
+        self._held = -1
         self._started_at = 0.0
         self._closed = False
         self._warned_no_proc = False
@@ -99,6 +104,22 @@ class OrphanGuard:
             if self._proc is None:
                 os.environ[VARIABLE] = self.token
                 self._spawn()
+
+    def hold(self, fd: int) -> None:
+        """Hand a copy of `fd` to every guardian started from now on, one running now
+        replaced (never to a step: the copy is close-on-exec here). Never raises."""
+        copy = os.dup(fd)  # ours: the caller may close `fd` whenever it likes
+        with self._lock:
+            if self._held >= 0:
+                os.close(self._held)
+            self._held = copy
+            if self._proc is None or self._closed:
+                return
+            self._stop()  # before its pipe closes: it does not take it for our death
+            try:
+                self._spawn()
+            except GuardError as exc:  # the next step's spawn tries again
+                _log.error("guardian_restart_failed", error=exc.strerror)
 
     def environment(self, env: Mapping[str, str], step: str | None = None) -> dict[str, str]:
         """`env` with this daemon's token, and the step's own token when given."""
@@ -223,6 +244,7 @@ class OrphanGuard:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", guardian.__file__, self.token],
                 stdin=read_end,
+                pass_fds=(self._held,) if self._held >= 0 else (),
                 env=env,
                 cwd="/",
                 start_new_session=True,
@@ -261,11 +283,12 @@ class OrphanGuard:
         Close our copy of the pipe (or the guardian would wait for this child too) and
         start from nothing with a new token if this child spawns steps itself.
         """
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+        for fd in (self._fd, self._held):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.__init__()  # type: ignore[misc]  # a fresh state, deliberately
 
 

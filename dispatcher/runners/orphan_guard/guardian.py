@@ -202,7 +202,9 @@ def kill_carriers(
     spare: set[int] | None = None,
     also_spare: Collection[int] = (),
 ) -> int:
-    """SIGKILL to every process carrying `token`, until a scan finds none; how many.
+    """SIGKILL to every process carrying `token`, until two scans in a row find none;
+    how many. (A child forked by the daemon just before it died shows the token only
+    once it has exec'd; the second scan, 10 ms later, gives it that moment.)
 
     Members of the groups in `spare` are left out (already killed with their group:
     they can still be seen until they have exited), and so are the pids `also_spare`
@@ -211,13 +213,15 @@ def kill_carriers(
     """
     spare = spare or set()
     killed: set[int] = set()
+    quiet = 0
     for _ in range(_SCAN_ROUNDS):
         found = [
             pid
             for pid in carriers(token, proc)
             if pid not in also_spare and _pgid(pid) not in spare and _kill(pid)
         ]
-        if not found:
+        quiet = 0 if found else quiet + 1
+        if quiet == 2:
             break
         killed.update(found)
         time.sleep(0.01)  # let the killed exit, so the next scan sees what they forked
