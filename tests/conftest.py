@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import compileall
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import postgres
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-compile the package (and the test modules a daemon imports) once, in the
+    controller: the suite starts about a thousand Python processes, and where
+    PYTHONDONTWRITEBYTECODE is set none of them writes its cache, so each one compiled
+    every module it imported again (40 ms of a CLI command's 230 ms of CPU, measured)."""
+    if not hasattr(config, "workerinput"):
+        for folder in ("dispatcher", "tests"):
+            compileall.compile_dir(ROOT / folder, quiet=1)
 
 
 @pytest.fixture(scope="session")
