@@ -40,10 +40,8 @@ def pg_database() -> Iterator[str]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `slow` (real processes, real waits) first, each group in its own
-    order. scripts/test hands them to xdist's workers one by one (`--dist loadgroup`:
-    each test is its own unit, but for the modules marked `xdist_group`, whose
-    module-scoped daemons would otherwise start on every worker), so the long waits
-    overlap one another and the quick tests fill the end, instead of one worker meeting
-    a long test after the others ran dry. Every worker sorts the same collection the
-    same way, as xdist requires."""
+    order: spread over xdist's workers one by one (`--maxschedchunk 1` in scripts/test),
+    the long waits then overlap one another and the quick tests fill the end, instead of
+    one worker meeting a long test after the others ran dry. Every worker sorts the same
+    collection the same way, as xdist requires."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

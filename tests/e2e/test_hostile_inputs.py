@@ -22,8 +22,7 @@ from tests.helpers import postgres
 from .conftest import ROOT, Daemon, _env
 from .httphelp import api_url, call
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hostile_inputs")]
-# One worker runs this module: its daemons (module-scoped) then start once per store.
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 [database]

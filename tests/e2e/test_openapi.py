@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from .conftest import Daemon
 from .httphelp import api_config, api_url, call
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("openapi")]
-# One worker runs this module: its daemon (module-scoped) then starts once.
+pytestmark = pytest.mark.slow
 
 SPEC = Path(str(resources.files("dispatcher").joinpath("openapi.yaml")))
 SCHEMA = schemathesis.openapi.from_path(SPEC)

@@ -28,8 +28,7 @@ from tests.e2e.httphelp import api_url, call
 from tests.fuzz.profiles import FUZZ_SLOW, TIMEOUT
 from tests.helpers import postgres
 
-pytestmark = [pytest.mark.slow, TIMEOUT, pytest.mark.xdist_group("fuzz_hostile")]
-# One worker runs this module: its daemons (module-scoped) then start once per store.
+pytestmark = [pytest.mark.slow, TIMEOUT]
 
 CONFIG = """
 [database]
