@@ -30,7 +30,7 @@ def config(
     cap = f"concurrency = {runner_cap}" if runner_cap else ""
     ttl = "3s" if heartbeat == "500ms" else "10m"
     log = tmp_path / "steps.log"
-    step = f'"{sys.executable}", "{STEP}", "{log}"'
+    step = f'"{sys.executable}", "-S", "{STEP}", "{log}"'
     return f"""
 [database]
 path = "state/dispatcher.db"
@@ -399,7 +399,7 @@ def test_concurrency_key_caps_each_value(tmp_path: Path, make_daemon: Any) -> No
 concurrency = 1
 concurrency_key = "{{repo}}"
 steps = [{{ name = "b", runner = "py", \
-args = ["{sys.executable}", "{STEP}", "{log}", "{{repo}}-{{n}}", "0.4"] }}]
+args = ["{sys.executable}", "-S", "{STEP}", "{log}", "{{repo}}-{{n}}", "0.4"] }}]
 """
     daemon = make_daemon(config(tmp_path, global_=4, extra=extra))
     lines = [
@@ -422,7 +422,7 @@ def test_timeout_then_retry(tmp_path: Path, make_daemon: Any) -> None:
     extra = f"""
 [tasks.slow]
 steps = [{{ name = "s", runner = "py", timeout = "300ms", retries = 1, backoff = "100ms", \
-args = ["{sys.executable}", "{STEP}", "{log}", "slow", "5"] }}]
+args = ["{sys.executable}", "-S", "{STEP}", "{log}", "slow", "5"] }}]
 """
     daemon = make_daemon(config(tmp_path, global_=2, extra=extra))
     daemon.start()
