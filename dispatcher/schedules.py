@@ -26,17 +26,15 @@ occurs twice (autumn) fires once, at its first occurrence, unless the hour field
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import anyio
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from dispatcher import logs
 from dispatcher.clock import Clock
@@ -45,6 +43,11 @@ from dispatcher.errors import DispatcherError
 from dispatcher.models import FireOutcome, NewDispatch
 from dispatcher.observe import NullObserver, Observer
 from dispatcher.store.base import Store
+
+if TYPE_CHECKING:  # APScheduler is imported where it is used: most CLI commands never are
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.base import BaseTrigger
+    from apscheduler.triggers.cron import CronTrigger
 
 log = logs.get_logger("dispatcher.schedules")
 
@@ -113,6 +116,8 @@ def cron_trigger(expression: str, timezone: str) -> CronTrigger:
             "implementations disagree on what that means)"
         )
     fields[4] = cron_day_of_week(fields[4])
+    from apscheduler.triggers.cron import CronTrigger
+
     return CronTrigger.from_crontab(" ".join(fields), timezone=ZoneInfo(timezone))
 
 
@@ -130,6 +135,8 @@ class FireTimes:
             self.trigger = cron
         else:
             assert spec.every is not None, "a schedule has cron or every"
+            from apscheduler.triggers.interval import IntervalTrigger
+
             self.trigger = IntervalTrigger(seconds=int(spec.every), start_date=EPOCH, timezone=UTC)
 
     def next_after(self, after: datetime) -> datetime | None:
@@ -220,19 +227,25 @@ def due_fires(times: FireTimes, cursor: datetime, now: datetime, catch_up: str, 
 # -- the runtime -------------------------------------------------------------------------------
 
 
-class _Trigger(BaseTrigger):  # type: ignore[misc]  # APScheduler ships no type hints
-    """`FireTimes` as APScheduler's trigger, so its timer goes off at our fire times."""
+@functools.cache
+def _trigger_class() -> type[BaseTrigger]:
+    from apscheduler.triggers.base import BaseTrigger
 
-    def __init__(self, times: FireTimes) -> None:
-        self.times = times
+    class _Trigger(BaseTrigger):  # type: ignore[misc]  # APScheduler ships no type hints
+        """`FireTimes` as APScheduler's trigger, so its timer goes off at our fire times."""
 
-    def get_next_fire_time(
-        self, previous_fire_time: datetime | None, now: datetime
-    ) -> datetime | None:
-        after = now - timedelta(microseconds=1)
-        if previous_fire_time is not None:
-            after = max(after, previous_fire_time)
-        return self.times.next_after(after)
+        def __init__(self, times: FireTimes) -> None:
+            self.times = times
+
+        def get_next_fire_time(
+            self, previous_fire_time: datetime | None, now: datetime
+        ) -> datetime | None:
+            after = now - timedelta(microseconds=1)
+            if previous_fire_time is not None:
+                after = max(after, previous_fire_time)
+            return self.times.next_after(after)
+
+    return _Trigger
 
 
 @dataclass
@@ -356,7 +369,7 @@ class Schedules:
             return
         self._scheduler.add_job(
             self._tick,
-            _Trigger(item.times),
+            _trigger_class()(item.times),
             id=f"schedule:{item.name}",
             name=f"schedule:{item.name}",
             coalesce=True,

@@ -64,7 +64,7 @@ def api_config(
 ) -> str:
     cap = f"concurrency = {runner_cap}" if runner_cap else ""
     log = tmp_path / "steps.log"
-    step = f'"{sys.executable}", "{STEP}", "{log}"'
+    step = f'"{sys.executable}", "-S", "{STEP}", "{log}"'
     return f"""
 [database]
 path = "state/dispatcher.db"

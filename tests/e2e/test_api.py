@@ -286,6 +286,6 @@ def test_later_and_again_over_http(tmp_path: Path, make_daemon: Any) -> None:
         "series": 1,
         "from_step": None,
     }
-    wait_until(lambda: daemon.cli_json("show", "1")["status"] == "succeeded", timeout=60)
+    daemon.wait_status(1, "succeeded", timeout=60)
     assert call("GET", f"{url}/v1/schedules").json() == {"schedules": []}
     assert daemon.stop() == 0

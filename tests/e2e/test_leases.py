@@ -36,7 +36,7 @@ STEP_SECONDS = 8
 
 
 def config(url: str, log: Path, cap: int, task_cap: int | None = None) -> str:
-    step = f'"{sys.executable}", "{TICKER}", "{log}"'
+    step = f'"{sys.executable}", "-S", "{TICKER}", "{log}"'
     per_task = f"concurrency = {task_cap}\n" if task_cap else ""
     return f"""
 [database]

@@ -27,7 +27,7 @@ COUNT = 300
 
 
 def config(url: str, log: Path) -> str:
-    step = f'"{sys.executable}", "{STEP}", "{log}"'
+    step = f'"{sys.executable}", "-S", "{STEP}", "{log}"'
     return f"""
 [database]
 url = "{url}"

@@ -264,11 +264,7 @@ def test_retry_of_a_dispatch_that_failed_at_step_2_runs_steps_2_and_3_only(
     retried = daemon.cli("retry", str(dispatch_id))
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.strip() == f"{dispatch_id} queued again from step two (retry 1)"
-    wait_until(
-        lambda: daemon.cli_json("show", str(dispatch_id))["status"] == "succeeded",
-        timeout=20,
-        interval=0.1,
-    )
+    daemon.wait_status(dispatch_id, "succeeded", timeout=20)  # the CLI shows it below
     assert daemon.stop() == 0
 
     # What the steps did: one ran once, two failed then ran again, three ran once.

@@ -206,7 +206,8 @@ def test_a_flood_of_child_output_cannot_flood_the_log(tmp_path: Path, make_daemo
 
 def test_status_gives_the_whole_picture(tmp_path: Path, make_daemon: Any) -> None:
     failing = '[tasks.fail]\nsteps = [{ name = "f", runner = "py", args = ["false"] }]\n'
-    daemon = make_daemon(config(tmp_path, global_=1, extra=failing))
+    # grace 1s: the stop at the end need not wait 10 s for the 30 s step to be interrupted
+    daemon = make_daemon(config(tmp_path, global_=1, extra=failing, grace="1s"))
     down = daemon.cli("status")
     assert down.returncode == 0 and "NOT RUNNING" in down.stdout
     daemon.cli("submit", "fail")
