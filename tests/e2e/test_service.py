@@ -101,6 +101,9 @@ def test_ready_watchdog_status_stopping(
         # The step's environment carries none of systemd's variables.
         daemon.cli("submit", "envdump")
         daemon.wait_status(1, "succeeded", timeout=20)
+        # The daemon writes its log lines out every 0.1 s: its line for the attempt's end
+        # comes after every line of the step's output.
+        daemon.wait_for_event("attempt_finished")
         output = [e["line"] for e in daemon.events() if e.get("event") == "step_output"]
         assert any(line.startswith("PATH=") for line in output)
         assert not [line for line in output if line.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))]
