@@ -198,6 +198,10 @@ class ApiServer:
             handle_signals=False,
             shutdown_timeout=2.0,
             keepalive_timeout=self.idle_timeout,
+            # After an answer to a request whose body is not all read (408, 413), aiohttp
+            # reads on for this long before it closes (10 s by default): a slow client
+            # would hold its connection that much longer.
+            lingering_time=1.0,
         )
         await runner.setup()
         sockets: list[socket.socket] = []
