@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from dispatcher.errors import LeaseLost, StoreError
+from dispatcher.errors import EX_TEMPFAIL, LeaseLost, SchemaBehind, StoreError
 from dispatcher.models import AttemptStatus, DispatchStatus, Instance, NewDispatch
 from dispatcher.store.base import Store, load_migrations
 from dispatcher.store.postgres import PostgresStore
@@ -293,6 +293,23 @@ async def test_concurrent_starters_migrate_a_new_database_once(
     recorded = await _fetch(pg_database, "SELECT version FROM schema_migrations ORDER BY 1")
     assert [row["version"] for row in recorded] == versions
     assert await _schema(pg_database) == await _schema(pg_url)
+
+
+async def test_a_read_only_opening_refuses_a_schema_older_than_the_code(pg_database: str) -> None:
+    """PostgreSQL's side of the SQLite test: read commands migrate nothing, so one met
+    before the daemon upgraded the database says so instead of reading rows without
+    the columns it expects."""
+    store = await PostgresStore.open(pg_database)
+    await store.close()
+    newest = load_migrations(POSTGRES)[-1].version
+    await _fetch(pg_database, f"DELETE FROM schema_migrations WHERE version = {newest}")
+
+    with pytest.raises(SchemaBehind, match="older than this dispatcher's") as caught:
+        await PostgresStore.open(pg_database, read_only=True)
+
+    assert caught.value.exit_code == EX_TEMPFAIL
+    left = await _fetch(pg_database, "SELECT MAX(version) AS v FROM schema_migrations")
+    assert left[0]["v"] < newest  # nothing was migrated
 
 
 async def _until_waiting_for_the_lock(
