@@ -163,9 +163,11 @@ class ClaimLoop:
 
     async def _let_ends_land(self) -> None:
         """Wait until the writes queued now have landed (a poll interval at most: an
-        outage must not hold the loop), so that the next claim sees those ends."""
+        outage must not hold the loop), so that the next claim sees those ends. A
+        batch refused (the fence, a damaged file) is the write path's to report, through
+        the store's hooks: here it only ends the wait."""
         ended = self._ended
-        with anyio.move_on_after(self._settings().daemon.poll_interval):
+        with anyio.move_on_after(self._settings().daemon.poll_interval), suppress(DispatcherError):
             await self._store.flush()
         self._ended_landed = ended
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
+from dispatcher.errors import LeaseLost
 from dispatcher.gate import GLOBAL
 from dispatcher.models import DispatchStatus, NewDispatch
 from dispatcher.store.base import GrantedClaim, Store
@@ -223,3 +224,33 @@ async def test_a_dispatch_that_follows_another_starts_once_that_one_ends_not_a_p
     finally:
         daemon.stop()
         await asyncio.wait_for(loop, 5)
+
+
+class FencedFlushStore(InMemoryStore):
+    """A shared store whose queued writes were refused by the lease fence: `flush`
+    raises what refused them, as the write buffer does."""
+
+    shared = True
+
+    @property
+    def writes_queued(self) -> bool:
+        return True
+
+    async def flush(self) -> None:
+        raise LeaseLost("instance x was reaped: its writes are refused")
+
+
+async def test_waiting_for_ended_dispatches_writes_survives_a_refused_flush(
+    tmp_path: Path,
+) -> None:
+    """The write path reports a fenced or failed batch through its own hooks (the lease
+    is lost, the daemon rejoins); the claim loop, waiting for those writes only to
+    claim again, must not die of it."""
+    (tmp_path / "dispatcher.toml").write_text(CONFIG)
+    daemon = Daemon(load_settings(tmp_path / "dispatcher.toml", {}), FencedFlushStore())
+    daemon.claims._ended = 1  # a dispatch ended since the last wait
+
+    assert daemon.claims._ended_unwritten()
+    await daemon.claims._let_ends_land()  # no LeaseLost out of it
+
+    assert not daemon.claims._ended_unwritten()  # and it does not wait again for them
