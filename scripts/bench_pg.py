@@ -22,7 +22,11 @@ For each drain the workers are started first and idle; then the N jobs are inser
 one transaction (their NOTIFY wakes the workers), and the clock runs from the moment
 that commit returns until every job is final (the driver polls a count every 10 ms).
 Daemon CPU is the user+system time of the worker processes over the same window,
-divided by N. Figures are medians of R rounds; ratios are computed from the medians.
+divided by N. For our drains the PostgreSQL server's CPU (every `postgres` process,
+with the backends that exited) and the share of the machine's CPU time in use are
+taken over the window too: with the daemon's CPU they give the most dispatches a
+second these cores could drain at that cost, whatever the number of daemons.
+Figures are medians of R rounds; ratios are computed from the medians.
 
 --write puts the table into docs/benchmarks.md (section "PostgreSQL").
 """
@@ -94,6 +98,33 @@ async def _count(url: str, query: str, target: int, poll: float = 0.01) -> float
             await asyncio.sleep(poll)
     finally:
         await con.close()
+
+
+# -- what the machine spends ----------------------------------------------------------------
+
+
+def server_ticks() -> int:
+    """CPU ticks of the PostgreSQL server so far: every `postgres` process, with the
+    children the postmaster has reaped (backends of connections that closed)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
+    return total
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, all) CPU time of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
 
 
 # -- ours ------------------------------------------------------------------------------
@@ -184,9 +215,10 @@ def _submit_with(tree: Path, url: str, task: str, count: int) -> None:
 
 def drain_ours(
     server: str, count: int, daemons: int, task: str = "n", tree: Path | None = None
-) -> tuple[float, float]:
-    """(dispatches a second, daemon CPU ms a dispatch); `tree`: the code of another
-    checkout instead of this one."""
+) -> tuple[float, float, float, float]:
+    """(dispatches a second, daemon CPU ms a dispatch, PostgreSQL server CPU ms a
+    dispatch, share of the machine's CPU in use); `tree`: the code of another checkout
+    instead of this one."""
     folder = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     with Database(server) as db:
         config = folder / "dispatcher.toml"
@@ -203,9 +235,11 @@ def drain_ours(
             # The clock starts at the commit (the daemons wake on its NOTIFY), as for
             # procrastinate, whose jobs are deferred in one statement.
             started = time.perf_counter()
+            server_before, machine_before = server_ticks(), machine_jiffies()
             final = "SELECT COUNT(*) FROM dispatches WHERE status IN ('succeeded', 'failed')"
             ended = asyncio.run(_count(db.url, final, count))
             after = sum(cpu_ticks(p.pid) for p in procs)
+            server_after, machine_after = server_ticks(), machine_jiffies()
         finally:
             for proc in procs:
                 proc.terminate()
@@ -219,8 +253,11 @@ def drain_ours(
         )
         if failed or held:
             raise SystemExit(f"drain: {failed} not succeeded, {held} held gate rows ({folder})")
-    cpu_ms = (after - before) / os.sysconf("SC_CLK_TCK") * 1000 / count
-    return count / (ended - started), cpu_ms
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    cpu_ms = (after - before) * tick_ms / count
+    server_ms = (server_after - server_before) * tick_ms / count
+    busy = (machine_after[0] - machine_before[0]) / max(machine_after[1] - machine_before[1], 1)
+    return count / (ended - started), cpu_ms, server_ms, busy
 
 
 def drain_sqlite(count: int, task: str = "n") -> tuple[float, float]:
@@ -361,13 +398,16 @@ def drain_peer(server: str, count: int) -> tuple[float, float]:
 
 # -- running --------------------------------------------------------------------------------
 
-Measure = Callable[[], tuple[float, float]]
+Measure = Callable[[], tuple[float, ...]]
+"""(dispatches a second, CPU ms a dispatch, and for our PostgreSQL drains the server's
+CPU ms a dispatch and the machine's busy share)."""
 
 
-def medians_of(rounds: int, measures: dict[str, Measure]) -> dict[str, tuple[float, float]]:
-    """Median of each measure over `rounds` rounds, the measures taking turns within a
-    round: a change in the machine's load then falls on all of them, not on one."""
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in measures}
+def medians_of(rounds: int, measures: dict[str, Measure]) -> dict[str, tuple[float, ...]]:
+    """Median of each figure of each measure over `rounds` rounds, the measures taking
+    turns within a round: a change in the machine's load then falls on all of them,
+    not on one."""
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name in measures}
     for n in range(rounds):
         for name, measure in measures.items():
             value = measure()
@@ -376,7 +416,7 @@ def medians_of(rounds: int, measures: dict[str, Measure]) -> dict[str, tuple[flo
                 f"round {n + 1} {name}: {value[0]:,.0f}/s, {value[1]:.2f} ms CPU", file=sys.stderr
             )
     return {
-        name: (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
+        name: tuple(statistics.median(figures) for figures in zip(*values, strict=True))
         for name, values in results.items()
     }
 
@@ -402,6 +442,8 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     m = medians_of(args.rounds, measures)
     one, three, peer, lite = m["ours-1"], m["ours-3"], m["peer"], m["sqlite"]
     version = peer_version()
+    cores = os.cpu_count() or 1
+    ceiling = cores * 1000 / (one[1] + one[2])
     rows = [
         (
             f"drain {count} no-op dispatches, 16 in flight, 1 daemon",
@@ -420,6 +462,19 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             f"{one[1]:.2f} ms / {three[1]:.2f} ms",
             f"procrastinate worker: {peer[1]:.2f} ms",
             f"{one[1] / peer[1]:.2f}x" if peer[1] else "-",
+        ),
+        (
+            "PostgreSQL server CPU per dispatch, 1 daemon / 3 daemons",
+            f"{one[2]:.2f} ms / {three[2]:.2f} ms",
+            f"machine's CPU in use during the drain: {one[3]:.0%} / {three[3]:.0%}",
+            "-",
+        ),
+        (
+            f"most any number of daemons could drain on these {cores} CPUs at one daemon's "
+            "cost a dispatch (CPUs ÷ (daemon + server CPU a dispatch))",
+            f"{ceiling:,.0f}/s",
+            f"1 daemon: {one[0]:,.0f}/s",
+            f"{ceiling / one[0]:.2f}x",
         ),
         (
             "the same drain, 1 daemon on SQLite (what the pipeline costs without PostgreSQL)",
