@@ -10,6 +10,7 @@ when the attempt ends. A line longer than `child_line_max_bytes` is cut there
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,25 +54,42 @@ def cut_to_bytes(text: str, limit: int) -> tuple[str, int]:
 
 
 class ChildOutputLog:
-    """The line sink of one attempt: logs, limits, counts. Call `close()` at its end."""
+    """The line sink of one attempt: logs, limits, counts. Call `close()` at its end.
+
+    Made for every attempt, and most attempts print nothing (or have no process): the
+    bucket is filled, and the logger bound to `fields`, at the first line only.
+    """
 
     def __init__(
         self,
         logger: structlog.stdlib.BoundLogger,
         settings: LogSettings,
         monotonic: Callable[[], float] = time.monotonic,
+        **fields: object,
     ) -> None:
-        self._log = logger
+        self._logger = logger
+        self._fields = fields
+        self._settings = settings
         self._enabled = settings.child_lines
         self._max_bytes = settings.child_line_max_bytes
         self._monotonic = monotonic
-        self._bucket = TokenBucket.full(
-            settings.child_lines_per_second, settings.child_lines_burst, monotonic()
-        )
         self.lines = 0
         self.logged = 0
         self.suppressed = 0
         self.truncated = 0
+
+    @functools.cached_property
+    def _log(self) -> structlog.stdlib.BoundLogger:
+        return self._logger.bind(**self._fields) if self._fields else self._logger
+
+    @functools.cached_property
+    def _bucket(self) -> TokenBucket:
+        """Full at the first line, as it would be had it been filled at the attempt's
+        start: a full bucket stays full."""
+        settings = self._settings
+        return TokenBucket.full(
+            settings.child_lines_per_second, settings.child_lines_burst, self._monotonic()
+        )
 
     def __call__(self, stream: str, line: str) -> None:
         """One line (or long-line piece) the child printed on `stream`."""

@@ -110,6 +110,8 @@ def gate_capacities(settings: Settings) -> dict[str, int]:
 
 def task_gate_capacity(settings: Settings, gate: str) -> int | None:
     """Capacity of a per-task gate by its name (gates made on demand), else None."""
+    if not gate.startswith(_TASK):  # asked for every step's runner gate: answer cheaply
+        return None
     parsed = GateName.parse(gate)
     if parsed is None or parsed.kind is not GateKind.TASK or parsed.owner is None:
         return None

@@ -483,7 +483,7 @@ class Pipeline:
 
     def _line_logger(self, step: str) -> ChildOutputLog:
         """A fresh sink per attempt: the flood limit applies to each attempt alone."""
-        return ChildOutputLog(log.bind(step=step), self.settings.log)
+        return ChildOutputLog(log, self.settings.log, step=step)
 
 
 def storable(outcome: Outcome) -> Outcome:
@@ -520,5 +520,5 @@ def _context(dispatch: Dispatch, step: str, attempt: int) -> StepContext:
         step=step,
         attempt=attempt,
         key=dispatch.key,
-        step_token=dispatch.step_token(step),
+        token=functools.partial(dispatch.step_token, step),
     )

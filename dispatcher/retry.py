@@ -51,6 +51,8 @@ class StepHistory:
         """The history of one step. Attempts are numbered on across series; failures,
         interruptions and shortages count only in the current `series` (a `retry`
         gives the step its retries again)."""
+        if not attempts:  # a step's first attempt: nearly every one
+            return _FIRST
         current = [a for a in attempts if a.series == series]
         shortages = sum(1 for a in current if is_resource_shortage(a.status, a.error))
         return cls(
@@ -69,6 +71,9 @@ class StepHistory:
     @property
     def next_attempt(self) -> int:
         return self.attempts + 1
+
+
+_FIRST = StepHistory(attempts=0, failures=0, interruptions=0)
 
 
 def may_retry(step: Step, failures: int) -> bool:

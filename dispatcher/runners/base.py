@@ -32,9 +32,14 @@ class StepContext:
     attempt: int
     key: str | None
     """The dispatch's idempotency key, if it has one."""
-    step_token: str
-    """The same for every attempt of this step of this dispatch, across retries and
-    daemon restarts: for a step to make its own effects idempotent."""
+    token: Callable[[], str] = field(repr=False, compare=False)
+    """Makes `step_token`: a digest, made only for a step that asks for it."""
+
+    @property
+    def step_token(self) -> str:
+        """The same for every attempt of this step of this dispatch, across retries and
+        daemon restarts: for a step to make its own effects idempotent."""
+        return self.token()
 
     def environment(self) -> dict[str, str]:
         """The variables an exec step finds in its environment (DISPATCHER_KEY is empty

@@ -13,7 +13,9 @@ from dispatcher.runners import ExecRunner, Outcome, RunRequest, StepContext
 
 pytestmark = pytest.mark.slow
 
-CONTEXT = StepContext(dispatch_id=9, task="ci", step="build", attempt=1, key=None, step_token="t0")
+CONTEXT = StepContext(
+    dispatch_id=9, task="ci", step="build", attempt=1, key=None, token=lambda: "t0"
+)
 
 
 async def run_script(script: str, env: dict[str, str] | None = None) -> Outcome:

@@ -17,7 +17,7 @@ from dispatcher.runners.results import (
 
 MOD = "tests.helpers.callables"
 CONTEXT = StepContext(
-    dispatch_id=7, task="ci", step="build", attempt=2, key="k-1", step_token="tok"
+    dispatch_id=7, task="ci", step="build", attempt=2, key="k-1", token=lambda: "tok"
 )
 
 
@@ -56,7 +56,7 @@ async def test_a_python_result_that_cannot_be_kept_fails_the_step(call: str, err
 
 
 def test_context_environment_names_every_variable() -> None:
-    assert StepContext(1, "t", "s", 3, None, "x").environment() == {
+    assert StepContext(1, "t", "s", 3, None, lambda: "x").environment() == {
         "DISPATCHER_DISPATCH_ID": "1",
         "DISPATCHER_TASK": "t",
         "DISPATCHER_STEP": "s",
