@@ -108,8 +108,13 @@ class Daemon:
         notifier: Notifier | None = None,
         observer: Observer | None = None,
         side_tasks: Sequence[SideTask] = (),
+        owns_process: bool = False,
     ) -> None:
         self.settings = settings
+        self._owns_process = owns_process
+        """Run by `dispatcher run`: the process is the daemon's alone, and what is tuned
+        for the whole process (the cyclic collector) is tuned for it once started. A
+        daemon run inside another program (a test) leaves that program's settings be."""
         self.notifier = notifier or Notifier()
         self._side_tasks = tuple(side_tasks)
         self.store = store
@@ -196,7 +201,8 @@ class Daemon:
                     self.settings.daemon.heartbeat_interval,
                 )
                 self._started()
-                _tune_collector()
+                if self._owns_process:
+                    _tune_collector()
                 await self.claims.run()
                 tg.cancel_scope.cancel()
         finally:
@@ -691,6 +697,7 @@ async def run_daemon(
                 notifier=notifier,
                 observer=observer,
                 side_tasks=side_tasks,
+                owns_process=True,
             )
             try:
                 await daemon.run()

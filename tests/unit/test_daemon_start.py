@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from dispatcher import daemon as daemon_module
+from dispatcher import store as store_package
 from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
 from dispatcher.models import DispatchStatus, NewDispatch
 from dispatcher.pipeline import InFlight
 from dispatcher.runners.orphan_guard import GuardError
+from dispatcher.systemd import Notifier
 from dispatcher.testing import FakeClock, InMemoryStore
 
 NOOP_ONLY = """
@@ -115,25 +118,67 @@ async def test_what_this_instance_marked_in_flight_but_does_not_run_goes_back(
     ]
 
 
+class ReadyNotifier(Notifier):
+    """Tells when the daemon said it is ready (it tunes the collector right after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+
+    def ready(self, status: str | None = None) -> None:
+        asyncio.get_running_loop().call_soon(self.started.set)  # once the start has ended
+
+
+@pytest.mark.parametrize("owns_process", [True, False])
 async def test_once_started_the_daemon_spares_the_collector_what_the_start_built(
-    tmp_path: Path,
+    tmp_path: Path, owns_process: bool
 ) -> None:
     """Every full collection scanned again all that the start built (modules, the
     configuration, connections), about 30 ms each, every second or so under load; and
-    the youngest generation was collected every few dispatches for next to nothing."""
+    the youngest generation was collected every few dispatches for next to nothing.
+    Only for `dispatcher run`: a daemon inside another program leaves its collector be."""
     threshold = gc.get_threshold()
     gc.unfreeze()
     try:
-        daemon = daemon_on(tmp_path, NOOP_ONLY)
+        config = tmp_path / "dispatcher.toml"
+        config.write_text(NOOP_ONLY)
+        settings = load_settings(config, {})
+        notifier = ReadyNotifier()
+        daemon = Daemon(settings, InMemoryStore(), notifier=notifier, owns_process=owns_process)
         running = asyncio.create_task(daemon.run())
-        for _ in range(500):
-            if gc.get_freeze_count():
-                break
-            await asyncio.sleep(0.01)
-        assert gc.get_freeze_count() > 1000  # the modules' objects, at least
-        assert gc.get_threshold() == (daemon_module.GC_YOUNG_THRESHOLD, *threshold[1:])
+        await asyncio.wait_for(notifier.started.wait(), 10)
+        if owns_process:
+            assert gc.get_freeze_count() > 1000  # the modules' objects, at least
+            assert gc.get_threshold() == (daemon_module.GC_YOUNG_THRESHOLD, *threshold[1:])
+        else:
+            assert gc.get_freeze_count() == 0
+            assert gc.get_threshold() == threshold
         daemon.stop()
         await asyncio.wait_for(running, 10)
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+async def test_dispatcher_run_owns_its_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_daemon` (what `dispatcher run` runs) is the one that tunes the collector."""
+    made: list[bool] = []
+
+    class Recorded(Daemon):
+        async def run(self) -> None:
+            made.append(self._owns_process)
+
+    async def opened(*_: object, **__: object) -> InMemoryStore:
+        return InMemoryStore()
+
+    monkeypatch.setattr(daemon_module, "Daemon", Recorded)
+    monkeypatch.setattr(store_package, "open_store", opened)
+    monkeypatch.setattr(store_package, "daemon_lock", lambda _settings: nullcontext(None))
+    config = tmp_path / "dispatcher.toml"
+    config.write_text(NOOP_ONLY)
+
+    await daemon_module.run_daemon(load_settings(config, {}), notifier=Notifier())
+
+    assert made == [True]
