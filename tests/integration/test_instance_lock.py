@@ -165,3 +165,37 @@ def test_a_free_lock_is_taken_and_released(tmp_path: Path) -> None:
     assert lock.fileno() is None
     with InstanceLock(db):
         pass
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from structlog.testing import capture_logs
+from dispatcher.errors import Unavailable
+from dispatcher.store.sqlite.lock import InstanceLock
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+db = Path(sys.argv[1])
+with capture_logs() as logged, InstanceLock(db) as lock:
+    try:
+        InstanceLock(db).acquire()
+    except Unavailable:
+        print("second kept out")
+print([e["event"] for e in logged])
+"""
+
+
+def test_a_full_disk_leaves_the_pid_unwritten_and_the_lock_held(tmp_path: Path) -> None:
+    """No byte can be written (a file-size limit of 0, as on a full disk): the daemon
+    still takes the lock, with its pid unwritten and a warning, and keeps a second out."""
+    db = tmp_path / "dispatcher.db"
+    (tmp_path / "dispatcher.db.lock").write_text("12345\n")  # a dead daemon's pid
+
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(db)], capture_output=True, text=True, timeout=30
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["second kept out", "['instance_lock_pid_unwritten']"]
+    assert (tmp_path / "dispatcher.db.lock").read_text() == ""

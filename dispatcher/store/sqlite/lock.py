@@ -60,11 +60,22 @@ class InstanceLock:
         except BaseException:
             handle.close()
             raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
         self._handle = handle
+        self._write_pid(handle.fileno())
+
+    def _write_pid(self, fd: int) -> None:
+        """Our pid in the file, for the next daemon to tell a dead holder from a live
+        one. A hint only: the lock is the `flock`, held already. On a full disk the
+        file stays empty (a next daemon then fails at once instead of waiting for our
+        guardian), which is no reason to refuse to start. Unbuffered: nothing is left
+        to fail again at the close."""
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            _log.warning(
+                "instance_lock_pid_unwritten", lock=str(self.path), error=exc.strerror or str(exc)
+            )
 
     def _wait_for(self, handle: IO[str]) -> None:
         """Lock `handle`: at once, or once a dead holder's descriptors are all closed."""
