@@ -141,11 +141,13 @@ def drain_ours(count: int, tree: Path | None = None) -> float:
 
 def drain_floor(count: int) -> float:
     """The rows a drain writes, and nothing else: the store's own statements through
-    `sqlite3` in one thread (claims of 16 committed alone, then per dispatch its gate
-    row, its attempt row and its final status with its plan, one commit per 16), on
-    the same submitted database. What is left of ours above this is Python."""
+    `sqlite3` in one thread (claims of 16 committed alone, then the gate rows, attempt
+    rows and final statuses with their plans of those 16, one statement a kind as the
+    store sends them, one commit), on the same submitted database. What is left of ours
+    above this is Python."""
     sys.path.insert(0, str(ROOT))
     from dispatcher.store.sql import statements
+    from dispatcher.store.sqlite.store import rows_statement
 
     daemon = Daemon()
     lines = "".join(json.dumps({"task": "n", "params": {"i": i}}) + "\n" for i in range(count))
@@ -154,9 +156,8 @@ def drain_floor(count: int) -> float:
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA foreign_keys = ON")
     sql = statements("dispatcher.store.sqlite")
-    claim, gate, attempt, finish = (
-        sql[name] for name in ("claim_many", "insert_slot", "insert_attempt", "write_progress")
-    )
+    claim = sql["claim_many"]
+    kinds = ("insert_slot", "insert_attempt", "write_progress")
     plan = json.dumps([{"name": "a", "runner": "noop", "args": []}])
     started = time.perf_counter()
     done = 0
@@ -166,18 +167,20 @@ def drain_floor(count: int) -> float:
         ids = [row[0] for row in db.execute(claim, {"instance_id": "floor", "now": now,
                "blocked_gates": "[]", "limit": 16}).fetchall()]  # fmt: skip
         db.execute("COMMIT")
+        if not ids:
+            break
+        rows = {
+            "insert_slot": [(i, "global", f"dispatch:{i}", "floor", now, now) for i in ids],
+            "insert_attempt": [
+                (i, i, 0, "a", "noop", 1, "succeeded", now, now, 0, None, None, "floor", None, 1)
+                for i in ids
+            ],
+            "write_progress": [(i, "floor", plan, 1, "succeeded", True, None, now) for i in ids],
+        }
         db.execute("BEGIN IMMEDIATE")
-        for i in ids:
-            db.execute(gate, {"id": i, "gate": "global", "holder": f"dispatch:{i}",
-                              "instance_id": "floor", "now": now, "released_at": now})  # fmt: skip
-            db.execute(attempt, {"id": i, "dispatch_id": i, "step_index": 0, "step": "a",
-                                 "runner": "noop", "attempt": 1, "status": "succeeded",
-                                 "started_at": now, "ended_at": now, "exit_code": 0,
-                                 "error": None, "output": None, "result": None,
-                                 "instance_id": "floor", "series": 1})  # fmt: skip
-            db.execute(finish, {"id": i, "status": "succeeded", "now": now, "error": None,
-                                "final": True, "plan": plan, "current_step": 1,
-                                "instance_id": "floor"})  # fmt: skip
+        for kind in kinds:  # one statement a kind, as the store sends them
+            text = rows_statement(kind, sql[f"{kind}_rows"], len(ids))
+            db.execute(text, [value for row in rows[kind] for value in row])
         db.execute("COMMIT")
         done += len(ids)
     elapsed = time.perf_counter() - started

@@ -55,6 +55,22 @@ WriteBatch = list[tuple[str, list[Params]]]
 ORDER = ("insert_attempt", "finish_attempt", "insert_slot", "release_slot", "write_progress")
 """Statement kinds in the order a batch runs them: a row's insert before its update."""
 
+FIELDS = {
+    "insert_attempt": (
+        "id", "dispatch_id", "step_index", "step", "runner", "attempt", "status",
+        "started_at", "ended_at", "exit_code", "error", "output", "instance_id", "result",
+        "series",
+    ),
+    "finish_attempt": ("id", "status", "ended_at", "exit_code", "error", "output", "result"),
+    "insert_slot": ("id", "gate", "holder", "instance_id", "now", "released_at"),
+    "release_slot": ("id", "now"),
+    "write_progress": (
+        "id", "instance_id", "plan", "current_step", "status", "final", "error", "now",
+    ),
+}  # fmt: skip
+"""The fields of each kind of queued write, in the order a backend sends them as one
+row (a PostgreSQL composite type, a SQLite `VALUES` row)."""
+
 RETRY_FIRST = 0.05
 RETRY_MAX = 5.0
 """Backoff between tries of a batch while the database cannot take it."""

@@ -19,6 +19,7 @@ import pytest
 
 from dispatcher.models import AttemptStatus, DispatchStatus, NewDispatch, Step
 from dispatcher.store.sqlite import SQLiteStore
+from dispatcher.store.sqlite.store import ROWS_PER_STATEMENT
 
 NOW = datetime(2026, 11, 29, 6, 0, 0, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=2)
@@ -38,10 +39,12 @@ async def statements(store: SQLiteStore) -> list[str]:
 
 
 def writes_to(seen: list[str], table: str) -> list[str]:
-    """INSERT / UPDATE, in order, of the statements on `table`."""
+    """INSERT / UPDATE, in order, of the statements on `table` (a batch's statement
+    starts with its rows, `WITH r (...) AS (VALUES ...)`, on a line of their own)."""
     kinds = []
     for text in seen:
-        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+        lines = text.splitlines()
+        code = "\n".join(line for line in lines if not line.lstrip().startswith(("--", "WITH r")))
         match = re.match(r"\s*(INSERT INTO|UPDATE)\s+(\w+)", code)
         if match and match.group(2) == table:
             kinds.append(match.group(1).split()[0])
@@ -229,7 +232,7 @@ async def test_a_claim_runs_ahead_of_queued_writes_and_commits_on_its_own(
 
 async def test_writes_queued_in_one_turn_go_out_in_one_transaction(store: SQLiteStore) -> None:
     """Group commit: one BEGIN ... COMMIT for everything queued together, one statement
-    per row."""
+    per kind of write with all of its rows."""
     dispatch_id = await running_dispatch(store)
     await store.start_attempt(dispatch_id, 0, "a", "noop", 9, "me", NOW)  # ids read once
     await store.mirror_open("runner:x", "warm", "me", NOW)
@@ -243,12 +246,29 @@ async def test_writes_queued_in_one_turn_go_out_in_one_transaction(store: SQLite
     await store.advance(dispatch_id, 1, NOW)
     await store.flush()
 
-    assert transactions(seen) == [
-        ["insert attempts"] * 3 + ["insert gates"] * 4 + ["update dispatches"]
-    ]
+    assert transactions(seen) == [["insert attempts", "insert gates", "update dispatches"]]
     with raw(store) as db:
         assert db.execute("SELECT count(*) FROM attempts").fetchone() == (len(attempts) + 1,)
         assert db.execute("SELECT count(*) FROM gates").fetchone() == (len(row_ids) + 1,)
+
+
+async def test_a_large_batch_goes_out_in_statements_of_at_most_so_many_rows(
+    store: SQLiteStore,
+) -> None:
+    """Rows of one kind go out `ROWS_PER_STATEMENT` to a statement (a bounded number of
+    statement texts), still in one transaction, and every one of them lands."""
+    await store.mirror_open("runner:x", "warm", "me", NOW)  # ids read once
+    await store.flush()
+    seen = await statements(store)
+    count = 2 * ROWS_PER_STATEMENT + 3
+
+    row_ids = [await store.mirror_open("runner:x", f"h{n}", "me", NOW) for n in range(count)]
+    await store.flush()
+
+    assert transactions(seen) == [["insert gates"] * 3]
+    with raw(store) as db:
+        landed = [row[0] for row in db.execute("SELECT id FROM gates WHERE holder <> 'warm'")]
+    assert sorted(landed) == sorted(row_ids)
 
 
 def transactions(seen: list[str]) -> list[list[str]]:
@@ -257,7 +277,8 @@ def transactions(seen: list[str]) -> list[list[str]]:
     found: list[list[str]] = []
     inside = False
     for text in seen:
-        code = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+        lines = text.splitlines()
+        code = " ".join(line for line in lines if not line.lstrip().startswith(("--", "WITH r")))
         if code.startswith("BEGIN"):
             found.append([])
             inside = True

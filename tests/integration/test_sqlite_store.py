@@ -326,6 +326,41 @@ async def test_a_refused_write_leaves_its_neighbours_landed_and_is_reported(
     assert gates == [row_id]
 
 
+async def test_a_batch_whose_begin_failed_writes_nothing_outside_its_transaction(
+    open_store: Opener, db_path: Path
+) -> None:
+    """A batch's statements are sent together with its `BEGIN`, so they run even when
+    that `BEGIN` gave up (busy). They must then write nothing: run alone, in autocommit,
+    their rows would land outside the batch, and the batch's next try would be refused
+    as duplicates of its own rows."""
+    store = await open_store(busy_timeout_ms=50)
+    answer = await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)
+    refused: list[tuple[str, str]] = []
+    store._writes.on_refused = lambda name, row, exc: refused.append((name, str(exc)))
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # the write lock: the batch's first BEGIN fails
+    seen: list[str] = []
+
+    def statement_starts(sql: str) -> None:  # on the store's thread
+        if seen and other.in_transaction:  # what runs after the failed BEGIN finds it free
+            other.execute("COMMIT")
+        if seen or sql.startswith("BEGIN"):
+            seen.append(sql.split()[0])
+
+    await store.trace(statement_starts)
+    with capture_logs() as events:
+        attempt = await store.start_attempt(answer.id, 0, "s", "r", 1, "i", NOW)
+        await asyncio.wait_for(store.flush(), 10)
+    await store.trace(None)
+    other.close()
+
+    assert seen[0] == "BEGIN"
+    assert "database_unavailable" in [e["event"] for e in events]  # the BEGIN did fail
+    assert refused == []
+    with raw(db_path) as db:
+        assert db.execute("SELECT id FROM attempts").fetchall() == [(attempt,)]
+
+
 def test_split_statements_follows_sqlite_tokens() -> None:
     script = "-- a; comment\nCREATE TABLE a (x TEXT DEFAULT ';');\n\nSELECT 1;\n-- trailing\n"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -130,14 +131,16 @@ class ReadyNotifier(Notifier):
 
 
 @pytest.mark.parametrize("owns_process", [True, False])
-async def test_once_started_the_daemon_spares_the_collector_what_the_start_built(
+async def test_once_started_the_daemon_tunes_the_collector_and_the_gil(
     tmp_path: Path, owns_process: bool
 ) -> None:
     """Every full collection scanned again all that the start built (modules, the
     configuration, connections), about 30 ms each, every second or so under load; and
-    the youngest generation was collected every few dispatches for next to nothing.
-    Only for `dispatcher run`: a daemon inside another program leaves its collector be."""
+    the youngest generation was collected every few dispatches for next to nothing. The
+    store's thread waited 5 ms for the GIL while the loop was busy. Only for `dispatcher
+    run`: a daemon inside another program leaves its collector and its GIL be."""
     threshold = gc.get_threshold()
+    interval = sys.getswitchinterval()
     gc.unfreeze()
     try:
         config = tmp_path / "dispatcher.toml"
@@ -150,14 +153,17 @@ async def test_once_started_the_daemon_spares_the_collector_what_the_start_built
         if owns_process:
             assert gc.get_freeze_count() > 1000  # the modules' objects, at least
             assert gc.get_threshold() == (daemon_module.GC_YOUNG_THRESHOLD, *threshold[1:])
+            assert sys.getswitchinterval() == pytest.approx(daemon_module.SWITCH_INTERVAL)
         else:
             assert gc.get_freeze_count() == 0
             assert gc.get_threshold() == threshold
+            assert sys.getswitchinterval() == interval
         daemon.stop()
         await asyncio.wait_for(running, 10)
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
 
 
 async def test_dispatcher_run_owns_its_process(

@@ -38,29 +38,13 @@ from dispatcher.errors import (
 from dispatcher.store.base import GrantedClaim, Migration, Row, Store, as_sent
 from dispatcher.store.postgres.listen import Listener
 from dispatcher.store.sql import statements
-from dispatcher.store.writes import WriteBatch
+from dispatcher.store.writes import FIELDS, WriteBatch
 
 Params = Mapping[str, Any]
 Connection = Any  # asyncpg.Connection or a pool proxy of one; asyncpg ships no stubs
 
 ID_BLOCK = 256
 """Row ids taken from a sequence at once (gaps after a restart are harmless)."""
-
-BATCH_FIELDS = {
-    "insert_attempt": (
-        "id", "dispatch_id", "step_index", "step", "runner", "attempt", "status",
-        "started_at", "ended_at", "exit_code", "error", "output", "instance_id", "result",
-        "series",
-    ),
-    "finish_attempt": ("id", "status", "ended_at", "exit_code", "error", "output", "result"),
-    "insert_slot": ("id", "gate", "holder", "instance_id", "now", "released_at"),
-    "release_slot": ("id", "now"),
-    "write_progress": (
-        "id", "instance_id", "plan", "current_step", "status", "final", "error", "now",
-    ),
-}  # fmt: skip
-"""Each kind of queued write as the composite type `write_batch` takes an array of
-(fields in the type's order; migration 0022)."""
 
 
 async def _keep_session(con: Connection) -> None:
@@ -253,10 +237,10 @@ class PostgresStore(Store):
     async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
         """One statement: `dispatcher_write_batch` (migration 0022) with every row of
         every kind, fenced in the same transaction; on the writer's own connection."""
-        params: dict[str, Any] = {name: [] for name in BATCH_FIELDS}
+        params: dict[str, Any] = {name: [] for name in FIELDS}
         params["fence"] = fence
         for name, rows in writes:
-            fields = BATCH_FIELDS[name]
+            fields = FIELDS[name]  # the order of the composite types (migration 0022)
             params[name] = [tuple(row[field] for field in fields) for row in rows]
         with wrap_exceptions(self._url, "write"):
             con = await self._writer_connection()

@@ -28,20 +28,6 @@ SELECT id, status, fingerprint FROM dispatches WHERE key = :key;
 SELECT MIN(not_before) AS due FROM dispatches
 WHERE status = 'queued' AND not_before IS NOT NULL AND not_before > :now;
 
--- name: write_progress
--- A queued change of an in-flight dispatch: plan, step and final status merged into one
--- statement (NULL: not changed). A dispatch already final is left alone. Fenced: only
--- the instance that holds the dispatch changes it (:instance_id NULL: no fence, the CLI).
-UPDATE dispatches
-SET plan = COALESCE(:plan, plan),
-    current_step = COALESCE(:current_step, current_step),
-    status = COALESCE(:status, status),
-    error = CASE WHEN :final THEN :error ELSE error END,
-    finished_at = CASE WHEN :final THEN :now ELSE finished_at END,
-    updated_at = :now
-WHERE id = :id AND status NOT IN ('succeeded', 'failed', 'cancelled')
-  AND (CAST(:instance_id AS TEXT) IS NULL OR instance_id = :instance_id);
-
 -- name: requeue
 -- Fenced like write_progress: a reaped daemon cannot take back a dispatch another holds.
 UPDATE dispatches
@@ -73,22 +59,6 @@ SELECT * FROM dispatches WHERE status = :status ORDER BY id DESC LIMIT :limit;
 -- name: count_by_status
 SELECT status, COUNT(*) AS n FROM dispatches GROUP BY status;
 
--- name: insert_attempt
--- The id is handed out by the store before the insert; an attempt that ended before
--- its row was written is inserted complete.
-INSERT INTO attempts (id, dispatch_id, step_index, step, runner, attempt, status,
-                      started_at, ended_at, exit_code, error, output, instance_id, result,
-                      series)
-VALUES (:id, :dispatch_id, :step_index, :step, :runner, :attempt, :status,
-        :started_at, :ended_at, :exit_code, :error, :output, :instance_id, :result,
-        :series);
-
--- name: finish_attempt
-UPDATE attempts
-SET status = :status, ended_at = :ended_at, exit_code = :exit_code, error = :error,
-    output = :output, result = :result
-WHERE id = :id AND status = 'running';
-
 -- name: step_attempts
 SELECT * FROM attempts WHERE dispatch_id = :dispatch_id AND step_index = :step_index;
 
@@ -99,9 +69,6 @@ SELECT * FROM attempts WHERE dispatch_id = :dispatch_id;
 -- A gate row; `released_at` is set when it was released before the insert was written.
 INSERT INTO gates (id, gate, holder, instance_id, acquired_at, released_at)
 VALUES (:id, :gate, :holder, :instance_id, :now, :released_at);
-
--- name: release_slot
-UPDATE gates SET released_at = :now WHERE id = :id AND released_at IS NULL;
 
 -- name: close_slot
 -- Release exactly once: only an unreleased row matches, so a late second call is a no-op.

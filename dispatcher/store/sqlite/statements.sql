@@ -32,6 +32,53 @@ WHERE id IN (
 )
 RETURNING *;
 
+-- name: insert_attempt_rows
+-- The queued writes of a batch, one statement for many rows of a kind (`<kind>_rows`).
+-- The store puts the rows first: WITH r (<the kind's fields, writes.FIELDS>) AS
+-- (VALUES (?, ...), (?, ...), ...). SQLite binds them in one call and runs them in one
+-- step, so the connection's thread needs the GIL once, not once a row, and can write
+-- while the event loop is busy.
+-- Attempts: the id is handed out by the store before the insert; an attempt that ended
+-- before its row was written is inserted complete.
+INSERT INTO attempts (id, dispatch_id, step_index, step, runner, attempt, status,
+                      started_at, ended_at, exit_code, error, output, instance_id, result,
+                      series)
+SELECT id, dispatch_id, step_index, step, runner, attempt, status, started_at, ended_at,
+       exit_code, error, output, instance_id, result, series
+FROM r;
+
+-- name: finish_attempt_rows
+UPDATE attempts
+SET status = r.status, ended_at = r.ended_at, exit_code = r.exit_code, error = r.error,
+    output = r.output, result = r.result
+FROM r
+WHERE attempts.id = r.id AND attempts.status = 'running';
+
+-- name: insert_slot_rows
+-- A gate row; `released_at` is set when it was released before the insert was written.
+INSERT INTO gates (id, gate, holder, instance_id, acquired_at, released_at)
+SELECT id, gate, holder, instance_id, now, released_at FROM r;
+
+-- name: release_slot_rows
+UPDATE gates SET released_at = r.now
+FROM r
+WHERE gates.id = r.id AND gates.released_at IS NULL;
+
+-- name: write_progress_rows
+-- A queued change of an in-flight dispatch: plan, step and final status merged into one
+-- row (NULL: not changed). A dispatch already final is left alone. Fenced: only the
+-- instance that holds the dispatch changes it (instance_id NULL: no fence, the CLI).
+UPDATE dispatches
+SET plan = COALESCE(r.plan, dispatches.plan),
+    current_step = COALESCE(r.current_step, dispatches.current_step),
+    status = COALESCE(r.status, dispatches.status),
+    error = CASE WHEN r.final THEN r.error ELSE dispatches.error END,
+    finished_at = CASE WHEN r.final THEN r.now ELSE dispatches.finished_at END,
+    updated_at = r.now
+FROM r
+WHERE dispatches.id = r.id AND dispatches.status NOT IN ('succeeded', 'failed', 'cancelled')
+  AND (CAST(r.instance_id AS TEXT) IS NULL OR dispatches.instance_id = r.instance_id);
+
 -- name: requeue_abandoned
 UPDATE dispatches SET status = 'queued', instance_id = NULL, updated_at = :now
 WHERE instance_id = :instance_id AND status IN ('planning', 'running')

@@ -3,8 +3,10 @@
 aiosqlite runs the connection on a thread of its own; every statement is one await. So
 the statements of one use of the connection go through a lock that only the event
 loop's thread touches (FIFO: uses keep their order), and the queued writes of the base
-go out as one transaction a batch: `BEGIN IMMEDIATE`, one `executemany` per statement
-kind (sent together, so the thread runs them back to back), `COMMIT`. A
+go out as one transaction a batch: `BEGIN IMMEDIATE` and one statement per kind of
+write with all of its rows (`<kind>_rows` in statements.sql), sent together so that the
+thread runs them back to back while the loop goes on, then `COMMIT` once all of them
+succeeded. A
 read-modify-write runs as its own `BEGIN IMMEDIATE` transaction: in WAL mode a
 deferred transaction that upgrades from read to write fails with SQLITE_BUSY_SNAPSHOT,
 which no busy timeout can wait out. Other processes (the CLI beside the daemon) are
@@ -23,7 +25,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +44,7 @@ from dispatcher.errors import (
 )
 from dispatcher.store.base import Access, Migration, Row, Store, as_sent
 from dispatcher.store.sql import statements
-from dispatcher.store.writes import WriteBatch
+from dispatcher.store.writes import FIELDS, WriteBatch
 
 log = logs.get_logger("dispatcher.store")
 
@@ -53,6 +55,10 @@ MIN_SQLITE = (3, 35, 0)
 
 BUSY_BACKOFF_MAX = 0.25
 """Longest pause between two tries of a statement that found the database busy."""
+
+ROWS_PER_STATEMENT = 32
+"""Rows of one kind in one statement of a batch (a larger batch sends more than one):
+at most 32 texts a kind for the connection's statement cache."""
 
 CHECK_BUDGET = 10.0
 """Seconds the check at start may take: a larger database is checked in part."""
@@ -155,6 +161,14 @@ def split_statements(script: str) -> list[str]:
     return found
 
 
+def rows_statement(name: str, body: str, count: int) -> str:
+    """`body`, a `<name>_rows` statement of statements.sql, with `count` rows of the
+    fields of `name` (`writes.FIELDS`, in that order) in front as `r`."""
+    fields = FIELDS[name]
+    row = "(" + ", ".join("?" * len(fields)) + ")"
+    return f"WITH r ({', '.join(fields)}) AS (VALUES {', '.join([row] * count)})\n{body}"
+
+
 # -- the store -------------------------------------------------------------------------------
 
 
@@ -174,6 +188,8 @@ class SQLiteStore(Store):
         self._sql = statements("dispatcher.store.sqlite")
         self._lock = asyncio.Lock()
         """One use of the connection at a time (a statement, a transaction, a batch)."""
+        self._rows_sql: dict[tuple[str, int], str] = {}
+        """Batch statements by kind and number of rows (at most `ROWS_PER_STATEMENT`)."""
         self._listener: wake.Listener | None = None
 
     @classmethod
@@ -352,22 +368,52 @@ class SQLiteStore(Store):
 
     async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
         # No fence: one daemon per file (the instance lock) owns all of its work.
+        db = self._db
         async with self._lock:
             try:
-                await self._busy_retry(lambda: self._db.execute("BEGIN IMMEDIATE"), patience=0.0)
                 with wrap_exceptions(self._path, "write"):
-                    # Sent together: the connection's thread runs them back to back.
-                    results = await asyncio.gather(
-                        *(self._db.executemany(self._sql[name], rows) for name, rows in writes),
-                        return_exceptions=True,
-                    )
-                    for result in results:
+                    # Sent at once: the connection's thread runs them back to back while
+                    # the loop goes on, with no turn of the loop between two of them.
+                    calls = [db.execute("BEGIN IMMEDIATE")]
+                    for name, rows in writes:
+                        for sql, values in self._rows_statements(name, rows):
+                            calls.append(db.executemany(sql, self._in_transaction(values)))
+                    results = await asyncio.gather(*calls, return_exceptions=True)
+                    for result in results:  # the first failure is the cause; see below
                         if isinstance(result, BaseException):
                             raise result
-                    await self._db.commit()
+                    await db.commit()
             except BaseException:
                 await self._rollback()
                 raise
+
+    def _in_transaction(self, values: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+        """The one row of parameters of a batch statement, given only inside the batch's
+        transaction (read on the connection's thread, as the statement starts).
+
+        A statement sent together with its `BEGIN` runs even when that `BEGIN` failed
+        (busy), or when SQLite rolled the transaction back by itself after an earlier
+        statement failed (a full disk): it would then write its rows alone, outside any
+        transaction, and the batch would land in part. Refused here, it writes nothing,
+        and the batch fails with the first error, which is tried again as a whole.
+        """
+        if not self._db.in_transaction:
+            raise _OutsideTransaction("the batch's transaction is not open")
+        yield values
+
+    def _rows_statements(
+        self, name: str, rows: Sequence[Mapping[str, Any]]
+    ) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        """`<name>_rows` with its rows in front as `VALUES`, `ROWS_PER_STATEMENT` at a
+        time: (statement, parameters)."""
+        fields = FIELDS[name]
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start : start + ROWS_PER_STATEMENT]
+            sql = self._rows_sql.get((name, len(chunk)))
+            if sql is None:
+                sql = rows_statement(name, self._sql[f"{name}_rows"], len(chunk))
+                self._rows_sql[name, len(chunk)] = sql
+            yield sql, tuple(row[field] for row in chunk for field in fields)
 
     async def _id_block(self, table: str) -> Iterator[int]:
         if table not in ("attempts", "gates"):
@@ -486,6 +532,10 @@ class SQLiteStore(Store):
         """Roll back whatever is open; runs even when the caller is being cancelled."""
         with contextlib.suppress(BaseException):
             await asyncio.shield(self._db.rollback())
+
+
+class _OutsideTransaction(Exception):
+    """A batch statement that would have run outside its batch's transaction."""
 
 
 class _Tx:
