@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -52,6 +53,64 @@ class _Places:
         while self._gate.try_acquire_place(GLOBAL):
             self.held += 1
         return self.held
+
+
+class _DispatchTasks:
+    """The tasks of the dispatches in flight: plain asyncio tasks, with what an anyio
+    task group gives the loop kept.
+
+    An anyio task group's `start_soon` costs about four times a plain task (measured
+    here: 29 µs against 7 µs a task, near a tenth of a no-op dispatch's whole cost).
+    Kept: an error that escapes a dispatch's task (a defect: the pipeline turns
+    failures into statuses) cancels the loop and is raised from it; the loop does not
+    return before every task has ended; a loop that ends by an error or a cancellation
+    cancels them first, through a cancel scope each, so shielded writes still finish.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[asyncio.Task[None], anyio.CancelScope] = {}
+        self._scope = anyio.CancelScope()
+        self._error: BaseException | None = None
+
+    async def __aenter__(self) -> _DispatchTasks:
+        self._scope.__enter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        try:
+            if exc_info[1] is not None:
+                for scope in self._tasks.values():
+                    scope.cancel()
+            with anyio.CancelScope(shield=True):
+                while self._tasks:
+                    await asyncio.wait(list(self._tasks))
+        finally:
+            swallowed = self._scope.__exit__(*exc_info)
+        if self._error is not None:
+            raise self._error
+        return bool(swallowed)
+
+    def start_soon(self, run: Callable[..., Awaitable[None]], *args: Any) -> None:
+        scope = anyio.CancelScope()
+        task = asyncio.get_running_loop().create_task(self._within(scope, run, args))
+        self._tasks[task] = scope
+        task.add_done_callback(self._ended)
+
+    @staticmethod
+    async def _within(
+        scope: anyio.CancelScope, run: Callable[..., Awaitable[None]], args: tuple[Any, ...]
+    ) -> None:
+        with scope:
+            await run(*args)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        del self._tasks[task]
+        if task.cancelled() or self._error is not None:
+            return
+        error = task.exception()
+        if error is not None:
+            self._error = error
+            self._scope.cancel()
 
 
 @dataclass
@@ -123,7 +182,7 @@ class ClaimLoop:
         A wake-up that comes while a claim is in flight starts no claim beside it: it
         leaves one more claim to do once this one is back.
         """
-        async with anyio.create_task_group() as work:
+        async with _DispatchTasks() as work:
             while not self.state.stopping:
                 if not self._lease.may_claim:
                     await self._while_fenced()
@@ -245,7 +304,7 @@ class ClaimLoop:
     # -- binding a claimed dispatch to its places ------------------------------------------
 
     async def _start_dispatch(
-        self, work: anyio.abc.TaskGroup, dispatch: Dispatch, global_row: int | None
+        self, work: _DispatchTasks, dispatch: Dispatch, global_row: int | None
     ) -> None:
         """Run a claimed dispatch (`global_row`: its `global` row, granted with the claim
         on a shared store), or give its place back and put it back in the queue."""

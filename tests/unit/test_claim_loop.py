@@ -9,6 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+import pytest
+
+from dispatcher.claims import _DispatchTasks
 from dispatcher.config import load_settings
 from dispatcher.daemon import Daemon
 from dispatcher.errors import LeaseLost
@@ -254,3 +258,72 @@ async def test_waiting_for_ended_dispatches_writes_survives_a_refused_flush(
     await daemon.claims._let_ends_land()  # no LeaseLost out of it
 
     assert not daemon.claims._ended_unwritten()  # and it does not wait again for them
+
+
+# -- the dispatches' tasks --------------------------------------------------------------
+
+
+async def test_leaving_the_dispatch_tasks_waits_for_every_one_of_them() -> None:
+    ended: list[int] = []
+
+    async def dispatch(n: int) -> None:
+        await asyncio.sleep(0.01 * n)
+        ended.append(n)
+
+    async with _DispatchTasks() as work:
+        for n in (3, 1, 2):
+            work.start_soon(dispatch, n)
+
+    assert sorted(ended) == [1, 2, 3]
+
+
+async def test_an_error_escaping_a_dispatch_task_stops_the_loop_and_is_raised() -> None:
+    """As a task group would: a defect is not lost in a task nobody awaits."""
+    loop_cancelled = asyncio.Event()
+
+    async def broken() -> None:
+        raise RuntimeError("a defect")
+
+    with pytest.raises(RuntimeError, match="a defect"):
+        async with _DispatchTasks() as work:
+            work.start_soon(broken)
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                loop_cancelled.set()
+                raise
+
+    assert loop_cancelled.is_set()
+
+
+async def test_a_loop_cancelled_from_outside_cancels_its_tasks_but_not_their_shielded_writes() -> (
+    None
+):
+    """The tasks are cancelled through their cancel scopes (anyio's), so a write a step
+    shields (its attempt's end) still lands."""
+    started = asyncio.Event()
+    landed: list[str] = []
+
+    async def dispatch() -> None:
+        try:
+            started.set()
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            landed.append("cancelled")
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await asyncio.sleep(0.01)
+                landed.append("attempt end")
+
+    async def loop() -> None:
+        async with _DispatchTasks() as work:
+            work.start_soon(dispatch)
+            await asyncio.sleep(10)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(loop)
+        await started.wait()
+        tg.cancel_scope.cancel()
+
+    assert landed == ["cancelled", "attempt end"]
