@@ -8,6 +8,7 @@ file with a separate connection and watch the statements the store's connection 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -228,6 +229,63 @@ async def test_a_claim_runs_ahead_of_queued_writes_and_commits_on_its_own(
     with raw(store) as db:
         rows = db.execute("SELECT id, status FROM dispatches ORDER BY id").fetchall()
     assert rows == [(finished, "succeeded"), (waiting, "planning")]
+
+
+async def batch_out(store: SQLiteStore) -> asyncio.Task[None]:
+    """Start writing what is queued; return once the batch holds the connection."""
+    flushing = asyncio.create_task(store.flush())
+    for _ in range(1000):
+        if store._riders is not None:
+            return flushing
+        await asyncio.sleep(0)
+    raise AssertionError("the batch never took the connection")
+
+
+async def test_a_claim_asked_for_while_a_batch_is_out_rides_in_its_transaction(
+    store: SQLiteStore,
+) -> None:
+    """The next claim comes as the last dispatches end, while their writes are out: it
+    goes out with the batch's COMMIT instead of one round trip after it, and is answered
+    once that COMMIT has succeeded."""
+    finished = await running_dispatch(store)
+    waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
+    seen = await statements(store)
+
+    await store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
+    flushing = await batch_out(store)
+    claimed = await store.claim_many("me", NOW, (), 5)
+    await flushing
+
+    assert [d.id for d in claimed] == [waiting]
+    assert transactions(seen) == [["update dispatches", "claim"]]
+    with raw(store) as db:
+        rows = db.execute("SELECT id, status FROM dispatches ORDER BY id").fetchall()
+    assert rows == [(finished, "succeeded"), (waiting, "planning")]
+
+
+async def test_a_claim_that_rode_with_a_failed_batch_goes_out_again_on_its_own(
+    store: SQLiteStore,
+) -> None:
+    """A batch refused (here a write of an attempt of no dispatch) is undone whole, the
+    claim that waited to ride with it too: the claim then runs alone, and its answer is
+    what that run committed."""
+    await running_dispatch(store)
+    waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
+    store._writes.on_refused = lambda name, row, exc: None
+    seen = await statements(store)
+
+    await store.start_attempt(999, 0, "a", "noop", 1, "me", NOW)  # no dispatch 999
+    flushing = await batch_out(store)
+    claimed = await store.claim_many("me", NOW, (), 5)
+    await flushing
+
+    assert [d.id for d in claimed] == [waiting]
+    assert ["claim"] in transactions(seen)  # alone, after the batch's failure
+    with raw(store) as db:
+        assert db.execute("SELECT status FROM dispatches WHERE id = ?", (waiting,)).fetchone() == (
+            "planning",
+        )
+        assert db.execute("SELECT count(*) FROM attempts").fetchone() == (0,)
 
 
 async def test_writes_queued_in_one_turn_go_out_in_one_transaction(store: SQLiteStore) -> None:

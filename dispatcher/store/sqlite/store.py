@@ -188,6 +188,9 @@ class SQLiteStore(Store):
         self._sql = statements("dispatcher.store.sqlite")
         self._lock = asyncio.Lock()
         """One use of the connection at a time (a statement, a transaction, a batch)."""
+        self._riders: list[tuple[str, Any, asyncio.Future[list[Row]]]] | None = None
+        """Statements waiting to go out with the batch that holds the connection, before
+        its COMMIT (None: no batch is open to them)."""
         self._rows_sql: dict[tuple[str, int], str] = {}
         """Batch statements by kind and number of rows (at most `ROWS_PER_STATEMENT`)."""
         self._listener: wake.Listener | None = None
@@ -344,8 +347,15 @@ class SQLiteStore(Store):
 
     async def _execute(self, name: str, params: Mapping[str, Any], *, first: bool) -> list[Row]:
         sql = self._sql[name]
+        sent = as_sent(params)
+        if self._riders is not None:  # a batch holds the connection: go out with it
+            ride: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+            self._riders.append((sql, sent, ride))
+            try:
+                return await ride
+            except _RideAgain:
+                pass  # the batch failed: this statement's work was undone with it
         async with self._lock:
-            sent = as_sent(params)
             rows = await self._busy_retry(lambda: self._db.execute_fetchall(sql, sent))
         return list(rows)
 
@@ -367,13 +377,21 @@ class SQLiteStore(Store):
                 raise
 
     async def _write_batch(self, writes: WriteBatch, fence: str | None) -> None:
+        """BEGIN, the batch's statements, its riders, COMMIT.
+
+        Sent at once: the connection's thread runs the statements back to back while
+        the loop goes on, with no turn of the loop between two of them. A statement
+        asked for meanwhile (`_execute`: the dispatch loop's next claim, as the
+        dispatches of the last one end) rides in the same transaction, sent with the
+        COMMIT instead of one round trip after it; its caller sees its answer only once
+        the COMMIT has succeeded, so nothing is acted on that a failed COMMIT undid.
+        """
         # No fence: one daemon per file (the instance lock) owns all of its work.
         db = self._db
         async with self._lock:
+            self._riders = []
             try:
                 with wrap_exceptions(self._path, "write"):
-                    # Sent at once: the connection's thread runs them back to back while
-                    # the loop goes on, with no turn of the loop between two of them.
                     calls = [db.execute("BEGIN IMMEDIATE")]
                     for name, rows in writes:
                         for sql, values in self._rows_statements(name, rows):
@@ -382,10 +400,36 @@ class SQLiteStore(Store):
                     for result in results:  # the first failure is the cause; see below
                         if isinstance(result, BaseException):
                             raise result
-                    await db.commit()
+                    riders, self._riders = self._riders, None
+                    answers = await asyncio.gather(
+                        *(db.execute_fetchall(sql, sent) for sql, sent, _ in riders),
+                        db.execute("COMMIT"),  # not commit(): it says so if nothing was open
+                        return_exceptions=True,
+                    )
+                    if isinstance(answers[-1], BaseException):
+                        self._riders = riders  # undone with the batch: each goes again alone
+                        raise answers[-1]
+                    for (_, _, ride), answer in zip(riders, answers, strict=False):
+                        self._answer(ride, answer)
             except BaseException:
                 await self._rollback()
                 raise
+            finally:
+                for _, _, ride in self._riders or ():
+                    if not ride.done():
+                        ride.set_exception(_RideAgain())
+                self._riders = None
+
+    def _answer(self, ride: asyncio.Future[list[Row]], answer: Any) -> None:
+        """A rider's rows, or its own error (its statement alone was undone)."""
+        if ride.done():  # its caller was cancelled
+            return
+        if isinstance(answer, sqlite3.Error):
+            ride.set_exception(translate(answer, self._path))
+        elif isinstance(answer, BaseException):
+            ride.set_exception(answer)
+        else:
+            ride.set_result(list(answer))
 
     def _in_transaction(self, values: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
         """The one row of parameters of a batch statement, given only inside the batch's
@@ -532,6 +576,10 @@ class SQLiteStore(Store):
         """Roll back whatever is open; runs even when the caller is being cancelled."""
         with contextlib.suppress(BaseException):
             await asyncio.shield(self._db.rollback())
+
+
+class _RideAgain(Exception):
+    """The batch a statement rode with failed: it goes out again on its own."""
 
 
 class _OutsideTransaction(Exception):
