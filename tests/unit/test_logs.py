@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+import structlog.testing
 
 from dispatcher import logs
 
@@ -243,3 +245,36 @@ def test_bound_fields_are_on_the_lines_inside_and_what_was_bound_before_comes_ba
         {"dispatch_id": 1, "task": "outer", "step": None},
         {"dispatch_id": None, "task": None, "step": None},
     ]
+
+
+def test_our_loggers_write_the_line_structlog_would(stream: io.StringIO) -> None:
+    """`logs.get_logger` writes its JSON lines itself, skipping structlog's bound logger:
+    the same fields in the same order as structlog's own path, levels filtered alike,
+    timestamps ISO-8601 UTC with microseconds always written."""
+    ours = logs.get_logger("dispatcher.same")
+    theirs = structlog.get_logger("dispatcher.same")
+    with logs.bound(dispatch_id=7, task="t"):
+        for log in (ours, theirs):
+            log.info("attempt_started", step="a", attempt=1)
+            log.warning("step_deferred", reason="no memory")
+            log.debug("not_at_info")
+    lines = [json.loads(line) for line in written(stream).splitlines()]
+
+    assert len(lines) == 4
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line.pop("timestamp"))
+    assert [list(line.items()) for line in lines[:2]] == [list(line.items()) for line in lines[2:]]
+    assert list(lines[0])[:4] == ["level", "event", "step", "attempt"]
+    assert set(lines[0]) == {"level", "event", "step", "attempt", "dispatch_id", "task", "logger"}
+
+
+def test_captured_logs_see_our_loggers_lines() -> None:
+    """While `structlog.testing.capture_logs` holds the processors, our loggers go
+    through structlog, so the capture sees their events."""
+    logs.configure("info", "json", stream=io.StringIO())
+    try:
+        with structlog.testing.capture_logs() as events:
+            logs.get_logger("dispatcher.same").info("captured", n=1)
+        assert events == [{"event": "captured", "n": 1, "log_level": "info"}]
+    finally:
+        logs.reset()
