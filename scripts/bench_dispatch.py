@@ -6,9 +6,11 @@ usage: scripts/bench_dispatch.py [--quick] [--rounds R] [--only NAME ...] [--pre
 
 Sections (figures are medians of R rounds, ours and the baseline taking turns within
 each round; ratios are ours / baseline):
-  drain    N no-op dispatches through the real daemon process (gate.global 16) against
-           Huey's SqliteHuey with 4 workers draining N no-op tasks (Huey is installed
-           into a throwaway venv under var/bench/, never into the project), and
+  drain    N no-op dispatches through the real daemon process (gate.global 16, its log
+           lines into a file) against Huey's SqliteHuey with 4 workers draining N
+           no-op tasks, with the logging `huey_consumer` sets up by default (INFO into
+           a file) and with none (Huey is installed into a throwaway venv under
+           var/bench/, never into the project), and
            against the floor: the same rows written by the store's statements through
            sqlite3 alone; with --previous TREE, also against the same drain by the
            code checked out in TREE (e.g. `git worktree add /tmp/prev HEAD~5`)
@@ -192,8 +194,15 @@ HUEY_SCRIPT = """
 import os, sys, tempfile, threading, time
 from huey import SqliteHuey
 from huey.consumer import Consumer
-count = int(sys.argv[1])
-huey = SqliteHuey(filename=os.path.join(tempfile.mkdtemp(), "huey.db"))
+from huey.consumer_options import ConsumerConfig
+count, logged = int(sys.argv[1]), sys.argv[2] == "logged"
+folder = tempfile.mkdtemp()
+huey = SqliteHuey(filename=os.path.join(folder, "huey.db"))
+if logged:  # what `huey_consumer` sets up by default: INFO, two lines a task
+    config = ConsumerConfig(workers=4, worker_type="thread",
+                            logfile=os.path.join(folder, "huey.log"))
+    config.validate()
+    config.setup_logger()
 @huey.task()
 def noop():
     return None
@@ -221,12 +230,19 @@ def huey_python() -> Path:
     return python
 
 
-def drain_huey(count: int) -> float:
+def drain_huey(count: int, *, logged: bool) -> float:
+    """Huey's consumer draining `count` no-op tasks; `logged`: with the logging its
+    `huey_consumer` command sets up by default (INFO into a file: "Executing ..." and
+    "... executed in ..." for each task), as ours writes its lines into a file."""
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     script = BENCH_DIR / "huey_drain.py"
     script.write_text(HUEY_SCRIPT)
+    mode = "logged" if logged else "silent"
     result = subprocess.run(
-        [str(huey_python()), str(script), str(count)], check=True, capture_output=True, text=True
+        [str(huey_python()), str(script), str(count), mode],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -427,20 +443,23 @@ def run_sections(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         previous = Path(args.previous).resolve() if args.previous else None
         measures = [
             lambda: drain_ours(count),
-            lambda: drain_huey(count),
+            lambda: drain_huey(count, logged=True),
+            lambda: drain_huey(count, logged=False),
             lambda: drain_floor(count),
         ]
         if previous is not None:
             measures.append(lambda: drain_ours(count, tree=previous))
-        ours, huey, floor, *before = medians_of(rounds, *measures)
+        ours, huey, silent, floor, *before = medians_of(rounds, *measures)
         rows.append(
             (
                 f"drain {count} no-op dispatches",
                 f"{ours:,.0f}/s",
-                f"Huey SqliteHuey, 4 workers: {huey:,.0f}/s",
+                f"Huey SqliteHuey, 4 workers, logging as huey_consumer: {huey:,.0f}/s",
                 f"{ours / huey:.2f}x",
             )
         )
+        rows.append(("", "", f"Huey, the same with no logging: {silent:,.0f}/s",
+                     f"{ours / silent:.2f}x"))  # fmt: skip
         rows.append(("", "", f"floor: the same rows by sqlite3 alone: {floor:,.0f}/s",
                      f"{ours / floor:.2f}x"))  # fmt: skip
         if before:
