@@ -73,7 +73,14 @@ def test_answers_match_the_openapi_document(live_url: str, operation: Any, mode:
         suppress_health_check=list(HealthCheck),
     )
     def check(case: Any) -> None:
-        case.call_and_validate(base_url=live_url, excluded_checks=excluded)
+        response = case.call(base_url=live_url)
+        skipped = list(excluded)
+        if response.status_code == 413:
+            # Refused for its size before any field was read (documented): that is the
+            # rejection of an invalid body too, though not one of the statuses
+            # schemathesis counts as one.
+            skipped.append(schemathesis.checks.negative_data_rejection)
+        case.validate_response(response, excluded_checks=skipped)
 
     excluded = []
     if operation.label in CONFIG_DEPENDENT:
