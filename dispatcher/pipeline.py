@@ -400,22 +400,20 @@ class Pipeline:
         except anyio.get_cancelled_exc_class():
             status, error = self._cancel_status(flight, branch)
             ended = self._clock.now()
-            with anyio.CancelScope(shield=True):
-                await self._store.finish_attempt(attempt_id, status, ended, error=error)
+            self._store.finish_attempt(attempt_id, status, ended, error=error)  # queued
             self._observe_attempt(spec, status, ended - started)
             log.info("attempt_finished", step=spec.step, attempt=spec.number, status=status)
             raise
         ended = self._clock.now()
-        with anyio.CancelScope(shield=True):
-            await self._store.finish_attempt(
-                attempt_id,
-                outcome.status,
-                ended,
-                exit_code=outcome.exit_code,
-                error=outcome.error,
-                output=outcome.output,
-                result=outcome.result,
-            )
+        self._store.finish_attempt(  # queued: a plain call, nothing can cut it off
+            attempt_id,
+            outcome.status,
+            ended,
+            exit_code=outcome.exit_code,
+            error=outcome.error,
+            output=outcome.output,
+            result=outcome.result,
+        )
         self._observe_attempt(spec, outcome.status, ended - started)
         log_at = log.warning if outcome.status in _FAILED_ATTEMPTS else log.info
         log_at(
@@ -473,8 +471,7 @@ class Pipeline:
     ) -> DispatchStatus:
         now = self._clock.now()
         error = None if error is None else limits.storable_text(error)
-        with anyio.CancelScope(shield=True):
-            await self._store.finish_dispatch(dispatch.id, status, now, error)
+        self._store.finish_dispatch(dispatch.id, status, now, error)  # queued
         self.observer.dispatch_finished(dispatch.task, str(status))
         duration = (now - dispatch.created_at).total_seconds()
         log_at = log.error if status is DispatchStatus.FAILED else log.info

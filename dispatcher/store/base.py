@@ -508,10 +508,12 @@ class Store(ABC):
         """Record that every step before `next_step` has succeeded."""
         self._progress(dispatch_id, now, current_step=next_step)
 
-    async def finish_dispatch(
+    def finish_dispatch(
         self, dispatch_id: int, status: DispatchStatus, now: datetime, error: str | None = None
     ) -> None:
-        """Stamp a final status (and the reason for a failure); a final dispatch stays."""
+        """Stamp a final status (and the reason for a failure); a final dispatch stays.
+
+        Queued, and a plain method: it never waits, so no cancellation can cut it off."""
         if not status.is_final:
             raise ValueError(f"finish_dispatch needs a final status, not {status}")
         self._progress(dispatch_id, now, status=str(status), final=True, error=error)
@@ -634,7 +636,7 @@ class Store(ABC):
             await self._landed("insert_attempt", attempt_id)
         return attempt_id
 
-    async def finish_attempt(
+    def finish_attempt(
         self,
         attempt_id: int,
         status: AttemptStatus,
@@ -646,6 +648,7 @@ class Store(ABC):
         result: str | None = None,
     ) -> None:
         """Stamp the attempt's final status; only a `running` attempt is changed.
+        Queued, and a plain method: it never waits, so no cancellation can cut it off.
 
         `result`: what the step gave back, as JSON text (the runner bounds its size).
         """

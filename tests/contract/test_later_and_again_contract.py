@@ -29,11 +29,11 @@ async def fail_at_step_two(store: Store, clock: FakeClock, dispatch_id: int) -> 
     assert [d.id for d in claimed] == [dispatch_id]
     await store.save_plan(dispatch_id, PLAN, clock.now())
     one = await store.start_attempt(dispatch_id, 0, "one", "r", 1, ME, clock.now())
-    await store.finish_attempt(one, AttemptStatus.SUCCEEDED, clock.now(), result='"r1"')
+    store.finish_attempt(one, AttemptStatus.SUCCEEDED, clock.now(), result='"r1"')
     await store.advance(dispatch_id, 1, clock.now())
     two = await store.start_attempt(dispatch_id, 1, "two", "r", 1, ME, clock.now())
-    await store.finish_attempt(two, AttemptStatus.FAILED, clock.now(), error="boom")
-    await store.finish_dispatch(dispatch_id, DispatchStatus.FAILED, clock.now(), "two failed")
+    store.finish_attempt(two, AttemptStatus.FAILED, clock.now(), error="boom")
+    store.finish_dispatch(dispatch_id, DispatchStatus.FAILED, clock.now(), "two failed")
     await store.flush()
 
 
@@ -71,7 +71,7 @@ async def test_retry_queues_a_failed_dispatch_again_keeping_its_plan_steps_and_c
     again = await store.claim_many(ME, clock.now(), (), 1)
     assert again[0].claims == 2 and again[0].resumed  # it reads its history
     attempt = await store.start_attempt(answer.id, 1, "two", "r", 2, ME, clock.now(), 1)
-    await store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, clock.now())
+    store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, clock.now())
     history = await store.list_attempts(answer.id)
     assert [(a.step, a.attempt, a.series) for a in history] == [
         ("one", 1, 0),
@@ -165,6 +165,6 @@ async def test_overlap_skip_and_queue_against_the_previous_unfinished_dispatch(
     assert queued is not None and queued.follows == first
     assert [d.id for d in await store.claim_many(ME, clock.now(), (), 5)] == [first]
     assert await store.claim_many(ME, clock.now(), (), 5) == []  # waits for the first
-    await store.finish_dispatch(first, DispatchStatus.SUCCEEDED, clock.now())  # type: ignore[arg-type]
+    store.finish_dispatch(first, DispatchStatus.SUCCEEDED, clock.now())  # type: ignore[arg-type]
     await store.flush()  # a claim goes ahead of queued writes
     assert [d.id for d in await store.claim_many(ME, clock.now(), (), 5)] == [ids[2][1]]

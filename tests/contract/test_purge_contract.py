@@ -35,8 +35,8 @@ async def finished(
         )
         ok = status is DispatchStatus.SUCCEEDED
         outcome = AttemptStatus.SUCCEEDED if ok else AttemptStatus.FAILED
-        await store.finish_attempt(attempt, outcome, clock.now())
-    await store.finish_dispatch(dispatch_id, status, clock.now())
+        store.finish_attempt(attempt, outcome, clock.now())
+    store.finish_dispatch(dispatch_id, status, clock.now())
     return dispatch_id
 
 

@@ -86,12 +86,15 @@ async def test_a_refused_write_leaves_its_batch_neighbours_landed_and_tells_its_
     await store.flush()  # row ids at hand: the three below are queued in one turn
     now = clock.now()
 
+    async def finish() -> None:  # queued in the same turn as the three starts
+        store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, now)
+
     with capture_logs() as logged:
         answers = await asyncio.gather(
             store.start_attempt(dispatch_id, 1, "a", "shell", 1, ME, now),
             store.start_attempt(404_404, 0, "x", "shell", 1, ME, now, durable=True),
             store.start_attempt(dispatch_id, 2, "b", "shell", 1, ME, now, durable=True),
-            store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, now),
+            finish(),
             return_exceptions=True,
         )
 
@@ -389,9 +392,9 @@ async def test_a_reaped_instance_cannot_write_about_work_it_no_longer_owns(
         assert [d.id for d in await b.claim_many("B", clock.now(), (), 1)] == [taken]
 
         with capture_logs() as logged:  # A resumes, not knowing
-            await a.finish_attempt(attempt, AttemptStatus.SUCCEEDED, clock.now())
+            a.finish_attempt(attempt, AttemptStatus.SUCCEEDED, clock.now())
             await a.advance(taken, 1, clock.now())
-            await a.finish_dispatch(taken, DispatchStatus.SUCCEEDED, clock.now())
+            a.finish_dispatch(taken, DispatchStatus.SUCCEEDED, clock.now())
             await a.mirror_open("global", f"dispatch:{taken}", "A", clock.now())
             with pytest.raises(LeaseLost):  # a step waiting for its start must not run
                 await a.flush()

@@ -256,8 +256,8 @@ async def test_finish_dispatch_is_final(store: Store, clock: FakeClock, reserve:
     await claim(store, clock)
     clock.advance(2)
 
-    await store.finish_dispatch(answer.id, DispatchStatus.FAILED, clock.now(), error="boom")
-    await store.finish_dispatch(answer.id, DispatchStatus.SUCCEEDED, clock.now() + timedelta(1))
+    store.finish_dispatch(answer.id, DispatchStatus.FAILED, clock.now(), error="boom")
+    store.finish_dispatch(answer.id, DispatchStatus.SUCCEEDED, clock.now() + timedelta(1))
     await store.requeue(answer.id, clock.now())
 
     dispatch = await store.get_dispatch(answer.id)
@@ -265,7 +265,7 @@ async def test_finish_dispatch_is_final(store: Store, clock: FakeClock, reserve:
     assert (dispatch.status, dispatch.error) == (DispatchStatus.FAILED, "boom")
     assert dispatch.finished_at == clock.now()
     with pytest.raises(ValueError, match="final status"):
-        await store.finish_dispatch(answer.id, DispatchStatus.RUNNING, clock.now())
+        store.finish_dispatch(answer.id, DispatchStatus.RUNNING, clock.now())
 
 
 # -- attempts --------------------------------------------------------------------------------
@@ -276,10 +276,10 @@ async def test_attempt_lifecycle(store: Store, clock: FakeClock, reserve: Reserv
     first = await store.start_attempt(dispatch_id, 0, "fetch", "shell", 1, OLD, clock.now())
     start = clock.now()
     clock.advance(3)
-    await store.finish_attempt(first, AttemptStatus.FAILED, clock.now(), exit_code=2, error="x")
+    store.finish_attempt(first, AttemptStatus.FAILED, clock.now(), exit_code=2, error="x")
     second = await store.start_attempt(dispatch_id, 0, "fetch", "shell", 2, OLD, clock.now())
     other = await store.start_attempt(dispatch_id, 1, "build", "py", 1, OLD, clock.now())
-    await store.finish_attempt(second, AttemptStatus.SUCCEEDED, clock.now(), output="ok")
+    store.finish_attempt(second, AttemptStatus.SUCCEEDED, clock.now(), output="ok")
 
     attempts = await store.step_attempts(dispatch_id, 0)
     assert [(a.id, a.attempt, a.status) for a in attempts] == [
@@ -303,11 +303,11 @@ async def test_a_result_is_kept_with_its_attempt_exactly_as_given(
     text = '{"path":"/tmp/app-1.2.tar","sizes":[1,2.5],"note":"héllo ✓","ok":true}'
     first = await store.start_attempt(dispatch_id, 0, "build", "shell", 1, OLD, clock.now())
     await store.flush()  # its row is written: the end is a separate update
-    await store.finish_attempt(first, AttemptStatus.SUCCEEDED, clock.now(), result=text)
+    store.finish_attempt(first, AttemptStatus.SUCCEEDED, clock.now(), result=text)
     folded = await store.start_attempt(dispatch_id, 1, "pack", "shell", 1, OLD, clock.now())
-    await store.finish_attempt(folded, AttemptStatus.SUCCEEDED, clock.now(), result='"x"')
+    store.finish_attempt(folded, AttemptStatus.SUCCEEDED, clock.now(), result='"x"')
     plain = await store.start_attempt(dispatch_id, 2, "test", "shell", 1, OLD, clock.now())
-    await store.finish_attempt(plain, AttemptStatus.SUCCEEDED, clock.now())
+    store.finish_attempt(plain, AttemptStatus.SUCCEEDED, clock.now())
 
     results = [a.result for a in await store.list_attempts(dispatch_id)]
 
@@ -319,15 +319,15 @@ async def test_only_a_running_attempt_is_finished(
 ) -> None:
     dispatch_id = (await reserve()).id
     attempt_id = await store.start_attempt(dispatch_id, 0, "s", "r", 1, OLD, clock.now())
-    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, clock.now(), exit_code=0)
+    store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, clock.now(), exit_code=0)
     clock.advance(1)
 
-    await store.finish_attempt(attempt_id, AttemptStatus.FAILED, clock.now(), exit_code=1)
+    store.finish_attempt(attempt_id, AttemptStatus.FAILED, clock.now(), exit_code=1)
 
     (attempt,) = await store.list_attempts(dispatch_id)
     assert (attempt.status, attempt.exit_code) == (AttemptStatus.SUCCEEDED, 0)
     with pytest.raises(ValueError, match="final status"):
-        await store.finish_attempt(attempt_id, AttemptStatus.RUNNING, clock.now())
+        store.finish_attempt(attempt_id, AttemptStatus.RUNNING, clock.now())
 
 
 # -- gate mirror -----------------------------------------------------------------------------
@@ -371,9 +371,9 @@ async def test_recover_undoes_what_a_dead_instance_left(
     await claim(store, clock)
     await store.save_plan(running, PLAN, clock.now())
     await claim(store, clock)
-    await store.finish_dispatch(done, DispatchStatus.SUCCEEDED, clock.now())
+    store.finish_dispatch(done, DispatchStatus.SUCCEEDED, clock.now())
     ok = await store.start_attempt(running, 0, "fetch", "shell", 1, OLD, clock.now())
-    await store.finish_attempt(ok, AttemptStatus.SUCCEEDED, clock.now())
+    store.finish_attempt(ok, AttemptStatus.SUCCEEDED, clock.now())
     open_attempt = await store.start_attempt(running, 1, "build", "py", 1, OLD, clock.now())
     held = [await store.open_slot("global", f"dispatch:{i}", OLD, clock.now()) for i in (1, 2)]
     closed = await store.open_slot("global", "dispatch:3", OLD, clock.now())
@@ -446,7 +446,7 @@ async def test_requeue_abandoned_puts_back_only_this_instances_unkept_dispatches
     mine = await store.claim_many(NEW, clock.now(), (), 3)
     other = await store.claim_next(OLD, clock.now(), ())
     assert other is not None and [d.id for d in mine] == ids[:3]
-    await store.finish_dispatch(ids[2], DispatchStatus.SUCCEEDED, clock.now())  # queued write
+    store.finish_dispatch(ids[2], DispatchStatus.SUCCEEDED, clock.now())  # queued write
 
     requeued = await store.requeue_abandoned(NEW, keep=[ids[0]], now=clock.now())
 
@@ -505,7 +505,7 @@ async def test_cancel_a_finished_dispatch_changes_nothing(
 ) -> None:
     answer = await reserve()
     await claim(store, clock)
-    await store.finish_dispatch(answer.id, final, clock.now())
+    store.finish_dispatch(answer.id, final, clock.now())
     before = await store.get_dispatch(answer.id)
     clock.advance(1)
 

@@ -66,7 +66,7 @@ async def test_an_attempt_that_ends_before_its_insert_is_written_as_one_complete
     seen = await statements(store)
 
     attempt_id = await store.start_attempt(dispatch_id, 0, "a", "noop", 1, "me", NOW)
-    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER, exit_code=0)
+    store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER, exit_code=0)
     await store.flush()
 
     assert writes_to(seen, "attempts") == ["INSERT"]
@@ -86,8 +86,8 @@ async def test_a_durable_start_is_updated_by_its_end(store: SQLiteStore) -> None
         assert db.execute("SELECT status FROM attempts").fetchall() == [("running",)]
     seen = await statements(store)
 
-    await store.finish_attempt(attempt_id, AttemptStatus.FAILED, LATER, exit_code=3, error="x")
-    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER)  # too late
+    store.finish_attempt(attempt_id, AttemptStatus.FAILED, LATER, exit_code=3, error="x")
+    store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER)  # too late
     await store.flush()
 
     assert writes_to(seen, "attempts") == ["UPDATE"]
@@ -159,7 +159,7 @@ async def test_the_last_advance_is_written_with_the_final_status(store: SQLiteSt
     seen = await statements(store)
 
     await store.advance(dispatch_id, 2, LATER)
-    await store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, LATER)
+    store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, LATER)
     await store.flush()
 
     assert writes_to(seen, "dispatches") == ["UPDATE"]
@@ -181,7 +181,7 @@ async def test_a_plan_still_queued_is_written_with_the_final_status(
     await store.save_plan(dispatch_id, [Step(name="a", runner="noop")], NOW)
     if advanced:
         await store.advance(dispatch_id, 1, NOW)
-    await store.finish_dispatch(dispatch_id, status, LATER)
+    store.finish_dispatch(dispatch_id, status, LATER)
     await store.flush()
 
     assert writes_to(seen, "dispatches") == ["UPDATE"]
@@ -202,8 +202,8 @@ async def test_queued_writes_are_seen_by_the_next_read_and_survive_close(
     (attempt,) = await store.list_attempts(dispatch_id)  # ordered after the insert
     assert attempt.id == attempt_id
 
-    await store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER)
-    await store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, LATER)
+    store.finish_attempt(attempt_id, AttemptStatus.SUCCEEDED, LATER)
+    store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, LATER)
     await store.close()  # nothing awaited them: close writes them
 
     with closing(sqlite3.connect(path)) as db:
@@ -220,7 +220,7 @@ async def test_a_claim_runs_ahead_of_queued_writes_and_commits_on_its_own(
     waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
     seen = await statements(store)
 
-    await store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
+    store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
     claimed = await store.claim_many("me", NOW, (), 5)
     await store.flush()
 
@@ -251,7 +251,7 @@ async def test_a_claim_asked_for_while_a_batch_is_out_rides_in_its_transaction(
     waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
     seen = await statements(store)
 
-    await store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
+    store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
     flushing = await batch_out(store)
     claimed = await store.claim_many("me", NOW, (), 5)
     await flushing

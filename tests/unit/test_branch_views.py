@@ -55,7 +55,7 @@ async def built(
     await store.save_plan(dispatch_id, steps_plan(settings.tasks[task], {}), now)
     await store.open_slot("global", f"dispatch:{dispatch_id}", LIVE, now)
     build = await store.start_attempt(dispatch_id, 0, "build", "shell", 1, LIVE, now)
-    await store.finish_attempt(build, AttemptStatus.SUCCEEDED, now, result='"/a.tar"')
+    store.finish_attempt(build, AttemptStatus.SUCCEEDED, now, result='"/a.tar"')
     await store.advance(dispatch_id, 1, now)
     return dispatch_id
 

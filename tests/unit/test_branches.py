@@ -367,7 +367,7 @@ async def test_after_a_crash_only_unfinished_branches_run_and_results_survive() 
     now = h.clock.now()
     for index, step, result in [(0, "build", '{"artifact":"/b.tar"}'), (1, "test", None)]:
         attempt = await h.store.start_attempt(dispatch_id, index, step, "free", 1, "dead", now)
-        await h.store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, now, result=result)
+        h.store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, now, result=result)
     await h.store.start_attempt(dispatch_id, 2, "lint", "free", 1, "dead", now)
     await h.store.recover("next", now)  # the daemon died with lint running
     assert await h.run_next() is DispatchStatus.SUCCEEDED

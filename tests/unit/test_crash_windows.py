@@ -18,7 +18,7 @@ async def test_a_step_whose_success_was_recorded_is_not_rerun_after_a_crash() ->
     now = h.clock.now()
     await h.store.save_plan(dispatch_id, steps_plan(h.settings.tasks["three"], claimed.params), now)
     attempt = await h.store.start_attempt(dispatch_id, 0, "a", "work", 1, "dead", now)
-    await h.store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, now, exit_code=0)
+    h.store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, now, exit_code=0)
     report = await h.store.recover("next", now)  # what the next daemon does at start
     assert report.dispatches_requeued == 1
 

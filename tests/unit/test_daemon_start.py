@@ -104,7 +104,7 @@ async def test_what_this_instance_marked_in_flight_but_does_not_run_goes_back(
     assert theirs is not None
     running, abandoned = ours[0], ours[1:]
     daemon.state.inflight[running.id] = InFlight(running.id)
-    await store.finish_dispatch(ours[2].id, DispatchStatus.SUCCEEDED, clock.now())
+    store.finish_dispatch(ours[2].id, DispatchStatus.SUCCEEDED, clock.now())
 
     with capture_logs() as logged:
         requeued = await daemon.self_check()

@@ -110,7 +110,7 @@ async def test_crash_interruptions_are_bounded_but_shutdowns_are_not() -> None:
     for _ in range(5):  # graceful shutdowns: never a reason to give up
         await h.claim()
         attempt = await h.store.start_attempt(dispatch_id, 0, "a", "work", 1, "x", h.clock.now())
-        await h.store.finish_attempt(
+        h.store.finish_attempt(
             attempt, AttemptStatus.INTERRUPTED, h.clock.now(), error=SHUTDOWN_INTERRUPTION
         )
         await h.store.requeue(dispatch_id, h.clock.now())

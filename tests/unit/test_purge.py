@@ -48,8 +48,8 @@ async def finished_ago(
     claimed = await store.claim_next(INSTANCE, when, ())
     assert claimed is not None and claimed.id == dispatch_id
     attempt = await store.start_attempt(dispatch_id, 0, "a", "noop", 1, INSTANCE, when)
-    await store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, when)
-    await store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, when)
+    store.finish_attempt(attempt, AttemptStatus.SUCCEEDED, when)
+    store.finish_dispatch(dispatch_id, DispatchStatus.SUCCEEDED, when)
     return dispatch_id
 
 

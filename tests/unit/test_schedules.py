@@ -315,7 +315,7 @@ async def test_overlap_queue_makes_a_dispatch_that_starts_after_the_previous_one
     claimed = await store.claim_many("i", clock.now(), (), 10)
     assert [d.id for d in claimed] == [1]  # the second waits for the first
     assert await store.claim_many("i", clock.now(), (), 10) == []
-    await store.finish_dispatch(1, DispatchStatus.FAILED, clock.now(), "boom")
+    store.finish_dispatch(1, DispatchStatus.FAILED, clock.now(), "boom")
     assert [d.id for d in await store.claim_many("i", clock.now(), (), 10)] == [2]
 
 

@@ -120,10 +120,8 @@ async def test_a_failure_shows_the_tail_of_its_output(settings: Settings) -> Non
     failed = await running(store, clock, "t", LIVE)
     attempt = await store.start_attempt(failed, 0, "s", "shell", 1, LIVE, clock.now())
     output = "".join(f"line {n}\n" for n in range(20)) + "disk full on /data\n"
-    await store.finish_attempt(
-        attempt, AttemptStatus.FAILED, clock.now(), exit_code=1, output=output
-    )
-    await store.finish_dispatch(failed, DispatchStatus.FAILED, clock.now(), "exited with status 1")
+    store.finish_attempt(attempt, AttemptStatus.FAILED, clock.now(), exit_code=1, output=output)
+    store.finish_dispatch(failed, DispatchStatus.FAILED, clock.now(), "exited with status 1")
 
     (failure,) = (await service.status(settings, store, clock)).to_json()["recent_failures"]
     assert failure["output_tail"].splitlines() == [
