@@ -263,6 +263,28 @@ async def test_a_claim_asked_for_while_a_batch_is_out_rides_in_its_transaction(
     assert rows == [(finished, "succeeded"), (waiting, "planning")]
 
 
+async def test_a_claim_cancelled_while_it_waits_to_ride_is_not_sent(store: SQLiteStore) -> None:
+    """Nobody would start what such a claim took: its dispatches would sit claimed
+    until the self-check put them back."""
+    finished = await running_dispatch(store)
+    waiting = (await store.check_and_reserve(NewDispatch(task="t", params={}), NOW)).id
+    seen = await statements(store)
+
+    store.finish_dispatch(finished, DispatchStatus.SUCCEEDED, LATER)  # queued
+    flushing = await batch_out(store)
+    claiming = asyncio.create_task(store.claim_many("me", NOW, (), 5))
+    await asyncio.sleep(0)  # it waits to ride
+    claiming.cancel()
+    await flushing
+
+    assert claiming.cancelled()
+    assert transactions(seen) == [["update dispatches"]]
+    with raw(store) as db:
+        assert db.execute("SELECT status FROM dispatches WHERE id = ?", (waiting,)).fetchone() == (
+            "queued",
+        )
+
+
 async def test_a_claim_that_rode_with_a_failed_batch_goes_out_again_on_its_own(
     store: SQLiteStore,
 ) -> None:

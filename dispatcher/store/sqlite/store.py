@@ -400,7 +400,10 @@ class SQLiteStore(Store):
                     for result in results:  # the first failure is the cause; see below
                         if isinstance(result, BaseException):
                             raise result
-                    riders, self._riders = self._riders, None
+                    # A rider whose caller was cancelled meanwhile is not sent: nobody
+                    # would act on what it did (a claim's dispatches would sit claimed).
+                    riders = [rider for rider in self._riders if not rider[2].done()]
+                    self._riders = None
                     answers = await asyncio.gather(
                         *(db.execute_fetchall(sql, sent) for sql, sent, _ in riders),
                         db.execute("COMMIT"),  # not commit(): it says so if nothing was open
@@ -408,7 +411,9 @@ class SQLiteStore(Store):
                     )
                     if isinstance(answers[-1], BaseException):
                         self._riders = riders  # undone with the batch: each goes again alone
-                        raise answers[-1]
+                        # The first failure is the cause: a rider that failed on a full
+                        # disk ended the transaction, and the COMMIT only found it gone.
+                        raise next(a for a in answers if isinstance(a, BaseException))
                     for (_, _, ride), answer in zip(riders, answers, strict=False):
                         self._answer(ride, answer)
             except BaseException:
