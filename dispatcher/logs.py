@@ -178,18 +178,22 @@ class _JSONLine:
         return self._encode(line)
 
 
-_second: list[Any] = [None, ""]
-"""The last whole second a line was stamped in, and its text."""
+_second: tuple[int, str] = (-1, "")
+"""The last whole second a line was stamped in, and its text: one tuple, replaced whole,
+so a line logged on another thread never pairs one second with another's text."""
 
 
 def _timestamp() -> str:
     """Now as `2026-12-01T11:51:02.123456Z` (UTC, microseconds always written): the
     second's text is made once a second, not once a line."""
+    global _second
     now = time.time()
-    second = int(now)
-    if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int((now - second) * 1_000_000):06d}Z"
+    second, text = _second
+    if int(now) != second:
+        second = int(now)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = (second, text)
+    return f"{text}.{int((now - second) * 1_000_000):06d}Z"
 
 
 FLUSH_INTERVAL = 0.1
