@@ -170,7 +170,7 @@ def drain_floor(count: int) -> float:
                "blocked_gates": "[]", "limit": 16}).fetchall()]  # fmt: skip
         db.execute("COMMIT")
         if not ids:
-            break
+            raise SystemExit(f"drain floor: {count - done} dispatches could not be claimed")
         rows = {
             "insert_slot": [(i, "global", f"dispatch:{i}", "floor", now, now) for i in ids],
             "insert_attempt": [
